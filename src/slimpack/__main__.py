@@ -1,0 +1,7 @@
+"""`python -m slimpack ...` is the `slimpack` command."""
+
+import sys
+
+from slimpack.cli import main
+
+sys.exit(main())

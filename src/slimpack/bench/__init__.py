@@ -1,0 +1,1 @@
+"""Benchmarks behind `slimpack bench ...`; figures go to BENCHMARKS.md with machine and date."""

@@ -1,0 +1,106 @@
+"""`slimpack bench tokenize [INPUT]`: end-to-end tokenization against raw tiktoken.
+
+End to end = `slimpack tokenize` (decompress, parse, tokenize, write shards, merge) as a whole,
+worker start-up included. Raw = `encode_ordinary_batch` over the same texts, already decoded in
+memory, in the same run. Both at 1 and at 2 processes. The input is copied `--repeat` times so
+each run lasts long enough to time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from slimpack.tokenize.readers import Record, discover, read_records
+
+DEFAULT_INPUT = "../shared/data/slimpajama-mini"
+
+
+def _texts(inputs: list[str]) -> list[list[str]]:
+    """Texts per input file."""
+    return [[r.text for r in read_records(item) if isinstance(r, Record)] for item in discover(inputs)[0]]
+
+
+def _raw_worker(texts: list[str]) -> tuple[int, float]:
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+
+    enc = Llama3Tokenizer().encoding
+    t0 = time.perf_counter()
+    n = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))
+    return n, time.perf_counter() - t0
+
+
+def _raw(per_file: list[list[str]], processes: int) -> dict[str, float]:
+    """Raw tiktoken: each process encodes its share of the files; wall time of the slowest."""
+    shares = [sum(per_file[i::processes], []) for i in range(processes)]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(processes) as pool:
+        results = pool.map(_raw_worker, shares)
+    wall = time.perf_counter() - t0
+    tokens = sum(n for n, _ in results)
+    encode = max(s for _, s in results)
+    return {"tokens": tokens, "encode_seconds": encode, "wall_seconds": wall,
+            "tokens_per_s": tokens / encode}
+
+
+def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, float]:
+    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+
+    out = scratch / f"out-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    report = run_tokenize(inputs, str(out), TokenizeConfig(), workers=workers, progress=False)
+    wall = time.perf_counter() - t0
+    return {"tokens": report.tokens, "wall_seconds": wall, "tokens_per_s": report.tokens / wall}
+
+
+def run_bench(input_dir: str, repeat: int, scratch: Path) -> dict[str, Any]:
+    src = Path(input_dir)
+    data = scratch / "input"
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.name.endswith((".jsonl.zst", ".jsonl", ".jsonl.gz")))
+    for r in range(repeat):
+        for f in files:
+            dst = data / f"copy{r:03d}" / f.relative_to(src)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dst)
+    inputs = [str(data)]
+    per_file = _texts(inputs)
+    result: dict[str, Any] = {"input": str(src), "repeat": repeat, "files": len(per_file),
+                              "text_bytes": sum(len(t.encode()) for f in per_file for t in f)}
+    for procs in (1, 2):
+        raw = _raw(per_file, procs)
+        e2e = _end_to_end(inputs, procs, scratch)
+        result[f"{procs}proc"] = {"raw": raw, "end_to_end": e2e,
+                                  "e2e_over_raw": e2e["tokens_per_s"] / raw["tokens_per_s"] / procs}
+    result["scaling_1_to_2"] = result["2proc"]["end_to_end"]["tokens_per_s"] / result["1proc"]["end_to_end"]["tokens_per_s"]
+    return result
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="end-to-end tokenize vs raw tiktoken, 1 and 2 processes")
+    p.add_argument("input", nargs="?", default=DEFAULT_INPUT, help=f"input directory (default {DEFAULT_INPUT})")
+    p.add_argument("--repeat", type=int, default=4, help="copies of the input to process")
+    p.add_argument("--json", help="write the figures here")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not Path(args.input).exists():
+        raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
+    with tempfile.TemporaryDirectory(prefix="slimpack-bench-") as tmp:
+        res = run_bench(args.input, args.repeat, Path(tmp))
+    for procs in (1, 2):
+        r = res[f"{procs}proc"]
+        print(f"{procs} process(es): raw tiktoken {r['raw']['tokens_per_s']:,.0f} tok/s "
+              f"(encode only, slowest process), end to end {r['end_to_end']['tokens_per_s']:,.0f} tok/s "
+              f"(wall, start-up included): {r['e2e_over_raw']:.2f}x raw per process")
+    print(f"end-to-end scaling 1 -> 2 processes: {res['scaling_1_to_2']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0

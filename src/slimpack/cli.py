@@ -1,0 +1,43 @@
+"""The `slimpack` command: one subcommand per stage, each registered by its own module.
+
+Registering imports nothing heavy; a subcommand's handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from slimpack import __version__
+
+# (module with a `register(subparsers)` function) in the order `--help` lists them.
+COMMAND_MODULES = (
+    "slimpack.demo",
+    "slimpack.tokenize.cli",
+    "slimpack.shards.cli",
+    "slimpack.bench.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimpack", description="SlimPajama -> Llama 3 MDS shards -> packed batches -> training")
+    parser.add_argument("--version", action="version", version=f"slimpack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"slimpack {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

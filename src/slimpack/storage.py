@@ -1,0 +1,68 @@
+"""Local or remote (fsspec: `s3://`, `gs://`...) dataset roots behind one small interface.
+
+Remote S3-compatible endpoints come from the usual `AWS_ENDPOINT_URL` / credentials variables.
+Every write of a named file is a single put (atomic on object stores) or a local rename.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+
+
+def is_remote(url: str | os.PathLike) -> bool:
+    text = str(url)
+    return "://" in text and not text.startswith("file://")
+
+
+class Root:
+    """A dataset root directory, local or remote."""
+
+    def __init__(self, url: str | os.PathLike) -> None:
+        self.url = str(url).rstrip("/")
+        self.remote = is_remote(self.url)
+        if self.remote:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        else:
+            self.fs, self.path = fsspec.filesystem("file"), str(Path(self.url).absolute())
+
+    def join(self, *names: str) -> str:
+        return "/".join([self.path, *names])
+
+    def exists(self, name: str) -> bool:
+        return self.fs.exists(self.join(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open(self.join(name), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        path = self.join(name)
+        if self.remote:
+            self.fs.pipe_file(path, data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def upload(self, local: str | os.PathLike, name: str) -> None:
+        """Copy a local file to `name` under this root."""
+        if self.remote:
+            self.fs.put_file(str(local), self.join(name))
+        else:
+            self.write_bytes(name, Path(local).read_bytes())
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names (relative to the root) matching a glob pattern, sorted."""
+        prefix = self.path + "/"
+        return sorted(p[len(prefix):] if p.startswith(prefix) else p
+                      for p in self.fs.glob(self.join(pattern)))
+
+    def remove_tree(self, name: str) -> None:
+        path = self.join(name)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)

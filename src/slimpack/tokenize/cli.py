@@ -1,0 +1,65 @@
+"""`slimpack tokenize INPUT... --out DIR`: the offline tokenization job (see job.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokenize", help="tokenize input files into MDS shards with document boundaries",
+                       description=__doc__)
+    p.add_argument("inputs", nargs="+", help="files or directories (SlimPajama layout, *.jsonl[.gz|.zst], "
+                   "*.parquet, Hugging Face save_to_disk directories)")
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
+    p.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank (default: Slurm or RANK env, else 0)")
+    p.add_argument("--num-nodes", type=int, default=None,
+                   help="number of nodes (default: Slurm or WORLD_SIZE env, else 1)")
+    p.add_argument("--config", help="TOML file with [tokenize] settings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set block_tokens=32768")
+    p.add_argument("--block-tokens", type=int, help="target tokens per sample (default 65536)")
+    p.add_argument("--on-bad-record", choices=["skip", "fail"], help="skip and count (default) or fail the part")
+    p.add_argument("--no-compression", action="store_true", help="write uncompressed shards")
+    p.add_argument("--staging-dir", help="local scratch for parts bound for remote storage")
+    p.add_argument("--json", help="also write the report to this file")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def load_tokenize_config(args: argparse.Namespace):
+    import tomllib
+
+    from slimpack.config import from_dict, parse_overrides
+    from slimpack.tokenize.job import TokenizeConfig
+
+    data = {}
+    if args.config:
+        with open(args.config, "rb") as f:
+            data = tomllib.load(f).get("tokenize", {})
+    data.update(parse_overrides(args.set))
+    if args.block_tokens is not None:
+        data["block_tokens"] = args.block_tokens
+    if args.on_bad_record is not None:
+        data["on_bad_record"] = args.on_bad_record
+    if args.no_compression:
+        data["compression"] = None
+    return from_dict(TokenizeConfig, data, "tokenize")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from slimpack.tokenize.job import run_tokenize
+
+    cfg = load_tokenize_config(args)
+    report = run_tokenize(args.inputs, args.out, cfg, workers=args.workers, node_rank=args.node_rank,
+                          num_nodes=args.num_nodes, progress=not args.no_progress,
+                          staging_dir=args.staging_dir)
+    print(report.summary())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(report), f, indent=1)
+    return 0 if report.ok else 1

@@ -1,0 +1,146 @@
+"""Merge complete parts into one dataset: `index.json`, `sample_tokens.npy`, `slimpack.json`.
+
+    slimpack shards merge DIR
+
+Idempotent (same parts, same bytes: nothing time- or machine-dependent is written) and atomic
+(each file is replaced whole; the manifest, written last, marks the dataset complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimpack import __version__
+from slimpack.shards import schema
+from slimpack.storage import Root
+from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
+
+
+class MergeError(RuntimeError):
+    pass
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def fingerprint(shards: list[dict[str, Any]], tokenizer_sha256: str) -> str:
+    """sha256 over the schema version, tokenizer and every shard's name, samples and hashes."""
+    h = hashlib.sha256()
+    h.update(f"slimpack-schema-{schema.SCHEMA_VERSION}\n{tokenizer_sha256}\n".encode())
+    for s in shards:
+        stored = s["zip_data"] or s["raw_data"]
+        h.update(json.dumps([stored["basename"], s["samples"], stored["hashes"],
+                             s["raw_data"]["hashes"]], sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def find_parts(root: Root) -> tuple[list[str], list[str]]:
+    """(complete part names, incomplete part names) under `root/parts`."""
+    prefix = schema.PARTS_DIRNAME + "/"
+    complete = [n[len(prefix):-len("/" + schema.PART_STATS_FILENAME)]
+                for n in root.glob(f"{schema.PARTS_DIRNAME}/**/{schema.PART_STATS_FILENAME}")]
+    started = [n[len(prefix):-len("/" + schema.INDEX_FILENAME)]
+               for n in root.glob(f"{schema.PARTS_DIRNAME}/**/{schema.INDEX_FILENAME}")]
+    return sorted(complete), sorted(set(started) - set(complete))
+
+
+def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> dict[str, Any]:
+    """Write the merged index, per-sample token counts and manifest; returns the manifest."""
+    root = Root(url)
+    complete, incomplete = find_parts(root)
+    if incomplete:
+        raise MergeError(f"{root.url}: part(s) {incomplete[:5]} have shards but no stats.json "
+                         "(interrupted); re-run `slimpack tokenize` to finish them, then merge")
+    if expected_parts is not None:
+        missing = sorted(set(expected_parts) - set(complete))
+        if missing:
+            raise MergeError(f"{root.url}: part(s) {missing[:5]} are not complete; re-run tokenize")
+    if not complete:
+        raise MergeError(f"{root.url}: no complete parts under {schema.PARTS_DIRNAME}/")
+
+    shards: list[dict[str, Any]] = []
+    sample_tokens: list[int] = []
+    parts: dict[str, Any] = {}
+    per_source: dict[str, dict[str, int]] = {}
+    per_split: dict[str, dict[str, int]] = {}
+    source_names: dict[int, str] = {}
+    skipped: Counter[str] = Counter()
+    first: dict[str, Any] | None = None
+    for part in complete:
+        stats = json.loads(root.read_bytes(part_stats_name(part)))
+        index = json.loads(root.read_bytes(f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"))
+        first = first or stats
+        for key in ("tokenizer", "config", "schema_version"):
+            if stats[key] != first[key]:
+                raise MergeError(f"part {part} has a different {key} from part {first['part']}: "
+                                 "re-tokenize it with the same tokenizer and config")
+        if sum(s["samples"] for s in index["shards"]) != len(stats["sample_tokens"]):
+            raise MergeError(f"part {part}: index.json and stats.json disagree on the sample "
+                             "count; delete the part and re-run tokenize")
+        for s in index["shards"]:
+            entry = json.loads(json.dumps(s))
+            for key in ("raw_data", "zip_data"):
+                if entry[key]:
+                    entry[key]["basename"] = f"{part_dir_name(part)}/{entry[key]['basename']}"
+            shards.append(entry)
+        sample_tokens.extend(stats["sample_tokens"])
+        split = per_split.setdefault(stats["split"], {"parts": 0, "documents": 0, "tokens": 0})
+        split["parts"] += 1
+        split["documents"] += stats["documents"]
+        split["tokens"] += stats["tokens"]
+        for name, src in stats["sources"].items():
+            if source_names.setdefault(src["id"], name) != name:
+                raise MergeError(f"sources {name!r} and {source_names[src['id']]!r} share id "
+                                 f"{src['id']}; rename one with --default-source or the data")
+            agg = per_source.setdefault(name, {"id": src["id"], "documents": 0, "tokens": 0})
+            agg["documents"] += src["documents"]
+            agg["tokens"] += src["tokens"]
+        skipped.update(stats["skipped"])
+        parts[part] = {k: stats[k] for k in ("split", "documents", "tokens", "samples", "shards",
+                                             "skipped", "surrogates_replaced", "input")}
+
+    tokens = np.asarray(sample_tokens, np.int64)
+    buf = io.BytesIO()
+    np.save(buf, tokens, allow_pickle=False)
+    index_obj = {"shards": shards, "version": schema.MDS_VERSION}
+    tok = first["tokenizer"]
+    manifest = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "slimpack_version": __version__,
+        "git_sha": _git_sha(),
+        "tokenizer": tok,
+        "bos_id": tok["bos_id"],
+        "eos_id": tok["eos_id"],
+        "vocab_size": tok["vocab_size"],
+        "fingerprint": fingerprint(shards, tok["sha256"]),
+        "documents": sum(p["documents"] for p in parts.values()),
+        "tokens": int(tokens.sum()),
+        "samples": len(tokens),
+        "shards": len(shards),
+        "skipped": dict(sorted(skipped.items())),
+        "per_source": dict(sorted(per_source.items())),
+        "per_split": dict(sorted(per_split.items())),
+        "sources": {str(k): v for k, v in sorted(source_names.items())},
+        "parts": parts,
+        "config": first["config"],
+        "sample_tokens_file": schema.SAMPLE_TOKENS_FILENAME,
+    }
+    root.write_bytes(schema.SAMPLE_TOKENS_FILENAME, buf.getvalue())
+    root.write_bytes(schema.INDEX_FILENAME, json.dumps(index_obj, sort_keys=True).encode())
+    root.write_bytes(schema.MANIFEST_FILENAME, dumps_json(manifest))
+    return manifest

@@ -1,0 +1,308 @@
+"""Input discovery and record readers: SlimPajama layout, JSONL (plain, .gz, .zst), parquet, and
+Hugging Face `datasets` saved with `save_to_disk`.
+
+Readers yield `Record`s (text, source, line) or `BadRecord`s (reason, line, detail); the caller
+decides whether to skip and count them or fail the part. A truncated or corrupt compressed file
+raises `CorruptInputError` naming the path and the compressed byte offset where it broke: nothing
+read from a broken stream is ever kept silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
+PARQUET_SUFFIXES = (".parquet",)
+_SPLITS = ("train", "validation", "test")
+_READ_BYTES = 1 << 20
+
+BAD_REASONS = (
+    "invalid_json", "not_an_object", "missing_text", "non_string_text", "empty_text",
+    "undecodable_utf8",
+)
+
+
+class CorruptInputError(RuntimeError):
+    """A compressed input ended early or holds corrupt data."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One unit of work: an input file (or a saved HF dataset split) and the part it becomes."""
+
+    path: str  # file, or directory for a saved HF dataset
+    part: str  # relative part name, e.g. "train/chunk1/example_train_0"
+    split: str
+    kind: str  # "jsonl", "parquet" or "hf"
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    source: str
+    line: int
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    reason: str
+    line: int
+    detail: str
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in sorted(JSONL_SUFFIXES + PARQUET_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_hf_saved(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def _split_of(rel: Path) -> str:
+    for part in rel.parts:
+        if part in _SPLITS:
+            return part
+    return "train"
+
+
+def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list[str]]:
+    """(every input file under the given files and directories sorted by part name, ignored files).
+
+    A directory is searched recursively; part names are paths relative to it, so they are stable
+    whatever the machine. A directory in SlimPajama's layout (it has `train/`, `validation/` or
+    `test/`) contributes only the files under those split directories; other files there (a
+    README, a manifest) are returned as ignored so the caller can say so. A saved HF dataset
+    (directory with `state.json`, or a `DatasetDict` with `dataset_dict.json`) becomes one part
+    per split.
+    """
+    found: dict[str, InputFile] = {}
+    ignored: list[str] = []
+
+    def add(item: InputFile) -> None:
+        if item.part in found and found[item.part].path != item.path:
+            raise ValueError(
+                f"two inputs map to part {item.part!r}: {found[item.part].path} and {item.path}; "
+                "pass their common parent directory instead")
+        found[item.part] = item
+
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"input {raw} does not exist")
+        if path.is_dir() and _is_hf_saved(path):
+            add_hf(path, path.name, add)
+        elif path.is_dir():
+            split_layout = any((path / split).is_dir() for split in _SPLITS)
+            for file in sorted(path.rglob("*")):
+                rel = file.relative_to(path)
+                if split_layout and rel.parts[0] not in _SPLITS:
+                    if file.is_file():
+                        ignored.append(str(file))
+                    continue
+                if file.is_dir() and _is_hf_saved(file):
+                    add_hf(file, rel.as_posix(), add)
+                elif file.is_file() and _kind(file) and not any(_is_hf_saved(p) for p in file.parents):
+                    part = _strip_suffix(rel.as_posix())
+                    add(InputFile(str(file), part, _split_of(rel), _kind(file)))
+        elif _kind(path):
+            add(InputFile(str(path), _strip_suffix(path.name), _split_of(Path(path.name)), _kind(path)))
+        else:
+            raise ValueError(
+                f"input {raw}: unsupported file type; expected {', '.join(JSONL_SUFFIXES)}, "
+                ".parquet or a Hugging Face dataset saved with save_to_disk")
+    return [found[k] for k in sorted(found)], ignored
+
+
+def add_hf(path: Path, part: str, add: Callable[[InputFile], None]) -> None:
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        for split in splits:
+            add(InputFile(str(path / split), f"{part}/{split}", split, "hf"))
+    else:
+        add(InputFile(str(path), part, _split_of(Path(part)), "hf"))
+
+
+# ----------------------------------------------------------------------------- byte streams
+
+
+class CountingFile:
+    """Counts compressed bytes read, for progress and for error offsets."""
+
+    def __init__(self, path: str, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.path = path
+        self.f = open(path, "rb")
+        self.offset = 0
+        self.on_bytes = on_bytes
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.offset += len(data)
+        if self.on_bytes and data:
+            self.on_bytes(len(data))
+        return data
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _decompressed_chunks(src: CountingFile) -> Iterator[bytes]:
+    """Decompressed bytes of a plain, gzip or zstd file, frame by frame.
+
+    Unlike `zstandard.stream_reader` (which returns a silent EOF on a truncated frame), a stream
+    that ends inside a frame or member raises `CorruptInputError`.
+    """
+    name = src.path
+    if name.endswith((".zst", ".zstd")):
+        new, errors, label = (lambda: zstandard.ZstdDecompressor().decompressobj()), zstandard.ZstdError, "zstd"
+    elif name.endswith(".gz"):
+        new, errors, label = (lambda: zlib.decompressobj(wbits=31)), zlib.error, "gzip"
+    else:
+        while chunk := src.read(_READ_BYTES):
+            yield chunk
+        return
+    d, pending = new(), b""
+    while True:
+        data = pending or src.read(_READ_BYTES)
+        pending = b""
+        if not data:
+            break
+        try:
+            out = d.decompress(data)
+        except errors as err:
+            raise CorruptInputError(
+                f"{name}: corrupt {label} data near compressed byte offset {src.offset} ({err}); "
+                "re-download the file or exclude it") from err
+        if out:
+            yield out
+        if d.eof:
+            pending = d.unused_data
+            d = new()
+            if not pending:
+                # A clean end between frames: only trailing bytes would start a new frame.
+                nxt = src.read(_READ_BYTES)
+                if not nxt:
+                    return
+                pending = nxt
+    if not d.eof:
+        raise CorruptInputError(
+            f"{name}: {label} stream is truncated at compressed byte offset {src.offset} (the file "
+            "ends inside a frame); re-download the file or exclude it")
+
+
+def _lines(src: CountingFile) -> Iterator[bytes]:
+    tail = b""
+    for chunk in _decompressed_chunks(src):
+        chunk = tail + chunk
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        yield from lines
+    if tail:
+        yield tail
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _get_path(obj: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return None
+        obj = obj[key]
+    return obj
+
+
+def _to_record(obj: Any, line: int, text_path: Sequence[str], source_path: Sequence[str],
+               default_source: str) -> Record | BadRecord:
+    if not isinstance(obj, dict):
+        return BadRecord("not_an_object", line, f"a JSON {type(obj).__name__}, not an object")
+    text = _get_path(obj, text_path)
+    if text is None:
+        return BadRecord("missing_text", line, f"no field {'.'.join(text_path)!r}")
+    if not isinstance(text, str):
+        return BadRecord("non_string_text", line, f"{'.'.join(text_path)!r} is {type(text).__name__}")
+    if not text:
+        return BadRecord("empty_text", line, "empty text")
+    source = _get_path(obj, source_path)
+    return Record(text, source if isinstance(source, str) and source else default_source, line)
+
+
+_WS_LINE = re.compile(rb"\s*")
+
+
+def read_records(
+    item: InputFile,
+    *,
+    text_field: str = "text",
+    source_field: str = "meta.redpajama_set_name",
+    default_source: str = "unknown",
+    on_bytes: Callable[[int], None] | None = None,
+) -> Iterator[Record | BadRecord]:
+    """Records of one input, in file order; lines are 1-based (rows for parquet and HF)."""
+    text_path, source_path = text_field.split("."), source_field.split(".")
+    if item.kind == "jsonl":
+        src = CountingFile(item.path, on_bytes)
+        try:
+            for line_no, raw in enumerate(_lines(src), 1):
+                if _WS_LINE.fullmatch(raw):
+                    continue  # blank lines (a trailing newline) are not records
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield BadRecord("undecodable_utf8", line_no, str(err))
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield BadRecord("invalid_json", line_no, str(err))
+                    continue
+                yield _to_record(obj, line_no, text_path, source_path, default_source)
+        finally:
+            src.close()
+    elif item.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(item.path)
+        columns = sorted({text_path[0], source_path[0]} & set(pf.schema_arrow.names))
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024, columns=columns):
+            for obj in batch.to_pylist():
+                row += 1
+                yield _to_record(obj, row, text_path, source_path, default_source)
+        if on_bytes:
+            on_bytes(os.path.getsize(item.path))
+    elif item.kind == "hf":
+        import datasets
+
+        ds = datasets.load_from_disk(item.path)
+        for row, obj in enumerate(ds, 1):
+            yield _to_record(obj, row, text_path, source_path, default_source)
+    else:
+        raise ValueError(f"unknown input kind {item.kind!r}")
+
+
+def input_bytes(item: InputFile) -> int:
+    path = Path(item.path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,0 +1,144 @@
+"""The Llama 3 tokenizer through tiktoken, built from the `tokenizer.model` that `llama-models` ships.
+
+Ids equal Meta's ``llama_models.llama3.tokenizer.Tokenizer.encode(text, bos=True, eos=True)``
+exactly. Meta encodes a document in pieces: 400,000-character chunks, each cut further inside any
+run of more than 25,000 consecutive whitespace (or non-whitespace) characters, at every 25,000th
+character of the run. Those cuts change the ids, so we make the same cuts, but only where one can
+occur: a document of at most 400,000 characters with no such run is encoded in one call.
+Finding long runs is one linear regex pass (anchored at run starts, so never quadratic).
+
+Policies:
+- special-token strings inside text (``<|end_of_text|>``...) are ordinary text, never control ids;
+- lone surrogates (from JSON ``\\ud800`` escapes) become U+FFFD, exactly as tiktoken and therefore
+  Meta's reference do; documents where that happened are counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import re
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+
+# Meta's pre-tokenization pattern for Llama 3.
+PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_SPECIAL_TOKENS = 256
+MAX_ENCODE_CHARS = 400_000
+MAX_RUN_CHARS = 25_000
+_NAMED_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|image|>",
+]
+# Python's `\s` and str.isspace() share one definition of whitespace, so this finds exactly the
+# runs Meta's character loop counts. The lookbehinds start a match only at the start of a run.
+_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def llama3_model_path() -> Path:
+    """Path of `tokenizer.model` inside the installed `llama-models` package (no import of it)."""
+    spec = importlib.util.find_spec("llama_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the llama-models package is not installed: pip install llama-models")
+    path = Path(next(iter(spec.submodule_search_locations))) / "llama3" / "tokenizer.model"
+    if not path.exists():
+        raise RuntimeError(f"{path} is missing: reinstall llama-models")
+    return path
+
+
+def split_like_meta(text: str) -> list[str]:
+    """The pieces Meta's reference encodes separately (see the module docstring)."""
+    pieces = []
+    for start in range(0, len(text), MAX_ENCODE_CHARS):
+        chunk = text[start:start + MAX_ENCODE_CHARS]
+        cuts = [0]
+        for run in _LONG_RUN.finditer(chunk):
+            cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
+        cuts.append(len(chunk))
+        pieces.extend(chunk[a:b] for a, b in zip(cuts, cuts[1:]))
+    return pieces or [""]
+
+
+def needs_split(text: str) -> bool:
+    return len(text) > MAX_ENCODE_CHARS or _LONG_RUN.search(text) is not None
+
+
+def has_surrogates(text: str) -> bool:
+    return _SURROGATE.search(text) is not None
+
+
+class Llama3Tokenizer:
+    """Llama 3 tokenizer: 128,000 BPE ranks + 256 special tokens = 128,256 ids."""
+
+    def __init__(self, model_path: str | Path | None = None) -> None:
+        self.model_path = Path(model_path) if model_path else llama3_model_path()
+        data = self.model_path.read_bytes()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        ranks = {}
+        for line in data.splitlines():
+            if line.strip():
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+        num_base = len(ranks)
+        specials = _NAMED_SPECIALS + [
+            f"<|reserved_special_token_{2 + i}|>"
+            for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIALS))
+        ]
+        self.special_tokens = {tok: num_base + i for i, tok in enumerate(specials)}
+        self.encoding = tiktoken.Encoding(
+            name="llama3", pat_str=PATTERN, mergeable_ranks=ranks, special_tokens=self.special_tokens
+        )
+        self.vocab_size = num_base + NUM_SPECIAL_TOKENS
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+
+    @cached_property
+    def identity(self) -> dict:
+        return {
+            "name": "llama3",
+            "source": "llama-models tokenizer.model",
+            "sha256": self.sha256,
+            "pattern": PATTERN,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+        }
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """``BOS text EOS`` as uint32."""
+        return self.encode_documents([text])[0]
+
+    def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Batch-encode documents to ``BOS text EOS`` uint32 arrays, Meta-exact.
+
+        Documents that need Meta's splitting are expanded into their pieces; every piece of the
+        batch goes through one `encode_ordinary_batch` call.
+        """
+        pieces: list[str] = []
+        counts: list[int] = []
+        for text in texts:
+            parts = split_like_meta(text) if needs_split(text) else [text]
+            pieces.extend(parts)
+            counts.append(len(parts))
+        encoded = self.encoding.encode_ordinary_batch(pieces, num_threads=1)
+        out, pos = [], 0
+        bos, eos = np.array([self.bos_id], np.uint32), np.array([self.eos_id], np.uint32)
+        for n in counts:
+            ids = [np.asarray(encoded[pos + j], np.uint32) for j in range(n)]
+            out.append(np.concatenate([bos, *ids, eos]))
+            pos += n
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.encoding.decode(list(map(int, ids)))
