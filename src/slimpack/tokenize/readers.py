@@ -40,7 +40,7 @@ class InputFile:
     """One unit of work: an input file (or a saved HF dataset split) and the part it becomes."""
 
     path: str  # file, or directory for a saved HF dataset
-    part: str  # relative part name, e.g. "train/chunk1/example_train_0"
+    part: str  # relative part name, e.g. "train/chunk1/example_train_0.jsonl.zst"
     split: str
     kind: str  # "jsonl", "parquet" or "hf"
 
@@ -66,13 +66,6 @@ def _kind(path: Path) -> str | None:
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     return None
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in sorted(JSONL_SUFFIXES + PARQUET_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _is_hf_saved(path: Path) -> bool:
@@ -123,10 +116,9 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list
                 if file.is_dir() and _is_hf_saved(file):
                     add_hf(file, rel.as_posix(), add)
                 elif file.is_file() and _kind(file) and not any(_is_hf_saved(p) for p in file.parents):
-                    part = _strip_suffix(rel.as_posix())
-                    add(InputFile(str(file), part, _split_of(rel), _kind(file)))
+                    add(InputFile(str(file), rel.as_posix(), _split_of(rel), _kind(file)))
         elif _kind(path):
-            add(InputFile(str(path), _strip_suffix(path.name), _split_of(Path(path.name)), _kind(path)))
+            add(InputFile(str(path), path.name, _split_of(Path(path.name)), _kind(path)))
         else:
             raise ValueError(
                 f"input {raw}: unsupported file type; expected {', '.join(JSONL_SUFFIXES)}, "

@@ -1,0 +1,139 @@
+"""Input discovery and record readers: formats, bad records, broken compressed files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from slimpack.tokenize.readers import BadRecord, CorruptInputError, Record, discover, read_records
+
+
+def _jsonl(records: list) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def _docs(n: int, source: str = "RedPajamaC4") -> list[dict]:
+    return [{"text": f"document {i} " + "word " * (i + 3), "meta": {"redpajama_set_name": source}}
+            for i in range(n)]
+
+
+def test_slimpajama_layout_sorted_with_splits(shared_data):
+    items, ignored = discover([shared_data])
+    assert [i.part for i in items] == [
+        "test/chunk1/example_holdout_0.jsonl.zst", "train/chunk1/example_train_0.jsonl.zst",
+        "train/chunk1/example_train_1.jsonl.zst", "train/chunk2/example_train_0.jsonl.zst",
+        "validation/chunk1/example_holdout_0.jsonl.zst"]
+    assert [i.split for i in items] == ["test", "train", "train", "train", "validation"]
+    assert {Path(f).name for f in ignored} >= {"manifest.jsonl", "README.md"}
+
+
+def test_formats_read_the_same_records(tmp_path: Path):
+    docs = _docs(5)
+    (tmp_path / "a.jsonl").write_bytes(_jsonl(docs))
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(_jsonl(docs)))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl(docs)))
+    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "d.parquet")
+    items, _ = discover([tmp_path])
+    assert [i.part for i in items] == ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet"]
+    expected = [(d["text"], d["meta"]["redpajama_set_name"]) for d in docs]
+    for item in items:
+        got = [(r.text, r.source) for r in read_records(item)]
+        assert got == expected, item.path
+
+
+def test_multi_frame_zstd_and_multi_member_gzip(tmp_path: Path):
+    docs = _docs(6)
+    z = zstandard.ZstdCompressor()
+    (tmp_path / "m.jsonl.zst").write_bytes(z.compress(_jsonl(docs[:3])) + z.compress(_jsonl(docs[3:])))
+    (tmp_path / "m.jsonl.gz").write_bytes(gzip.compress(_jsonl(docs[:2])) + gzip.compress(_jsonl(docs[2:])))
+    for item in discover([tmp_path])[0]:
+        assert [r.text for r in read_records(item)] == [d["text"] for d in docs]
+
+
+def test_hf_save_to_disk(tmp_path: Path):
+    import datasets
+
+    docs = _docs(4, "RedPajamaWikipedia")
+    datasets.Dataset.from_list(docs).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(docs),
+                          "validation": datasets.Dataset.from_list(docs[:1])}).save_to_disk(str(tmp_path / "dd"))
+    items, _ = discover([tmp_path / "ds", tmp_path / "dd"])
+    assert [(i.part, i.split, i.kind) for i in items] == [
+        ("dd/train", "train", "hf"), ("dd/validation", "validation", "hf"), ("ds", "train", "hf")]
+    recs = list(read_records(items[2]))
+    assert [r.text for r in recs] == [d["text"] for d in docs]
+    assert {r.source for r in recs} == {"RedPajamaWikipedia"}
+
+
+def test_bad_records_each_reason_with_line(tmp_path: Path):
+    lines = [
+        json.dumps({"text": "good one"}).encode(),
+        b"{not json",
+        json.dumps({"meta": {}}).encode(),
+        json.dumps({"text": 42}).encode(),
+        json.dumps({"text": ""}).encode(),
+        b'{"text": "bad \xff\xfe bytes"}',
+        json.dumps([1, 2]).encode(),
+        b"",  # a blank line is not a record
+        json.dumps({"text": "good two", "meta": {"redpajama_set_name": "RedPajamaBook"}}).encode(),
+    ]
+    (tmp_path / "x.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    recs = list(read_records(discover([tmp_path / "x.jsonl"])[0][0]))
+    bad = [(r.reason, r.line) for r in recs if isinstance(r, BadRecord)]
+    assert bad == [("invalid_json", 2), ("missing_text", 3), ("non_string_text", 4), ("empty_text", 5),
+                   ("undecodable_utf8", 6), ("not_an_object", 7)]
+    good = [r for r in recs if isinstance(r, Record)]
+    assert [(r.text, r.source, r.line) for r in good] == [
+        ("good one", "unknown", 1), ("good two", "RedPajamaBook", 9)]
+
+
+def test_configurable_field_paths(tmp_path: Path):
+    (tmp_path / "y.jsonl").write_bytes(_jsonl([{"body": {"content": "hi"}, "origin": "web"}]))
+    (rec,) = read_records(discover([tmp_path / "y.jsonl"])[0][0], text_field="body.content",
+                          source_field="origin")
+    assert (rec.text, rec.source) == ("hi", "web")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_truncated_compressed_file_raises_with_offset(tmp_path: Path, suffix: str):
+    raw = _jsonl(_docs(3000))
+    data = zstandard.ZstdCompressor().compress(raw) if suffix.endswith("zst") else gzip.compress(raw)
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptInputError, match=r"truncated at compressed byte offset \d+") as err:
+        list(read_records(discover([path])[0][0]))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
+def test_corrupt_compressed_file_raises_with_offset(tmp_path: Path, suffix: str):
+    raw = _jsonl(_docs(3000))
+    data = bytearray(zstandard.ZstdCompressor().compress(raw) if suffix.endswith("zst") else gzip.compress(raw))
+    for k in range(len(data) // 3, len(data) // 3 + 64):
+        data[k] ^= 0x5A
+    path = tmp_path / f"c{suffix}"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptInputError, match=r"(corrupt|truncated).*offset \d+"):
+        list(read_records(discover([path])[0][0]))
+
+
+def test_conflicting_part_names_are_refused(tmp_path: Path):
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "same.jsonl").write_bytes(_jsonl(_docs(1)))
+    with pytest.raises(ValueError, match="two inputs map to part 'same.jsonl'"):
+        discover([tmp_path / "a" / "same.jsonl", tmp_path / "b" / "same.jsonl"])
+
+
+def test_missing_and_unsupported_inputs(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover([tmp_path / "nope"])
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        discover([tmp_path / "notes.txt"])
