@@ -127,7 +127,7 @@ def test_conflicting_part_names_are_refused(tmp_path: Path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "same.jsonl").write_bytes(_jsonl(_docs(1)))
-    with pytest.raises(ValueError, match="two inputs map to part 'same.jsonl'"):
+    with pytest.raises(ValueError, match=r"two inputs map to part 'same\.jsonl'"):
         discover([tmp_path / "a" / "same.jsonl", tmp_path / "b" / "same.jsonl"])
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.util
+import itertools
 import re
 from collections.abc import Sequence
 from functools import cached_property
@@ -42,7 +43,7 @@ _NAMED_SPECIALS = [
 ]
 # Python's `\s` and str.isspace() share one definition of whitespace, so this finds exactly the
 # runs Meta's character loop counts. The lookbehinds start a match only at the start of a run.
-_LONG_RUN = re.compile(r"(?<!\S)\S{%d,}|(?<!\s)\s{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+_LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -66,7 +67,7 @@ def split_like_meta(text: str) -> list[str]:
         for run in _LONG_RUN.finditer(chunk):
             cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
         cuts.append(len(chunk))
-        pieces.extend(chunk[a:b] for a, b in zip(cuts, cuts[1:]))
+        pieces.extend(chunk[a:b] for a, b in itertools.pairwise(cuts))
     return pieces or [""]
 
 

@@ -1,0 +1,182 @@
+"""The tokenization job: determinism across workers and nodes, restart after SIGKILL, failures,
+block layout, merge and the manifest."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard
+
+from slimpack.shards import schema
+from slimpack.shards.invariants import sample_problems
+from slimpack.shards.mds import MDSDataset
+from slimpack.tokenize.job import TokenizeConfig, node_from_env, run_tokenize
+from slimpack.tokenize.merge import MergeError, merge_dataset
+
+SMALL = TokenizeConfig(block_tokens=4096, shard_size_limit=1 << 17)
+
+
+def _run(inputs, out, **kw):
+    return run_tokenize([str(i) for i in inputs], str(out), kw.pop("cfg", SMALL), progress=False, **kw)
+
+
+def test_workers_and_nodes_give_identical_bytes(demo_corpus: Path, tmp_path: Path, tree_digest):
+    one = _run([demo_corpus], tmp_path / "one", workers=1)
+    two = _run([demo_corpus], tmp_path / "two", workers=2)
+    n0 = _run([demo_corpus], tmp_path / "nodes", workers=1, node_rank=0, num_nodes=2)
+    assert not n0.merged and "not complete" in n0.merge_note
+    n1 = _run([demo_corpus], tmp_path / "nodes", workers=1, node_rank=1, num_nodes=2)
+    assert one.ok and two.ok and n1.merged
+    assert set(n0.parts_done).isdisjoint(n1.parts_done)
+    ref = tree_digest(tmp_path / "one")
+    assert any(k.endswith(".mds.zstd") for k in ref) and schema.MANIFEST_FILENAME in ref
+    assert tree_digest(tmp_path / "two") == ref
+    assert tree_digest(tmp_path / "nodes") == ref
+
+
+def test_rerun_skips_complete_parts_and_merge_is_idempotent(demo_corpus: Path, tmp_path: Path, tree_digest):
+    out = tmp_path / "out"
+    first = _run([demo_corpus], out, workers=2)
+    before = tree_digest(out)
+    again = _run([demo_corpus], out, workers=2)
+    assert again.parts_done == [] and sorted(again.parts_skipped_complete) == sorted(first.parts_done)
+    merge_dataset(str(out))
+    assert tree_digest(out) == before
+
+
+def test_shards_hold_whole_documents_in_blocks(demo_corpus: Path, tmp_path: Path, llama3):
+    out = tmp_path / "out"
+    report = _run([demo_corpus], out, workers=2)
+    manifest = json.loads((out / schema.MANIFEST_FILENAME).read_text())
+    ds = MDSDataset(out)
+    sample_tokens = np.load(out / schema.SAMPLE_TOKENS_FILENAME, allow_pickle=False)
+    assert len(ds) == manifest["samples"] == len(sample_tokens)
+    docs = tokens = 0
+    for k, sample in enumerate(ds):
+        cu = sample["cu_seqlens"]
+        assert sample_problems(sample["tokens"], cu, bos_id=128000, eos_id=128001, vocab_size=128256,
+                               doc_sources=sample["doc_sources"]) == []
+        assert len(sample["tokens"]) == sample_tokens[k]
+        lengths = np.diff(cu)
+        # A block stops growing once it reaches the target; a long document stands alone.
+        assert lengths[:-1].sum() < SMALL.block_tokens or len(lengths) == 1 or lengths[-1] >= SMALL.block_tokens
+        docs += len(lengths)
+        tokens += int(cu[-1])
+    assert (docs, tokens) == (manifest["documents"], manifest["tokens"]) == (report.documents, report.tokens)
+    per_source = sum(s["tokens"] for s in manifest["per_source"].values())
+    assert per_source == tokens
+    assert manifest["vocab_size"] == 128_256 and manifest["tokenizer"]["sha256"] == llama3.sha256
+    assert manifest["config"]["block_tokens"] == SMALL.block_tokens
+
+
+def test_document_ids_round_trip_to_text(tmp_path: Path, llama3):
+    texts = [f"doc {i}: " + "lorem ipsum " * (i * 37 % 500 + 1) for i in range(200)]
+    src = tmp_path / "in" / "docs.jsonl"
+    src.parent.mkdir()
+    src.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "S"}}) + "\n" for t in texts))
+    _run([src.parent], tmp_path / "out", workers=1)
+    got = []
+    for sample in MDSDataset(tmp_path / "out"):
+        cu = sample["cu_seqlens"]
+        got += [llama3.decode(sample["tokens"][a + 1:b - 1]) for a, b in itertools.pairwise(cu)]
+        assert set(sample["doc_sources"].tolist()) == {schema.source_id("S")}
+    assert got == texts
+
+
+def test_bad_records_counted_and_failed_part_isolated(tmp_path: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    good = [json.dumps({"text": f"text {i}"}) for i in range(50)]
+    (inp / "a.jsonl").write_text("\n".join(good[:10] + ["{broken", json.dumps({"text": ""})] + good[10:]) + "\n")
+    raw = ("\n".join(good * 200) + "\n").encode()
+    data = zstandard.ZstdCompressor().compress(raw)
+    (inp / "b.jsonl.zst").write_bytes(data[: len(data) // 2])
+    (inp / "c.jsonl").write_text("\n".join(good) + "\n")
+    report = _run([inp], tmp_path / "out", workers=2)
+    assert not report.ok and not report.merged
+    assert list(report.parts_failed) == ["b.jsonl.zst"]
+    assert "truncated at compressed byte offset" in report.parts_failed["b.jsonl.zst"]
+    assert "FAILED part b.jsonl.zst" in report.summary()
+    assert sorted(report.parts_done) == ["a.jsonl", "c.jsonl"]
+    assert report.skipped_records == {"empty_text": 1, "invalid_json": 1}
+    assert {(e["reason"], e["line"]) for e in report.bad_examples} == {("invalid_json", 11), ("empty_text", 12)}
+    assert not (tmp_path / "out" / "parts" / "b.jsonl.zst").exists()
+    fail = _run([inp / "a.jsonl"], tmp_path / "strict", cfg=TokenizeConfig(on_bad_record="fail"))
+    assert "a.jsonl:11: invalid_json" in fail.parts_failed["a.jsonl"]
+
+
+def test_cli_exit_status_and_json_report(tmp_path: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "ok.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n")
+    cmd = [sys.executable, "-m", "slimpack", "tokenize", str(inp), "--out", str(tmp_path / "o"),
+           "--no-progress", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["documents"] == 1
+    (inp / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    done = subprocess.run(cmd[:5] + ["--out", str(tmp_path / "o2"), "--no-progress"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "FAILED part bad.jsonl.gz" in done.stdout
+
+
+def test_sigkill_mid_run_then_rerun_is_byte_identical(demo_corpus: Path, tmp_path: Path, tree_digest):
+    # Many small inputs make the kill land between and inside parts.
+    inp = tmp_path / "in"
+    for r in range(3):
+        shutil.copytree(demo_corpus, inp / f"copy{r}")
+    ref = _run([inp], tmp_path / "ref", workers=2)
+    assert ref.ok
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "slimpack", "tokenize", str(inp), "--out", str(out), "--workers", "2",
+           "--no-progress", "--block-tokens", str(SMALL.block_tokens),
+           "--set", f"shard_size_limit={SMALL.shard_size_limit}"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(out.glob("parts/**/stats.json"))) < 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(out.glob("parts/**/stats.json")))
+    assert 0 < done_before < len(ref.parts_done), "the kill should land mid-run"
+    assert not (out / schema.MANIFEST_FILENAME).exists()
+    rerun = _run([inp], out, workers=2)
+    assert rerun.ok and rerun.merged and len(rerun.parts_skipped_complete) == done_before
+    assert tree_digest(out) == tree_digest(tmp_path / "ref")
+
+
+def test_merge_refuses_incomplete_parts(demo_corpus: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    _run([demo_corpus], out, workers=2)
+    stats = next(out.glob("parts/**/stats.json"))
+    stats.unlink()
+    with pytest.raises(MergeError, match=r"no stats\.json"):
+        merge_dataset(str(out))
+
+
+def test_node_rank_from_environment(monkeypatch):
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert node_from_env(None, None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert node_from_env(None, None) == (3, 8)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert node_from_env(None, None) == (1, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "6")
+    assert node_from_env(None, None) == (5, 6)
+    assert node_from_env(2, 3) == (2, 3)
+    with pytest.raises(ValueError, match="outside"):
+        node_from_env(3, 3)
