@@ -106,3 +106,8 @@ def test_split_only_where_it_can_change_the_result():
     pieces = split_like_meta("x" * 60_000)
     assert [len(p) for p in pieces] == [25_000, 25_000, 10_000]
     assert "".join(split_like_meta("ab " * 300_000)) == "ab " * 300_000
+
+
+def test_surrogate_replacements_are_counted(llama3):
+    ids, replaced = llama3.encode_batch(["clean", "one \ud800", "x" * 30_000 + "\udc00" + " " * 30_000])
+    assert replaced == 2 and len(ids) == 3

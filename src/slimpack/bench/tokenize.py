@@ -39,14 +39,11 @@ def _raw_worker(texts: list[str]) -> tuple[int, float]:
 def _raw(per_file: list[list[str]], processes: int) -> dict[str, float]:
     """Raw tiktoken: each process encodes its share of the files; wall time of the slowest."""
     shares = [[t for f in per_file[i::processes] for t in f] for i in range(processes)]
-    t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_raw_worker, shares)
-    wall = time.perf_counter() - t0
-    tokens = sum(n for n, _ in results)
-    encode = max(s for _, s in results)
-    return {"tokens": tokens, "encode_seconds": encode, "wall_seconds": wall,
-            "tokens_per_s": tokens / encode}
+    per_process = [n / s for n, s in results]
+    return {"tokens": sum(n for n, _ in results), "encode_seconds": [s for _, s in results],
+            "tokens_per_s_per_process": sum(per_process) / len(per_process)}
 
 
 def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, float]:
@@ -57,7 +54,8 @@ def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, flo
     t0 = time.perf_counter()
     report = run_tokenize(inputs, str(out), TokenizeConfig(), workers=workers, progress=False)
     wall = time.perf_counter() - t0
-    return {"tokens": report.tokens, "wall_seconds": wall, "tokens_per_s": report.tokens / wall}
+    return {"tokens": report.tokens, "wall_seconds": wall, "tokens_per_s": report.tokens / wall,
+            "tokens_per_s_per_process": report.tokens / wall / workers}
 
 
 def run_bench(input_dir: str, repeat: int, scratch: Path) -> dict[str, Any]:
@@ -77,31 +75,67 @@ def run_bench(input_dir: str, repeat: int, scratch: Path) -> dict[str, Any]:
         raw = _raw(per_file, procs)
         e2e = _end_to_end(inputs, procs, scratch)
         result[f"{procs}proc"] = {"raw": raw, "end_to_end": e2e,
-                                  "e2e_over_raw": e2e["tokens_per_s"] / raw["tokens_per_s"] / procs}
+                                  "e2e_over_raw": e2e["tokens_per_s_per_process"] / raw["tokens_per_s_per_process"]}
     e2e = {p: result[f"{p}proc"]["end_to_end"]["tokens_per_s"] for p in (1, 2)}
     result["scaling_1_to_2"] = e2e[2] / e2e[1]
     return result
 
 
+def pathological() -> dict[str, dict[str, float]]:
+    """Seconds to encode 1 MB and 2 MB of one repeated character and of spaces, ours and Meta's.
+
+    Near-linear means the 2 MB time is about twice the 1 MB time.
+    """
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+
+    ours, meta = Llama3Tokenizer(), Tokenizer.get_instance()
+    out = {}
+    for name, char in (("one_char", "a"), ("spaces", " "), ("prose_no_space", "x")):
+        for mb in (1, 2):
+            text = char * (mb * 1_000_000)
+            t0 = time.perf_counter()
+            ids = ours.encode_document(text)
+            t1 = time.perf_counter()
+            ref = meta.encode(text, bos=True, eos=True)
+            t2 = time.perf_counter()
+            if ids.tolist() != ref:
+                raise RuntimeError(f"{name} {mb} MB: ids differ from Meta's")
+            out[f"{name}_{mb}MB"] = {"ours_seconds": t1 - t0, "meta_seconds": t2 - t1, "tokens": len(ids)}
+    return out
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="end-to-end tokenize vs raw tiktoken, 1 and 2 processes")
     p.add_argument("input", nargs="?", default=DEFAULT_INPUT, help=f"input directory (default {DEFAULT_INPUT})")
-    p.add_argument("--repeat", type=int, default=4, help="copies of the input to process")
+    p.add_argument("--repeat", type=int, default=16, help="copies of the input to process")
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--pathological-only", action="store_true",
+                   help="only time the 1 MB / 2 MB single-character and all-space inputs")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     if not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
+    res: dict[str, Any] = {"pathological": pathological()}
+    for name, r in res["pathological"].items():
+        print(f"{name:22s} ours {r['ours_seconds']:.3f} s   Meta reference {r['meta_seconds']:.3f} s")
+    if args.pathological_only:
+        return _write(res, args.json)
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-") as tmp:
-        res = run_bench(args.input, args.repeat, Path(tmp))
+        res.update(run_bench(args.input, args.repeat, Path(tmp)))
     for procs in (1, 2):
         r = res[f"{procs}proc"]
-        print(f"{procs} process(es): raw tiktoken {r['raw']['tokens_per_s']:,.0f} tok/s "
-              f"(encode only, slowest process), end to end {r['end_to_end']['tokens_per_s']:,.0f} tok/s "
-              f"(wall, start-up included): {r['e2e_over_raw']:.2f}x raw per process")
+        print(f"{procs} process(es): raw tiktoken {r['raw']['tokens_per_s_per_process']:,.0f} tok/s per process "
+              f"(encode only), end to end {r['end_to_end']['tokens_per_s_per_process']:,.0f} tok/s per process "
+              f"(wall, start-up and merge included): {r['e2e_over_raw']:.2f}x raw")
     print(f"end-to-end scaling 1 -> 2 processes: {res['scaling_1_to_2']:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    return _write(res, args.json)
+
+
+def _write(res: dict[str, Any], path: str | None) -> int:
+    if path:
+        Path(path).write_text(json.dumps(res, indent=1))
     return 0

@@ -39,7 +39,7 @@ from slimpack.tokenize.readers import (
     input_bytes,
     read_records,
 )
-from slimpack.tokenize.tokenizer import Llama3Tokenizer, has_surrogates
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
 
 
 @dataclass(frozen=True)
@@ -139,13 +139,13 @@ def tokenize_part(
 
     def encode_pending() -> None:
         nonlocal docs, tokens, surrogates, pending, pending_chars
-        encoded = tokenizer.encode_documents([t for t, _ in pending])
-        for (text, source), ids in zip(pending, encoded):
+        encoded, replaced = tokenizer.encode_batch([t for t, _ in pending])
+        surrogates += replaced
+        for (_, source), ids in zip(pending, encoded):
             entry = sources.setdefault(source, {"id": schema.source_id(source), "documents": 0, "tokens": 0})
             entry["documents"] += 1
             entry["tokens"] += len(ids)
             blocks.add(ids, entry["id"])
-            surrogates += has_surrogates(text)
         n = sum(len(ids) for ids in encoded)
         docs += len(encoded)
         tokens += n

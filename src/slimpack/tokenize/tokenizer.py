@@ -44,7 +44,6 @@ _NAMED_SPECIALS = [
 # Python's `\s` and str.isspace() share one definition of whitespace, so this finds exactly the
 # runs Meta's character loop counts. The lookbehinds start a match only at the start of a run.
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def llama3_model_path() -> Path:
@@ -72,11 +71,10 @@ def split_like_meta(text: str) -> list[str]:
 
 
 def needs_split(text: str) -> bool:
+    """True when Meta's splitting can cut `text` (most documents are too short to need a scan)."""
+    if len(text) <= MAX_RUN_CHARS:
+        return False
     return len(text) > MAX_ENCODE_CHARS or _LONG_RUN.search(text) is not None
-
-
-def has_surrogates(text: str) -> bool:
-    return _SURROGATE.search(text) is not None
 
 
 class Llama3Tokenizer:
@@ -121,25 +119,33 @@ class Llama3Tokenizer:
         return self.encode_documents([text])[0]
 
     def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Batch-encode documents to ``BOS text EOS`` uint32 arrays, Meta-exact.
+        """Encode a batch of documents to ``BOS text EOS`` uint32 arrays, Meta-exact."""
+        return self.encode_batch(texts)[0]
 
-        Documents that need Meta's splitting are expanded into their pieces; every piece of the
-        batch goes through one `encode_ordinary_batch` call.
+    def encode_batch(self, texts: Sequence[str]) -> tuple[list[np.ndarray], int]:
+        """(``BOS text EOS`` uint32 arrays, number of documents whose lone surrogates became U+FFFD).
+
+        Each piece goes straight into a uint32 buffer (`encode_to_numpy`), skipping the Python
+        int list that `encode_ordinary` builds: converting that list costs about a fifth of the
+        encode time. Documents needing Meta's splitting are encoded piece by piece.
         """
-        pieces: list[str] = []
-        counts: list[int] = []
-        for text in texts:
-            parts = split_like_meta(text) if needs_split(text) else [text]
-            pieces.extend(parts)
-            counts.append(len(parts))
-        encoded = self.encoding.encode_ordinary_batch(pieces, num_threads=1)
-        out, pos = [], 0
         bos, eos = np.array([self.bos_id], np.uint32), np.array([self.eos_id], np.uint32)
-        for n in counts:
-            ids = [np.asarray(encoded[pos + j], np.uint32) for j in range(n)]
-            out.append(np.concatenate([bos, *ids, eos]))
-            pos += n
-        return out
+        out, replaced = [], 0
+        for text in texts:
+            pieces = split_like_meta(text) if needs_split(text) else (text,)
+            arrays, flags = zip(*map(self._encode_piece, pieces))
+            out.append(np.concatenate([bos, *arrays, eos]))
+            replaced += any(flags)
+        return out, replaced
+
+    def _encode_piece(self, text: str) -> tuple[np.ndarray, bool]:
+        # No special tokens are allowed or checked: their strings encode as ordinary text.
+        try:
+            return self.encoding.encode_to_numpy(text, disallowed_special=()), False
+        except UnicodeEncodeError:
+            # Lone surrogates: the same U+FFFD replacement tiktoken's encode applies.
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return self.encoding.encode_to_numpy(text, disallowed_special=()), True
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(map(int, ids)))
