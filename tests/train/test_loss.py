@@ -104,6 +104,14 @@ def test_no_gradient_for_frozen_weight():
     torch.testing.assert_close(gh, rh, rtol=1e-5, atol=1e-6)
 
 
+def test_no_grad_gives_the_same_value_and_no_graph():
+    hidden, weight, labels = _data(6)
+    with torch.no_grad():
+        loss = cross_entropy_sum(hidden, weight, labels, chunk_tokens=16)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, _reference(hidden, weight, labels), rtol=1e-6, atol=1e-4)
+
+
 def test_bad_inputs_are_refused():
     hidden, weight, labels = _data(5)
     with pytest.raises(ValueError, match="one per hidden row"):

@@ -1,7 +1,8 @@
 """`slimpack bench model`: GPU figures for the model side, each with its baseline in the same run.
 
-- loss:      chunked `cross_entropy_sum` vs plain `F.cross_entropy((h @ W.T).float())`, forward +
-             backward, time and peak memory above the inputs (T tokens, the 128K vocabulary).
+- loss:      chunked `cross_entropy_sum` (chunks of 1024, --chunk-tokens, 4096 tokens) vs plain
+             `F.cross_entropy((h @ W.T).float())`, forward + backward, time and peak memory above
+             the inputs (T tokens, the 128K vocabulary).
 - attention: the seam's "varlen" backend (FlashAttention-2 varlen) vs "sdpa_ref" (per-document SDPA
              loop) on a packed batch with realistic document lengths, forward + backward, achieved
              TFLOP/s counting only the causal in-document work.
@@ -75,7 +76,7 @@ def synthetic_cu_seqlens(micro_batch_size: int, seq_len: int, *, mean_doc_tokens
     return bounds
 
 
-def bench_loss(*, tokens: int, hidden: int, vocab: int, chunk_tokens: int) -> dict[str, Any]:
+def bench_loss(*, tokens: int, hidden: int, vocab: int, chunk_sizes: tuple[int, ...]) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -86,18 +87,19 @@ def bench_loss(*, tokens: int, hidden: int, vocab: int, chunk_tokens: int) -> di
     w = (torch.randn(vocab, hidden, device="cuda") * 0.02).bfloat16().requires_grad_()
     labels = torch.randint(0, vocab, (tokens,), device="cuda")
 
-    def chunked() -> None:
-        cross_entropy_sum(h, w, labels, chunk_tokens=chunk_tokens).backward()
-        h.grad = w.grad = None
-
     def plain() -> None:
         F.cross_entropy((h @ w.T).float(), labels, reduction="sum").backward()
         h.grad = w.grad = None
 
-    out: dict[str, Any] = {"tokens": tokens, "hidden": hidden, "vocab": vocab, "chunk_tokens": chunk_tokens}
-    for name, fn in (("chunked", chunked), ("plain", plain)):
-        out[name] = {"fwd_bwd_ms": _timed_ms(fn), "peak_gb_above_inputs": _peak_gb(fn)}
-    out["fp32_logits_gb"] = tokens * vocab * 4 / 1e9
+    out: dict[str, Any] = {"tokens": tokens, "hidden": hidden, "vocab": vocab,
+                           "fp32_logits_gb": tokens * vocab * 4 / 1e9,
+                           "plain": {"fwd_bwd_ms": _timed_ms(plain), "peak_gb_above_inputs": _peak_gb(plain)}}
+    for n in chunk_sizes:
+        def chunked(n: int = n) -> None:
+            cross_entropy_sum(h, w, labels, chunk_tokens=n).backward()
+            h.grad = w.grad = None
+
+        out[f"chunked_{n}"] = {"fwd_bwd_ms": _timed_ms(chunked), "peak_gb_above_inputs": _peak_gb(chunked)}
     return out
 
 
@@ -194,7 +196,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--mean-doc-tokens", type=int, default=700, help="mean synthetic document length")
-    p.add_argument("--chunk-tokens", type=int, default=1024)
+    p.add_argument("--chunk-tokens", type=int, default=2048)
     p.add_argument("--only", choices=("loss", "attention", "step"), action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline of the step")
@@ -214,12 +216,12 @@ def _run(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
     T = args.micro_batch_size * args.seq_len
     if "loss" in parts:
+        sizes = tuple(sorted({1024, args.chunk_tokens, 4096}))
         r = res["loss"] = bench_loss(tokens=T, hidden=cfg.hidden_size, vocab=cfg.vocab_size,
-                                     chunk_tokens=args.chunk_tokens)
-        print(f"loss T={T} V={cfg.vocab_size}: chunked {r['chunked']['fwd_bwd_ms']:.1f} ms, "
-              f"{r['chunked']['peak_gb_above_inputs']:.2f} GB peak | "
-              f"plain {r['plain']['fwd_bwd_ms']:.1f} ms, "
-              f"{r['plain']['peak_gb_above_inputs']:.2f} GB peak")
+                                     chunk_sizes=sizes)
+        for name in ("plain", *(f"chunked_{n}" for n in sizes)):
+            print(f"loss T={T} V={cfg.vocab_size} {name}: {r[name]['fwd_bwd_ms']:.1f} ms, "
+                  f"{r[name]['peak_gb_above_inputs']:.2f} GB peak above inputs")
     if "attention" in parts:
         r = res["attention"] = bench_attention(
             micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, heads=cfg.num_heads,
