@@ -120,6 +120,31 @@ def test_model_logits_equal_hugging_face_on_gpu(tmp_path):
         _rel_err(ours16, hf32), _rel_err(hf16, hf32))
 
 
+def test_upper_bound_max_seqlen_and_torch_compile_agree_with_eager():
+    """The trainer may pass seq_len as max_seqlen (a constant, so torch.compile need not specialise
+    on every batch's longest document), and compile the model: both must give eager's numbers."""
+    cfg = ModelConfig(hidden_size=256, intermediate_size=704, num_layers=2, num_heads=8, num_kv_heads=2)
+    model = _model(cfg).to(torch.bfloat16)
+    lengths = [3, 700, 321]
+    T = sum(lengths)
+    ids = torch.randint(0, cfg.vocab_size, (T,), device="cuda")
+    pos = torch.cat([torch.arange(n, device="cuda") for n in lengths])
+    cu = _cu(lengths)
+
+    def run(fn, max_seqlen: int):
+        model.zero_grad(set_to_none=True)
+        out = fn(ids, pos, cu, max_seqlen)
+        out.float().square().mean().backward()
+        return out.detach(), model.layers[0].attention.wq.weight.grad.clone()
+
+    eager_out, eager_grad = run(model, max(lengths))
+    bound_out, bound_grad = run(model, T)
+    assert _rel_err(bound_out, eager_out) < 1e-3 and _rel_err(bound_grad, eager_grad) < 1e-3
+    compiled_out, compiled_grad = run(torch.compile(model), T)
+    assert _rel_err(compiled_out, eager_out) < 2e-2, _rel_err(compiled_out, eager_out)
+    assert _rel_err(compiled_grad, eager_grad) < 5e-2, _rel_err(compiled_grad, eager_grad)
+
+
 def test_chunked_loss_on_the_real_vocabulary():
     torch.manual_seed(0)
     T, D, V = 4096, 2048, 128_256
