@@ -6,11 +6,12 @@
 - attention: the seam's "varlen" backend (FlashAttention-2 varlen) vs "sdpa_ref" (per-document SDPA
              loop) on a packed batch with realistic document lengths, forward + backward, achieved
              TFLOP/s counting only the causal in-document work.
-- step:      one eager forward + chunked loss + backward of a bf16 model (default tinyllama-1.3b,
+- step:      one forward + chunked loss + backward of a bf16 model (default tinyllama-1.3b,
              one GPU, no FSDP, no optimiser) on packed micro-batches, tokens/s and MFU by DESIGN.md's
              `6 (N - N_embedding) + 12 layers heads head_dim seq_len` FLOPs per token over 989 TFLOP/s;
              baseline: Hugging Face LlamaForCausalLM (SDPA, eager, same weights, same token count,
-             unpacked causal sequences with its own loss).
+             unpacked causal sequences with its own loss). Eager, or with `--compile` each decoder
+             layer of both models under torch.compile (compile time excluded: warm-up steps).
 Writes a JSON report with `--json`. Needs CUDA.
 """
 
@@ -132,7 +133,7 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
 
 
 def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tokens: int,
-               chunk_tokens: int, hf_baseline: bool) -> dict[str, Any]:
+               chunk_tokens: int, hf_baseline: bool, compile_blocks: bool) -> dict[str, Any]:
     import torch
 
     from slimpack.train.loss import cross_entropy_sum
@@ -150,6 +151,10 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
     labels[cu[1:] - 1] = -100  # no target across a document end
     with torch.device("cuda"):
         model = Transformer(cfg).to(torch.bfloat16)
+    if compile_blocks:  # the same treatment for both models: torch.compile each decoder layer
+        for block in model.layers:
+            block.compile()
+    mode = "compiled" if compile_blocks else "eager"
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = 6 * (n_params - cfg.vocab_size * cfg.hidden_size) + (
         12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len)
@@ -167,7 +172,7 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
     out: dict[str, Any] = {"preset": preset, "params": n_params, "micro_batch_size": micro_batch_size,
                            "seq_len": seq_len, "documents": len(lengths), "flops_per_token": flops_per_token,
                            "gpu": torch.cuda.get_device_name()}
-    out["ours_eager_varlen"] = report(_timed_ms(ours, iters=5), _peak_gb(ours))
+    out[f"ours_{mode}_varlen"] = report(_timed_ms(ours, iters=5), _peak_gb(ours))
     if hf_baseline:
         import transformers
 
@@ -180,13 +185,16 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
             torch.cuda.empty_cache()
             hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16,
                                                                attn_implementation="sdpa").cuda()
+        if compile_blocks:
+            for layer in hf.model.layers:
+                layer.compile()
         ids2, labels2 = ids.view(micro_batch_size, seq_len), ids.view(micro_batch_size, seq_len)
 
         def theirs() -> None:
             hf(input_ids=ids2, labels=labels2).loss.backward()
             hf.zero_grad(set_to_none=True)
 
-        out["hf_sdpa_eager_unpacked"] = report(_timed_ms(theirs, iters=5), _peak_gb(theirs))
+        out[f"hf_sdpa_{mode}_unpacked"] = report(_timed_ms(theirs, iters=5), _peak_gb(theirs))
     return out
 
 
@@ -200,6 +208,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", choices=("loss", "attention", "step"), action="append",
                    help="run only these parts (repeatable)")
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline of the step")
+    p.add_argument("--compile", action="store_true",
+                   help="step: torch.compile each decoder layer of both models")
     p.add_argument("--json", help="write the figures here")
     p.set_defaults(func=_run)
 
@@ -232,8 +242,10 @@ def _run(args: argparse.Namespace) -> int:
     if "step" in parts:
         r = res["step"] = bench_step(preset=args.preset, micro_batch_size=args.micro_batch_size,
                                      seq_len=args.seq_len, mean_doc_tokens=args.mean_doc_tokens,
-                                     chunk_tokens=args.chunk_tokens, hf_baseline=not args.no_hf)
-        for name in ("ours_eager_varlen", "hf_sdpa_eager_unpacked"):
+                                     chunk_tokens=args.chunk_tokens, hf_baseline=not args.no_hf,
+                                     compile_blocks=args.compile)
+        mode = "compiled" if args.compile else "eager"
+        for name in (f"ours_{mode}_varlen", f"hf_sdpa_{mode}_unpacked"):
             if name in r:
                 s = r[name]
                 print(f"step {name}: {s['tokens_per_s']:,.0f} tok/s, MFU {s['mfu']:.1%}, "
