@@ -191,7 +191,7 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
         ids2, labels2 = ids.view(micro_batch_size, seq_len), ids.view(micro_batch_size, seq_len)
 
         def theirs() -> None:
-            hf(input_ids=ids2, labels=labels2).loss.backward()
+            hf(input_ids=ids2, labels=labels2, use_cache=False).loss.backward()
             hf.zero_grad(set_to_none=True)
 
         out[f"hf_sdpa_{mode}_unpacked"] = report(_timed_ms(theirs, iters=5), _peak_gb(theirs))

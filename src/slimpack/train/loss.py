@@ -6,18 +6,18 @@
 Full fp32 logits for a 4 x 2048-token micro-batch would be 8192 x 128256 x 4 B = 4.2 GB (plain
 `F.cross_entropy` on them peaks at 12.6 GB with its gradient, BENCHMARKS.md). Here tokens go
 through in chunks of `chunk_tokens`: a chunk's logits are made in the matmul dtype (bf16 under FSDP
-mixed precision) and turned into fp32 log-probabilities by one fused log_softmax; the chunk's loss
-is gathered from them and, when a gradient is wanted, so is its gradient right away:
+mixed precision), upcast to fp32 for the logsumexp, and the chunk's loss and, when a gradient is
+wanted, its gradient are formed right away (one compiled kernel pair on CUDA):
 
     dlogits = softmax - onehot(label)  (rows of ignored labels zeroed)
     dhidden[chunk] = dlogits @ W          dW += dlogits^T @ hidden[chunk]   (dW summed in fp32)
 
 Then the chunk's logits are dropped. Backward only scales the stored dhidden (T x D) and dW (V x D,
 cast once to the weight dtype) by the incoming gradient. So the cost is the plain path's three
-(T x D x V) matmuls, not four as when backward recomputes the logits, and a few fp32 passes over one
-chunk at a time; the price is holding dW (one weight's size) from forward to backward. Peak extra
-memory: about chunk_tokens x V x 8 B (bf16 logits, fp32 log-probs, bf16 dlogits: 2.1 GB at 2048
-tokens) plus the fp32 dW accumulator (V x D x 4 B = 1.05 GB for the 1.3B model).
+(T x D x V) matmuls, not four as when backward recomputes the logits, plus elementwise work over
+one chunk at a time; the price is holding dW (one weight's size) from forward to backward. Peak extra
+memory: a few chunk_tokens x V buffers (bf16 logits and dlogits; fp32 temporaries on the eager
+CPU path) plus the fp32 dW accumulator (V x D x 4 B = 1.05 GB for the 1.3B model).
 
 The function returns a SUM, never a mean: the trainer divides by the global count of valid labels
 (all micro-batches of the step, all ranks; `count_valid` summed and all-reduced), so every token
@@ -25,6 +25,8 @@ weighs the same however documents and -100 labels fall across micro-batches and 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -60,6 +62,48 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     return _loss_and_grads(hidden, weight, labels, chunk_tokens, need_hidden=False, need_weight=False)[0]
 
 
+def _chunk_loss_and_dlogits(logits: torch.Tensor, target: torch.Tensor,
+                            valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: loss sum over valid rows, and dloss/dlogits = softmax - onehot in the logits dtype.
+
+    logits (C, V) in the matmul dtype, target (C, 1) int64 (ignored rows point anywhere), valid (C,).
+    Rows of ignored labels are NOT zeroed here (the caller masks them on the cheap (C, D) side).
+    """
+    lf = logits.float()  # (C, V) fp32
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)  # (C, 1)
+    loss = torch.where(valid, (lse - lf.gather(1, target)).squeeze(1), 0.0).sum()
+    onehot = torch.arange(lf.shape[1], device=lf.device) == target  # (C, V) from an iota, no scatter
+    return loss, (torch.exp(lf - lse) - onehot.float()).to(logits.dtype)
+
+
+# On CUDA the chunk's elementwise work is one compiled kernel pair (a row reduction, then one
+# pointwise pass writing bf16 dlogits) instead of ~5 fp32 passes over (C, V): 15 -> a few ms per
+# 8192-token step on H200 (BENCHMARKS.md). CPU keeps the eager function (tests; no compile cost).
+_chunk_loss_and_dlogits_compiled = torch.compile(_chunk_loss_and_dlogits)
+
+
+@functools.cache
+def _has_fp32_out_addmm(device: torch.device) -> bool:
+    """Whether addmm can take bf16/fp16 operands into an fp32 output (CUDA, recent torch)."""
+    try:
+        acc = torch.zeros(2, 2, device=device)
+        a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0].item() == 2.0)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b, with a, b in the matmul dtype: in the GEMM epilogue where supported."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _has_fp32_out_addmm(acc.device):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
+
+
 def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int, *,
                     need_hidden: bool, need_weight: bool):
     """(loss sum, dloss/dhidden or None, dloss/dweight or None), one chunk of logits at a time."""
@@ -69,27 +113,27 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad_weight = None
     if need_weight:
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    chunk_fn = _chunk_loss_and_dlogits_compiled if hidden.is_cuda else _chunk_loss_and_dlogits
     for start in range(0, T, chunk_tokens):
         end = min(start + chunk_tokens, T)
         h = hidden[start:end]  # (C, D)
         lab = labels[start:end]
         valid = lab != IGNORE_INDEX  # (C,)
         target = lab.clamp(min=0)[:, None]  # (C, 1); ignored rows point at 0 and are masked below
-        logp = torch.log_softmax(h @ weight.T, dim=-1, dtype=torch.float32)  # (C, V) fp32
-        total -= torch.where(valid, logp.gather(1, target).squeeze(1), 0.0).sum()
+        logits = h @ weight.T  # (C, V) matmul dtype
         if not (need_hidden or need_weight):
+            lf = logits.float()
+            total += torch.where(valid, torch.logsumexp(lf, -1) - lf.gather(1, target).squeeze(1), 0.0).sum()
             continue
-        probs = logp.exp_()  # softmax, in place
-        del logp
-        probs.scatter_add_(1, target, probs.new_full(target.shape, -1.0))  # softmax - onehot
-        dlogits = probs.to(hidden.dtype)  # (C, V) matmul dtype
-        del probs
+        loss, dlogits = chunk_fn(logits, target, valid)  # dlogits (C, V) matmul dtype
+        del logits
+        total += loss
         # Zero the ignored rows on the (C, D) side, not the (C, V) side: same result, 60x less work.
         mask = valid[:, None].to(hidden.dtype)  # (C, 1)
         if need_hidden:
             grad_hidden[start:end] = (dlogits @ weight) * mask
         if need_weight:
-            grad_weight += dlogits.T @ (h * mask)  # fp32 sum over chunks: one bf16 rounding, at the end
+            _accumulate(grad_weight, dlogits.T, h * mask)  # fp32 sum over chunks: one rounding at the end
     return total, grad_hidden, grad_weight
 
 
