@@ -2,7 +2,8 @@
 
 Local datasets are read in place (never copied, never deleted). Uncompressed shards are
 memory-mapped; compressed ones are decompressed whole and kept in a small LRU (by bytes), since
-a zstd frame cannot be read in the middle.
+a zstd frame cannot be read in the middle. Every shard is checked against its index hash when it
+is opened, local or not.
 
 Remote datasets (``s3://...``) are downloaded shard by shard into ``cache_dir`` ahead of use:
 the loader knows exactly which samples come next and calls ``prefetch``. Every download is
@@ -202,9 +203,13 @@ class ShardStore:
                 f"{info.basename}: columns {encodings} lack tokens ndarray:uint32 and cu_seqlens "
                 "ndarray:int32 (schema v1); tokenize the data with `slimpack tokenize`")
         path = self.local_path(i)
+        # Hash every shard as it is opened, local ones too: a flipped bit inside a zstd frame
+        # (no content checksum) or a raw shard would otherwise decode into wrong tokens silently.
+        # xxh3_64 runs at memory speed, far faster than the decompression that follows.
         if info.compression:
             with open(path, "rb") as f:
                 data = f.read()
+            verify_shard_bytes(info, data, str(path))
             try:
                 raw = decompress(info.compression, data)
             except zstandard.ZstdError as err:
@@ -214,6 +219,7 @@ class ShardStore:
         else:
             with open(path, "rb") as f:
                 raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+            verify_shard_bytes(info, raw, str(path))
             size = 0  # page cache, not our memory
         shard = Shard(raw, info, str(path))
         self.decodes += 1
