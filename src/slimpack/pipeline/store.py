@@ -70,6 +70,7 @@ class ShardStore:
         self._pending: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._threads = download_threads
+        self._names: dict[str, int] | None = None
         self.downloads = 0
         self.decodes = 0
         self.evicted = 0
@@ -140,16 +141,21 @@ class ShardStore:
             fut.result()
 
     def cached_files(self) -> dict[str, int]:
-        """Basename -> size of every index shard present in the cache."""
+        """Basename -> size of every index shard present in the cache (a walk of the cache only)."""
         if not self.remote:
             return {}
+        if self._names is None:
+            self._names = {s.basename: i for i, s in enumerate(self.index.shards)}
         out = {}
-        for info in self.index.shards:
-            path = self.cache_dir / info.basename
-            try:
-                out[info.basename] = path.stat().st_size
-            except FileNotFoundError:
-                continue
+        for dirpath, _, filenames in os.walk(self.cache_dir):
+            rel = os.path.relpath(dirpath, self.cache_dir)
+            for name in filenames:
+                key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                if key in self._names:
+                    try:
+                        out[key] = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue
         return out
 
     def evict(self, pinned: set[int], order: list[int] | None = None) -> int:
@@ -166,7 +172,7 @@ class ShardStore:
             return 0
         names = [s.basename for s in self.index.shards]
         ranked = {i: r for r, i in enumerate(order or [])}
-        candidates = sorted((i for i, n in enumerate(names) if n in files and i not in pinned),
+        candidates = sorted((self._names[n] for n in files if self._names[n] not in pinned),
                             key=lambda i: ranked.get(i, -1))
         freed = 0
         for i in candidates:
