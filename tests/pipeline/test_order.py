@@ -21,7 +21,7 @@ def test_golden_first_indices():
     shards = np.repeat(np.arange(10), 100)
     assert epoch_order(1000, seed=1234, epoch=0, fingerprint="golden", sample_shards=shards,
                        locality_shards=2)[:12].tolist() == [
-        33, 356, 314, 74, 12, 50, 309, 394, 318, 94, 35, 310]
+        642, 891, 832, 800, 817, 851, 689, 897, 839, 624, 620, 805]
 
 
 @settings(max_examples=40, deadline=None)

@@ -90,7 +90,7 @@ def test_prefetch_downloads_ahead(s3, dataset, tmp_path):
     loader.stream.store.wait()
     for step in range(1, 4):
         for i in loader.stream.shards_for(step).tolist():
-            assert (tmp_path / "c" / loader.index.shards[i].basename).exists()
+            assert (tmp_path / "c" / loader.index.shard_names[i]).exists()
     loader.close()
 
 
@@ -108,7 +108,7 @@ def test_corrupt_remote_shard_is_refused_and_not_cached(s3, tmp_path):
     local = make_dataset(tmp_path / "ds", parts=PARTS, seed=3)
     url = _upload(s3, local, "corrupt")
     loader = PackedLoader(cfg(url, epochs=1, cache_dir=str(tmp_path / "c")))
-    shard = loader.index.shards[int(loader.stream.shards_for(0)[0])].basename
+    shard = loader.index.shard_names[int(loader.stream.shards_for(0)[0])]
     data = bytearray((local / shard).read_bytes())
     data[-3] ^= 0x01
     s3.pipe_file(f"data/corrupt/{shard}", bytes(data))

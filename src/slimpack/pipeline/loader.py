@@ -141,8 +141,7 @@ class PackedStream:
         self.index = index
         self.fingerprint = loader_fingerprint(index.fingerprint, cfg.split)
         self.samples = index.split_samples(cfg.split)
-        self.counts = index.sample_tokens[self.samples]
-        self.stream_tokens = int(self.counts.sum())
+        self.stream_tokens = int(index.sample_tokens[self.samples].sum(dtype=np.int64))
         self.sequences_per_step = cfg.sequences_per_step
         self.sequences_per_epoch = packing.sequences_per_epoch(self.stream_tokens, cfg.seq_len)
         self.steps_per_epoch = self.sequences_per_epoch // self.sequences_per_step
@@ -178,13 +177,16 @@ class PackedStream:
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(global sample ids in stream order, stream offsets ``cum`` of length n+1) of an epoch."""
         if self._plan is None or self._plan[0] != epoch:
+            self._plan = None  # free the previous epoch's arrays first: peak memory at scale
             shards = (self.index.shard_of(self.samples) if self.cfg.locality_shards else None)
             order = epoch_order(len(self.samples), seed=self.cfg.seed, epoch=epoch,
                                 fingerprint=self.fingerprint, sample_shards=shards,
                                 locality_shards=self.cfg.locality_shards)
-            cum = np.zeros(len(order) + 1, np.int64)
-            np.cumsum(self.counts[order], out=cum[1:])
-            self._plan = (epoch, self.samples[order], cum)
+            ids = self.samples[order]
+            del order
+            cum = np.zeros(len(ids) + 1, np.int64)
+            np.cumsum(self.index.sample_tokens[ids], dtype=np.int64, out=cum[1:])
+            self._plan = (epoch, ids, cum)
         return self._plan[1], self._plan[2]
 
     def read(self, epoch: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,13 +258,13 @@ def step_digest(micro_batches_by_rank: list[list[MicroBatch]], *, micro_batch_si
     """Digest of one step from every rank's micro-batches, put back in global sequence order.
 
     ``micro_batches_by_rank[r][j]`` is rank r's micro-step j; the rank rule places it at sequence
-    block ``j * world_size + r``, so the concatenation in (j, r) order is the step's sequences
+    block ``r * grad_accum + j``, so the concatenation in (r, j) order is the step's sequences
     ``[t*G, (t+1)*G)`` and the digest equals ``PackedLoader.step_digest``.
     """
     del micro_batch_size  # the block size is implicit in the tensors; kept for call-site clarity
     world_size = len(micro_batches_by_rank)
     grad_accum = len(micro_batches_by_rank[0])
-    ordered = [micro_batches_by_rank[r][j] for j in range(grad_accum) for r in range(world_size)]
+    ordered = [micro_batches_by_rank[r][j] for r in range(world_size) for j in range(grad_accum)]
     cat = {k: np.concatenate([np.asarray(mb[k]) for mb in ordered])
            for k in ("input_ids", "labels", "position_ids")}
     return packing.digest_arrays(cat["input_ids"], cat["labels"], cat["position_ids"])
