@@ -10,8 +10,8 @@
    loads the index and plans step 0 (timed, peak memory by tracemalloc and RSS), then resumes at
    step 200,000 (4M-token steps: epoch 1, so a new permutation) and plans that step (timed).
    Timed and memory-traced in two separate fresh processes (tracemalloc slows allocation).
-3. Training loop: two simulated ranks' loaders (2 workers each) feeding a consumer that
-   "computes" at 80k tokens/s per rank (sleep); data wait = time blocked waiting for a batch.
+3. Training loop: two rank processes, each a loader with 2 DataLoader workers feeding a consumer
+   that "computes" at 80k tokens/s (sleep); data wait = time blocked in ``next()`` for a step.
 
 Data: ``--data`` (a merged dataset), else ``../shared/data/slimpajama-mini`` tokenized with the
 default config into a temporary directory, else the demo corpus.
@@ -235,47 +235,54 @@ def bench_scale(scratch: Path, resume_step: int = 200_000) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 3. training loop
 
 
-def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int = 24, world_size: int = 2,
-                        num_workers: int = 2) -> dict[str, Any]:
+def _rank_loop(path: str, rank: int, world_size: int, num_workers: int, steps: int, tokens_per_s: float,
+               queue: Any) -> None:
+    """One simulated rank: a real PackedLoader, and a 'GPU' that sleeps n / tokens_per_s per micro-batch."""
     from slimpack.pipeline import LoaderConfig, PackedLoader
 
-    seq_len, micro = 2048, 4
-    gbt = seq_len * micro * world_size * 2  # grad_accum 2: 16,384 tokens per rank per micro-step
-    results: dict[int, dict[str, Any]] = {}
+    cfg = LoaderConfig(path, seq_len=2048, global_batch_tokens=2048 * 4 * world_size * 2, micro_batch_size=4,
+                       rank=rank, world_size=world_size, num_workers=num_workers,
+                       max_tokens=2048 * 4 * world_size * 2 * steps)
+    loader = PackedLoader(cfg)
+    waits, tokens = [], 0
+    t_start = time.perf_counter()
+    it = iter(loader)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            step = next(it)
+        except StopIteration:
+            break
+        waits.append(time.perf_counter() - t0)
+        for mb in step:
+            n = mb["input_ids"].numel()
+            tokens += n
+            time.sleep(n / tokens_per_s)
+    wall = time.perf_counter() - t_start
+    steady = waits[1:]
+    queue.put((rank, {"steps": len(waits), "tokens": tokens, "wall_seconds": wall,
+                      "first_batch_wait_s": waits[0], "steady_wait_total_s": float(sum(steady)),
+                      "steady_wait_max_ms": 1000 * max(steady),
+                      "steady_wait_median_ms": 1000 * float(np.median(steady)),
+                      "achieved_tokens_per_s": tokens / wall,
+                      "compute_fraction": tokens / tokens_per_s / wall}))
 
-    def rank_loop(rank: int) -> None:
-        cfg = LoaderConfig(path, seq_len=seq_len, global_batch_tokens=gbt, micro_batch_size=micro,
-                           rank=rank, world_size=world_size, num_workers=num_workers, max_tokens=gbt * steps)
-        loader = PackedLoader(cfg)
-        waits, tokens = [], 0
-        t_start = time.perf_counter()
-        it = iter(loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                step = next(it)
-            except StopIteration:
-                break
-            waits.append(time.perf_counter() - t0)
-            for mb in step:
-                n = mb["input_ids"].numel()
-                tokens += n
-                time.sleep(n / tokens_per_s)  # the "GPU" computing on it
-        wall = time.perf_counter() - t_start
-        steady = waits[1:]
-        results[rank] = {"steps": len(waits), "tokens": tokens, "wall_seconds": wall,
-                         "first_batch_wait_s": waits[0], "steady_wait_total_s": float(sum(steady)),
-                         "steady_wait_max_ms": 1000 * max(steady), "steady_wait_median_ms":
-                         1000 * float(np.median(steady)), "achieved_tokens_per_s": tokens / wall}
 
-    threads = [threading.Thread(target=rank_loop, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int = 24, world_size: int = 2,
+                        num_workers: int = 2) -> dict[str, Any]:
+    """``world_size`` rank processes (spawned, as torchrun would), each with ``num_workers`` workers."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_loop, args=(path, r, world_size, num_workers, steps, tokens_per_s,
+                                                  queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    ranks = dict(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
     return {"consumer_tokens_per_s_per_rank": tokens_per_s, "world_size": world_size,
-            "num_workers_per_rank": num_workers, "seq_len": seq_len, "micro_batch_size": micro,
-            "global_batch_tokens": gbt, "ranks": results}
+            "num_workers_per_rank": num_workers, "seq_len": 2048, "micro_batch_size": 4,
+            "global_batch_tokens": 2048 * 4 * world_size * 2, "ranks": dict(sorted(ranks.items()))}
 
 
 # ----------------------------------------------------------------------------- cli
