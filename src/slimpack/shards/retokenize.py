@@ -47,7 +47,7 @@ def check_retokenize(root: Path, manifest: dict[str, Any], entries: list[dict[st
     shard_start = np.concatenate([[0], np.cumsum(shard_docs)])
     total = int(shard_start[-1])
     part_first: dict[str, int] = {}
-    for r, s in zip(usable, shard_start[:-1].tolist()):
+    for r, s in zip(usable, shard_start[:-1].tolist(), strict=True):
         part_first.setdefault(r.part, s)
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
@@ -105,8 +105,8 @@ def check_retokenize(root: Path, manifest: dict[str, Any], entries: list[dict[st
     return compared
 
 
-def _compare(root: Path, entries: list[dict[str, Any]], r: ShardResult, k: int, d: int, j: int, rec: Any, path: Path,
-             tokenizer: Any, shards: dict[int, mds.Shard], out: _Collector) -> None:
+def _compare(root: Path, entries: list[dict[str, Any]], r: ShardResult, k: int, d: int, j: int,
+             rec: Any, path: Path, tokenizer: Any, shards: dict[int, mds.Shard], out: _Collector) -> None:
     if r.index not in shards:
         info = mds.parse_index({"version": schema.MDS_VERSION, "shards": [entries[r.index]]})[0]
         shards.clear()  # one decoded shard at a time

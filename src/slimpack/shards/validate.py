@@ -131,6 +131,7 @@ class ShardResult:
     seconds: float = 0.0  # spent checking this shard (in its process)
     sample_tokens: np.ndarray | None = None  # int64 per sample
     sample_docs: np.ndarray | None = None  # int64 per sample
+    sources_complete: bool = False  # per-source counts cover every document
     source_ids: np.ndarray | None = None  # uint32, unique
     source_docs: np.ndarray | None = None  # int64, per source id
     source_tokens: np.ndarray | None = None  # int64, per source id
@@ -332,6 +333,7 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
             sources.append(doc_sources)
             lengths.append(np.diff(cu.astype(np.int64)))
     res.sample_tokens, res.sample_docs = sample_tokens, sample_docs
+    res.sources_complete = decoded and len(sources) == n
     if sources:
         ids, inverse = np.unique(np.concatenate(sources), return_inverse=True)
         res.source_ids = ids
@@ -403,8 +405,8 @@ class ValidationReport:
             f"validate {self.path}: {self.shards:,} shards, {self.samples:,} samples, "
             f"{self.documents:,} documents, {self.tokens:,} tokens",
             f"  {self.stored_bytes / 1e6:,.1f} MB stored, {self.raw_bytes / 1e6:,.1f} MB raw in "
-            f"{self.seconds:.1f} s with {self.workers} process(es) ({self.mb_per_s_per_process:,.0f} MB/s raw "
-            f"per process in the shard checks); "
+            f"{self.seconds:.1f} s with {self.workers} process(es) "
+            f"({self.mb_per_s_per_process:,.0f} MB/s raw per process in the shard checks); "
             f"hashes checked: {', '.join(self.hash_algorithms) or 'none'}"
             + (f"; {self.retokenized} documents re-tokenized" if self.retokenized else ""),
         ]
@@ -562,9 +564,10 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
     """Parts listed vs present; each part's own index.json and stats.json vs the shards."""
     listed = manifest.get("parts") or {}
     groups = _group_by_part(entries)
-    on_disk = {p.parent.relative_to(root / schema.PARTS_DIRNAME).as_posix()
+    parts_dir = root / schema.PARTS_DIRNAME
+    on_disk = {p.parent.relative_to(parts_dir).as_posix()
                for name in (schema.INDEX_FILENAME, schema.PART_STATS_FILENAME)
-               for p in (root / schema.PARTS_DIRNAME).rglob(name)} if (root / schema.PARTS_DIRNAME).is_dir() else set()
+               for p in parts_dir.rglob(name)} if parts_dir.is_dir() else set()
     for part in sorted(set(listed) - set(groups)):
         where = "its directory is missing too" if part not in on_disk else "its directory exists"
         out.add("part", f"part {part} is in slimpack.json but no index.json entry lists its shards "
@@ -586,7 +589,7 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
             out.add("part", f"parts/{part}/index.json is missing or malformed ({err!r})", part=part)
             continue
         mine = [entries[i] for i in idx]
-        if len(pentries) != len(mine) or any(_strip_part(m, part) != p for m, p in zip(mine, pentries)):
+        if [_strip_part(m, part) for m in mine] != pentries:
             out.add("index", f"parts/{part}/index.json differs from the merged index.json's entries for "
                              "this part", part=part)
         stats_path = pdir / schema.PART_STATS_FILENAME
@@ -657,8 +660,8 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
         recorded_tokens = None
     if not complete:
         out.add("manifest", "not every shard decoded, so counts were checked only where they could be")
-    counted = np.concatenate([r.sample_tokens if r.sample_tokens is not None
-                              else np.zeros(0, np.int64) for r in results]) if results else np.zeros(0, np.int64)
+    empty = np.zeros(0, np.int64)
+    counted = np.concatenate([empty] + [r.sample_tokens for r in results if r.sample_tokens is not None])
     if complete and recorded_tokens is not None and (
             recorded_tokens.shape != counted.shape or np.any(recorded_tokens != counted)):
         out.add("manifest", f"{npy.name} differs from the shards' per-sample token counts "
@@ -681,7 +684,8 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
         if r.part in split_of:
             per_split.setdefault(split_of[r.part], Counter()).update(documents=docs, tokens=toks, parts=0)
         if r.source_ids is not None:
-            for sid, d, t in zip(r.source_ids.tolist(), r.source_docs.tolist(), r.source_tokens.tolist()):
+            for sid, d, t in zip(r.source_ids.tolist(), r.source_docs.tolist(),
+                                   r.source_tokens.tolist(), strict=True):
                 per_source.setdefault(sid, Counter()).update(documents=d, tokens=t)
     for part, rec in sorted(parts.items()):
         got = per_part.get(part)
@@ -701,7 +705,7 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
 
     names = {int(k): v for k, v in (manifest.get("sources") or {}).items()}
     per_source_rec = manifest.get("per_source") or {}
-    if any(r.source_ids is not None for r in results):
+    if all(r.sources_complete for r in results):
         for sid in sorted(set(per_source) - set(names)):
             shards = [r.name for r in results if r.source_ids is not None and sid in r.source_ids]
             out.add("sources", f"source id {sid} ({per_source[sid]['documents']:,} documents) is not in "
