@@ -76,7 +76,8 @@ def edit_sample(root: Path, i: int, k: int, fn: Callable[[dict[str, np.ndarray]]
         index = w.finish()
         if len(index["shards"]) != 1:
             raise RuntimeError("re-encoded shard split in two")
-        raw = mds.decompress(e["compression"], (Path(tmp) / index["shards"][0]["zip_data"]["basename"]).read_bytes())
+        written = Path(tmp) / index["shards"][0]["zip_data"]["basename"]
+        raw = mds.decompress(e["compression"], written.read_bytes())
     if len(raw) != len(shard.raw):
         raise RuntimeError("the edit changed the shard's size")
     _reseal(root, i, raw)

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shard_corruption import edit_json, edit_raw, edit_sample, entries, stored_path
 
 from slimpack.cli import main
 from slimpack.shards import mds, schema
 from slimpack.shards.validate import validate_dataset
-
-from shard_corruption import edit_json, edit_raw, edit_sample, entries, stored_path
 
 VOCAB, BOS = 128_256, 128_000
 
