@@ -144,10 +144,39 @@ def step_check(ctx: dict[str, Any]) -> None:
         print(f"  {name:24s} {src['documents']:6,} documents {src['tokens']:12,} tokens")
 
 
+def step_validate(ctx: dict[str, Any]) -> None:
+    from slimpack.shards.validate import validate_dataset
+
+    report = validate_dataset(ctx["shards"], workers=2, all_hashes=True, retokenize=50,
+                              progress=ctx["progress"])
+    path = ctx["out"] / "reports" / "validate.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.summary())
+    print(f"validation report: {path}")
+    if not report.ok:
+        raise RuntimeError("the demo shards do not validate; see above")
+
+
+def step_stats(ctx: dict[str, Any]) -> None:
+    from slimpack.shards.stats import compute_stats, write_plots
+
+    report = compute_stats(ctx["shards"], seq_lens=(2048, 4096), workers=2, progress=ctx["progress"])
+    out = ctx["out"] / "stats"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.summary())
+    print(f"stats: {out / 'stats.json'}")
+    for plot in write_plots(report, out):
+        print(f"plot: {plot}")
+
+
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
     ("check", step_check),
+    ("validate", step_validate),
+    ("stats", step_stats),
 ]
 
 

@@ -451,17 +451,15 @@ def _run_shards(root: Path, entries: list[dict[str, Any]], kwargs: dict[str, Any
                dynamic_ncols=True)
     try:
         if workers <= 1 or len(tasks) <= 1:
-            results: Iterator[ShardResult] = map(_check_shard_task, tasks)
-            pool = None
+            for task in tasks:
+                res = _check_shard_task(task)
+                bar.update(res.stored_bytes)
+                yield res
         else:
-            pool = mp.get_context("spawn").Pool(min(workers, len(tasks)))
-            results = pool.imap_unordered(_check_shard_task, tasks)
-        for res in results:
-            bar.update(res.stored_bytes)
-            yield res
-        if pool is not None:
-            pool.close()
-            pool.join()
+            with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+                for res in pool.imap_unordered(_check_shard_task, tasks):
+                    bar.update(res.stored_bytes)
+                    yield res
     finally:
         bar.close()
 
@@ -484,7 +482,8 @@ def validate_dataset(path: str | os.PathLike, *, workers: int = 1, all_hashes: b
 def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes: bool,
               retokenize: int, seed: int, progress: bool) -> None:
     if not root.is_dir():
-        raise UnusableInputError(f"{root} is not a directory: point at a dataset directory")
+        raise UnusableInputError(f"{root} is not a local directory: point at a dataset directory "
+                                 "(for remote shards, copy or mount them locally first)")
     index = _load_json(root / schema.INDEX_FILENAME,
                        "no MDS index; point at a dataset directory or run `slimpack shards merge`")
     manifest = _load_json(root / schema.MANIFEST_FILENAME,
