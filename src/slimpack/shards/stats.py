@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from slimpack.shards import mds, schema
+from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.validate import part_of
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
@@ -120,15 +121,11 @@ def _count_shard(args: tuple) -> _ShardCounts:
     root, index, entry, stream_start, cuts = args
     info = mds.parse_index({"version": schema.MDS_VERSION, "shards": [entry]})[0]
     shard = mds.load_shard(root, info)
-    lengths, sources = [], []
-    for k in range(len(shard)):
-        cols = shard.columns(k)
-        cu = mds.decode_column(info.encodings[info.names.index("cu_seqlens")], cols["cu_seqlens"])
-        lengths.append(np.diff(cu.astype(np.int64)))
-        if "doc_sources" in cols:
-            sources.append(mds.decode_column(info.encodings[info.names.index("doc_sources")],
-                                             cols["doc_sources"]))
-    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    names = [n for n in ("tokens", "cu_seqlens", "doc_sources") if n in info.names]
+    cols = concat_columns(shard, names)
+    n_tok = cols["tokens"][1]
+    lengths_all = np.diff(global_cu_seqlens(*cols["cu_seqlens"], n_tok))
+    sources = [cols["doc_sources"][0]] if "doc_sources" in cols else []
     values, counts = np.unique(lengths_all, return_counts=True)
     if sources:
         ids, inverse = np.unique(np.concatenate(sources), return_inverse=True)
@@ -138,7 +135,7 @@ def _count_shard(args: tuple) -> _ShardCounts:
         ids, docs, toks = (np.zeros(0, np.int64),) * 3
     segments = {L: segment_length_counts(lengths_all, seq_len=L, stream_start=stream_start,
                                          stream_end=end) for L, end in cuts.items()}
-    return _ShardCounts(index, part_of(info.basename), int(lengths_all.sum()), len(lengths_all),
+    return _ShardCounts(index, part_of(info.basename), int(n_tok.sum()), len(lengths_all),
                         values, counts, ids, docs, toks, segments)
 
 

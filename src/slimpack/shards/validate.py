@@ -37,6 +37,7 @@ import numpy as np
 import zstandard
 
 from slimpack.shards import mds, schema
+from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.invariants import sample_problems
 
 # Fastest first; an algorithm not listed here is tried after these.
@@ -307,6 +308,62 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
     except mds.ShardFormatError as err:  # _parse_header passed, so this is unexpected; still a finding
         out.add("header", str(err), shard=name)
         return False
+    fast = _whole_shard_checks(shard, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size)
+    if fast is not None:
+        res.sample_tokens, res.sample_docs, lengths, sources = fast
+        if sources is not None:
+            _count_sources(res, [sources], [lengths])
+        res.sources_complete = True
+        return True
+    return _per_sample_checks(shard, res, out, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size)
+
+
+def _whole_shard_checks(shard: mds.Shard, *, bos_id: int, eos_id: int, vocab_size: int
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """Every sample check at once over the shard's concatenated samples (the fast path).
+
+    Returns (tokens per sample, documents per sample, document lengths, document sources) when
+    the shard is sound, None when anything is off: the per-sample path then says where.
+    Per-sample boundaries are checked first (each `cu_seqlens` runs from 0 to its sample's
+    length), after which the samples' documents are exactly the documents of the concatenation,
+    and `sample_problems` over the whole shard is equivalent to it over each sample.
+    """
+    names = [n for n in ("tokens", "cu_seqlens", "doc_sources") if n in shard.info.names]
+    try:
+        cols = concat_columns(shard, names)
+    except (mds.ShardFormatError, ValueError, TypeError):
+        return None
+    tokens, n_tok = cols["tokens"]
+    cu, n_cu = cols["cu_seqlens"]
+    if np.any(n_cu < 2):
+        return None
+    ends = np.cumsum(n_cu)
+    if np.any(cu[ends - n_cu] != 0) or np.any(cu[ends - 1].astype(np.int64) != n_tok):
+        return None
+    sources = None
+    if "doc_sources" in cols:
+        sources, n_src = cols["doc_sources"]
+        if np.any(n_src != n_cu - 1):
+            return None
+    doc_cu = global_cu_seqlens(cu, n_cu, n_tok)
+    if sample_problems(tokens, doc_cu, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size,
+                       doc_sources=sources):
+        return None
+    return n_tok, n_cu - 1, np.diff(doc_cu), sources
+
+
+def _count_sources(res: ShardResult, sources: list[np.ndarray], lengths: list[np.ndarray]) -> None:
+    ids, inverse = np.unique(np.concatenate(sources), return_inverse=True)
+    res.source_ids = ids
+    res.source_docs = np.bincount(inverse, minlength=len(ids)).astype(np.int64)
+    res.source_tokens = np.bincount(inverse, weights=np.concatenate(lengths),
+                                    minlength=len(ids)).astype(np.int64)
+
+
+def _per_sample_checks(shard: mds.Shard, res: ShardResult, out: _Collector, *, bos_id: int, eos_id: int,
+                       vocab_size: int) -> bool:
+    """Sample by sample, so every finding names its sample (the slow path, for bad shards)."""
+    name = res.name
     n = len(shard)
     sample_tokens = np.zeros(n, np.int64)
     sample_docs = np.zeros(n, np.int64)
@@ -335,11 +392,7 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
     res.sample_tokens, res.sample_docs = sample_tokens, sample_docs
     res.sources_complete = decoded and len(sources) == n
     if sources:
-        ids, inverse = np.unique(np.concatenate(sources), return_inverse=True)
-        res.source_ids = ids
-        res.source_docs = np.bincount(inverse, minlength=len(ids)).astype(np.int64)
-        res.source_tokens = np.bincount(inverse, weights=np.concatenate(lengths),
-                                        minlength=len(ids)).astype(np.int64)
+        _count_sources(res, sources, lengths)
     return decoded
 
 
