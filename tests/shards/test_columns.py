@@ -11,7 +11,7 @@ import pytest
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.invariants import sample_problems
-from slimpack.shards.validate import _whole_shard_checks
+from slimpack.shards.validate import _vectorised_checks
 
 BOS, EOS, VOCAB = 128_000, 128_001, 128_256
 
@@ -51,7 +51,7 @@ def test_fast_checks_agree_with_per_sample_checks(dataset: Path, seed: int) -> N
         s["cu_seqlens"][-1] -= 1
     # kind 3 (and 1 with a single document): unchanged, must pass
     raw = _encode(shard, samples)
-    fast = _whole_shard_checks(mds.Shard(raw, shard.info, "edited"), bos_id=BOS, eos_id=EOS,
+    fast = _vectorised_checks(mds.Shard(raw, shard.info, "edited"), bos_id=BOS, eos_id=EOS,
                                vocab_size=VOCAB)
     slow = [p for x in samples for p in sample_problems(x["tokens"], x["cu_seqlens"], bos_id=BOS, eos_id=EOS,
                                                         vocab_size=VOCAB, doc_sources=x["doc_sources"])]

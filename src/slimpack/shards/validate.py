@@ -37,13 +37,15 @@ import numpy as np
 import zstandard
 
 from slimpack.shards import mds, schema
-from slimpack.shards.columns import concat_columns, global_cu_seqlens
+from slimpack.shards.columns import column_layouts, gather, global_cu_seqlens, sample_runs
 from slimpack.shards.invariants import sample_problems
 
 # Fastest first; an algorithm not listed here is tried after these.
 HASH_PREFERENCE = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32", "md5", "sha1", "sha256",
                    "sha384", "sha512")
-_SMALL_SAMPLE_BYTES = 1 << 17  # below this mean sample size the whole-shard path is faster
+# Samples checked together on the fast path: enough to amortise a dozen numpy calls, small
+# enough that the joined columns stay in cache for the checks (see BENCHMARKS.md).
+_RUN_BYTES = 1 << 20
 MAX_FINDINGS_PER_CHECK = 5  # per shard (or per dataset-level check); the rest are counted
 
 # check -> how to fix it. Every finding carries one of these codes.
@@ -309,13 +311,7 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
     except mds.ShardFormatError as err:  # _parse_header passed, so this is unexpected; still a finding
         out.add("header", str(err), shard=name)
         return False
-    # Two equivalent ways (tests/shards/test_columns.py) to check the samples. Sample by sample
-    # works on views into the shard (no copy, cache-resident): 5.3 GB/s at 65,536-token samples
-    # but 1.4 GB/s at 8,192, where a dozen numpy calls per sample dominate. The whole-shard path
-    # pays one copy of the columns (~2.5 GB/s) and makes those calls once: 3.5 GB/s at 8,192.
-    # Measured on the 2-core dev box, decompression excluded (BENCHMARKS.md).
-    small = len(shard) and len(shard.raw) / len(shard) < _SMALL_SAMPLE_BYTES
-    fast = _whole_shard_checks(shard, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size) if small else None
+    fast = _vectorised_checks(shard, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size)
     if fast is not None:
         res.sample_tokens, res.sample_docs, lengths, sources = fast
         if sources is not None:
@@ -325,38 +321,41 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
     return _per_sample_checks(shard, res, out, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size)
 
 
-def _whole_shard_checks(shard: mds.Shard, *, bos_id: int, eos_id: int, vocab_size: int
+def _vectorised_checks(shard: mds.Shard, *, bos_id: int, eos_id: int, vocab_size: int
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """Every sample check at once over the shard's concatenated samples (the fast path).
+    """Every sample check, vectorised over runs of consecutive samples (the fast path).
 
     Returns (tokens per sample, documents per sample, document lengths, document sources) when
-    the shard is sound, None when anything is off: the per-sample path then says where.
-    Per-sample boundaries are checked first (each `cu_seqlens` runs from 0 to its sample's
-    length), after which the samples' documents are exactly the documents of the concatenation,
-    and `sample_problems` over the whole shard is equivalent to it over each sample.
+    the shard is sound, None when anything is off: the per-sample path then says where. In each
+    run, per-sample boundaries are checked first (each `cu_seqlens` runs from 0 to its sample's
+    length), after which the samples' documents are exactly the documents of the run's
+    concatenation, and `sample_problems` over the run is equivalent to it over each sample.
     """
     names = [n for n in ("tokens", "cu_seqlens", "doc_sources") if n in shard.info.names]
     try:
-        cols = concat_columns(shard, names)
+        lay = column_layouts(shard, names)
     except (mds.ShardFormatError, ValueError, TypeError):
         return None
-    tokens, n_tok = cols["tokens"]
-    cu, n_cu = cols["cu_seqlens"]
-    if np.any(n_cu < 2):
+    n_tok, n_cu = lay["tokens"].count, lay["cu_seqlens"].count
+    n_src = lay["doc_sources"].count if "doc_sources" in lay else None
+    if np.any(n_cu < 2) or (n_src is not None and np.any(n_src != n_cu - 1)):
         return None
-    ends = np.cumsum(n_cu)
-    if np.any(cu[ends - n_cu] != 0) or np.any(cu[ends - 1].astype(np.int64) != n_tok):
-        return None
-    sources = None
-    if "doc_sources" in cols:
-        sources, n_src = cols["doc_sources"]
-        if np.any(n_src != n_cu - 1):
+    lengths, sources = [], []
+    for a, b in sample_runs(np.diff(shard.offsets), _RUN_BYTES):
+        tokens, cu = gather(lay["tokens"], a, b), gather(lay["cu_seqlens"], a, b)
+        ends = np.cumsum(n_cu[a:b])
+        if np.any(cu[ends - n_cu[a:b]] != 0) or np.any(cu[ends - 1].astype(np.int64) != n_tok[a:b]):
             return None
-    doc_cu = global_cu_seqlens(cu, n_cu, n_tok)
-    if sample_problems(tokens, doc_cu, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size,
-                       doc_sources=sources):
-        return None
-    return n_tok, n_cu - 1, np.diff(doc_cu), sources
+        doc_cu = global_cu_seqlens(cu, n_cu[a:b], n_tok[a:b])
+        src = gather(lay["doc_sources"], a, b) if n_src is not None else None
+        if sample_problems(tokens, doc_cu, bos_id=bos_id, eos_id=eos_id, vocab_size=vocab_size,
+                           doc_sources=src):
+            return None
+        lengths.append(np.diff(doc_cu))
+        sources.append(src)
+    empty = np.zeros(0, np.int64)
+    return (n_tok, n_cu - 1, np.concatenate([empty, *lengths]),
+            np.concatenate(sources) if n_src is not None and sources else None)
 
 
 def _count_sources(res: ShardResult, sources: list[np.ndarray], lengths: list[np.ndarray]) -> None:
