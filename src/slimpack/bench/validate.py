@@ -182,7 +182,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"validate / decompress-only: {res['validate_over_decompress_only']:.2f}")
     c = res["sample_checks_only"]
     print(f"sample checks alone (decompressed shards in memory): per-sample path "
-          f"{c['per_sample_raw_mb_per_s']:,.0f} MB/s raw, vectorised path {c['vectorised_raw_mb_per_s']:,.0f} MB/s")
+          f"{c['per_sample_raw_mb_per_s']:,.0f} MB/s raw, vectorised path "
+          f"{c['vectorised_raw_mb_per_s']:,.0f} MB/s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
