@@ -179,6 +179,31 @@ def test_embedded_config_differs(copy: Path) -> None:
     assert_found(copy, "shard_config", "size_limit is 32768 in the shard, 123 in the index")
 
 
+def test_malformed_index_entries(copy: Path) -> None:
+    def break_entries(index: dict) -> None:
+        del index["shards"][1]["column_sizes"]
+        index["shards"][2] = "not an entry"
+
+    edit_json(copy / schema.INDEX_FILENAME, break_entries)
+    report = validate_dataset(copy)
+    assert report.exit_status == 1 and report.unusable is None
+    assert [f.message for f in report.findings if f.check == "index"][:2] == [
+        "index entry 1 is malformed (KeyError('column_sizes'))",
+        "index entry 2 is malformed (AttributeError(\"'str' object has no attribute 'get'\"))"]
+    assert any("were not compared with slimpack.json" in n for n in report.notes)
+
+
+def test_unusable_inputs(copy: Path, tmp_path: Path) -> None:
+    assert "is not a local directory" in validate_dataset(tmp_path / "nowhere").unusable
+    (copy / schema.INDEX_FILENAME).write_text("{truncated")
+    assert "is not readable JSON" in validate_dataset(copy).unusable
+    (copy / schema.INDEX_FILENAME).write_text(json.dumps({"shards": []}))
+    assert "not an MDS v2 index" in validate_dataset(copy).unusable
+    (copy / schema.MANIFEST_FILENAME).unlink()
+    report = validate_dataset(copy)
+    assert report.exit_status == 2 and "slimpack shards merge" in report.unusable
+
+
 def test_parts_missing_and_extra(copy: Path) -> None:
     extra = copy / schema.PARTS_DIRNAME / "train" / "chunk9" / "example_train_0"
     shutil.copytree(copy / schema.PARTS_DIRNAME / "train" / "chunk1" / "example_train_0", extra)

@@ -263,7 +263,7 @@ def check_shard(root: str, index: int, entry: dict[str, Any], *, bos_id: int, eo
     try:
         res.decoded = _check_shard(Path(root), index, entry, res, out, bos_id=bos_id, eos_id=eos_id,
                                    vocab_size=vocab_size, all_hashes=all_hashes)
-    except (KeyError, TypeError, ValueError) as err:  # a malformed entry
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a malformed entry
         out.add("index", f"index entry {index} is malformed ({err!r})", shard=name)
     res.findings, res.suppressed = out.findings, dict(out.suppressed)
     res.seconds = time.perf_counter() - start
@@ -584,7 +584,7 @@ def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes:
 
     _check_files(root, entries, out)
     _check_parts(root, entries, manifest, results, out)
-    _check_manifest(root, entries, manifest, results, out)
+    _check_manifest(root, entries, manifest, results, out, report.notes)
     if retokenize > 0:
         from slimpack.shards.retokenize import check_retokenize
 
@@ -691,7 +691,7 @@ def _first_diff(expect: Any, got: np.ndarray) -> str:
 
 
 def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[str, Any],
-                    results: list[ShardResult], out: _Collector) -> None:
+                    results: list[ShardResult], out: _Collector, notes: list[str]) -> None:
     """Totals, per-part, per-split and per-source counts, sample_tokens.npy and the fingerprint."""
     from slimpack.tokenize.merge import fingerprint
 
@@ -701,12 +701,13 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
 
     try:
         fp = fingerprint(entries, manifest["tokenizer"]["sha256"])
-    except (KeyError, TypeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         out.add("manifest", f"cannot recompute the fingerprint ({err!r})")
     else:
         mismatch("fingerprint", manifest.get("fingerprint"), fp)
     mismatch("shards", manifest.get("shards"), len(entries))
-    mismatch("samples", manifest.get("samples"), sum(int(e.get("samples", 0)) for e in entries))
+    mismatch("samples", manifest.get("samples"),
+             sum(e["samples"] for e in entries if isinstance(e, dict) and isinstance(e.get("samples"), int)))
 
     # sample_tokens.npy: the loader trusts it, so it must equal the shards exactly.
     npy = root / str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
@@ -717,7 +718,8 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
         out.add("manifest", f"{npy.name} is missing or unreadable ({err})")
         recorded_tokens = None
     if not complete:
-        out.add("manifest", "not every shard decoded, so counts were checked only where they could be")
+        notes.append("not every shard decoded: document, token and per-sample counts were not "
+                     "compared with slimpack.json (fix the findings above and re-run)")
     empty = np.zeros(0, np.int64)
     counted = np.concatenate([empty] + [r.sample_tokens for r in results if r.sample_tokens is not None])
     if complete and recorded_tokens is not None and (
