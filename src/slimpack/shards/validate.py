@@ -9,7 +9,9 @@ JSON). Every finding names the check, the shard, the sample (and document) and a
 Checks, per shard (in parallel over shards, one shard in memory per process):
   file present; stored size and hash; zstd decodes; raw size and hash; header sample count equals
   the index; offsets monotonic and in bounds; embedded config equals the index entry; columns are
-  schema v1 (never pickle); every sample decodes; `invariants.sample_problems` on every sample.
+  schema v1 (never pickle); every sample decodes; `invariants.sample_problems` on every sample,
+  vectorised over runs of about 1 MB of consecutive samples, and sample by sample only when a
+  run fails, so each finding names its sample.
 Over the dataset: the index and each part's own index agree; no unlisted shard files; parts
 missing or extra; the manifest's totals, per-part, per-split and per-source counts, per-sample
 token counts (`sample_tokens.npy`) and fingerprint equal what the shards hold.
@@ -564,6 +566,7 @@ def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes:
     algos: set[str] = set()
     for res in _run_shards(root, entries, kwargs, workers, progress):
         results[res.index] = res
+    for res in results:  # index order, whatever order the workers finished in
         report.findings.extend(res.findings)
         for k, v in res.suppressed.items():
             report.suppressed[k] = report.suppressed.get(k, 0) + v
