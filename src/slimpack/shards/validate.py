@@ -462,12 +462,14 @@ class ValidationReport:
     def summary(self, max_lines: int = 30) -> str:
         if self.unusable:
             return f"validate {self.path}: UNUSABLE INPUT: {self.unusable}"
+        # Below ~64 MB, process start-up and first-call costs dominate: no meaningful rate.
+        rate = (f"{self.mb_per_s_per_process:,.0f} MB/s raw per process in the shard checks"
+                if self.raw_bytes >= 64e6 else "too little data for a meaningful rate")
         lines = [
             f"validate {self.path}: {self.shards:,} shards, {self.samples:,} samples, "
             f"{self.documents:,} documents, {self.tokens:,} tokens",
             f"  {self.stored_bytes / 1e6:,.1f} MB stored, {self.raw_bytes / 1e6:,.1f} MB raw in "
-            f"{self.seconds:.1f} s with {self.workers} process(es) "
-            f"({self.mb_per_s_per_process:,.0f} MB/s raw per process in the shard checks); "
+            f"{self.seconds:.1f} s with {self.workers} process(es) ({rate}); "
             f"hashes checked: {', '.join(self.hash_algorithms) or 'none'}"
             + (f"; {self.retokenized} documents re-tokenized" if self.retokenized else ""),
         ]
