@@ -119,31 +119,6 @@ def step_tokenize(ctx: dict[str, Any]) -> None:
         raise RuntimeError("tokenization failed; see above")
 
 
-def step_check(ctx: dict[str, Any]) -> None:
-    from slimpack.shards import schema
-    from slimpack.shards.invariants import sample_problems
-    from slimpack.shards.mds import MDSDataset
-
-    manifest = json.loads((ctx["shards"] / schema.MANIFEST_FILENAME).read_text())
-    ds = MDSDataset(ctx["shards"])
-    tokens = docs = 0
-    for k, sample in enumerate(ds):
-        problems = sample_problems(sample["tokens"], sample["cu_seqlens"], bos_id=manifest["bos_id"],
-                                   eos_id=manifest["eos_id"], vocab_size=manifest["vocab_size"],
-                                   doc_sources=sample["doc_sources"])
-        if problems:
-            raise RuntimeError(f"sample {k}: {problems}")
-        tokens += len(sample["tokens"])
-        docs += len(sample["cu_seqlens"]) - 1
-    if (tokens, docs) != (manifest["tokens"], manifest["documents"]):
-        raise RuntimeError(f"shards hold {tokens} tokens / {docs} documents, manifest says "
-                           f"{manifest['tokens']} / {manifest['documents']}")
-    print(f"invariants: {len(ds)} samples in {len(ds.shards)} shards, {docs:,} documents, "
-          f"{tokens:,} tokens: every document BOS..EOS, cu_seqlens exact, ids < {manifest['vocab_size']:,}")
-    for name, src in manifest["per_source"].items():
-        print(f"  {name:24s} {src['documents']:6,} documents {src['tokens']:12,} tokens")
-
-
 def step_pipeline(ctx: dict[str, Any]) -> None:
     from dataclasses import replace
 
@@ -168,12 +143,38 @@ def step_pipeline(ctx: dict[str, Any]) -> None:
         raise RuntimeError(f"step digests differ between 1 and 2 ranks: {one.digests} {two.digests}")
     print("per-step digests (1 rank x 4 sequences x 2 micro-steps == 2 ranks x 2 sequences x 2):")
     print("\n".join("  " + line for line in one.lines()))
+def step_validate(ctx: dict[str, Any]) -> None:
+    from slimpack.shards.validate import validate_dataset
+
+    report = validate_dataset(ctx["shards"], workers=2, all_hashes=True, retokenize=50,
+                              progress=ctx["progress"])
+    path = ctx["out"] / "reports" / "validate.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.summary())
+    print(f"validation report: {path}")
+    if not report.ok:
+        raise RuntimeError("the demo shards do not validate; see above")
+
+
+def step_stats(ctx: dict[str, Any]) -> None:
+    from slimpack.shards.stats import compute_stats, write_plots
+
+    report = compute_stats(ctx["shards"], seq_lens=(2048, 4096), workers=2, progress=ctx["progress"])
+    out = ctx["out"] / "stats"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    print(report.summary())
+    print(f"stats: {out / 'stats.json'}")
+    for plot in write_plots(report, out):
+        print(f"plot: {plot}")
 
 
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
-    ("check", step_check),
+    ("validate", step_validate),
+    ("stats", step_stats),
     ("pipeline", step_pipeline),
 ]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.model", "slimpack.bench.loader")
+BENCH_MODULES = (
+    "slimpack.bench.tokenize", "slimpack.bench.validate", "slimpack.bench.loader", "slimpack.bench.model",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

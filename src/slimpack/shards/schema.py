@@ -3,10 +3,10 @@
 A dataset directory holds:
 
     index.json            MDS v2 index over every shard of every part (basenames are relative
-                          paths such as ``parts/train/chunk1/example_train_0/shard.00000.mds.zstd``)
+                          paths such as ``parts/train/chunk1/example_train_0.jsonl.zst/shard.00000.mds.zstd``)
     slimpack.json         the manifest: schema version, tokenizer identity, counts, fingerprint
     sample_tokens.npy     int64 token count of every sample, in index order (the loader's input)
-    parts/<name>/         one directory per input file:
+    parts/<name>/         one directory per input file, named by its path under the input root:
         index.json        the part's own MDS index
         shard.NNNNN.mds[.zstd]
         stats.json        written last and atomically: the part is complete only when it exists
