@@ -49,6 +49,8 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"cross_entropy_sum wants hidden (T, D) and weight (V, D); got hidden "
                          f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 token ids (-100 for none); got {labels.dtype}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be (T,) = ({hidden.shape[0]},), "
                          "one per hidden row")
