@@ -25,8 +25,11 @@ def cfg(path, **kw):
     return LoaderConfig(str(path), **base)
 
 
-def test_epoch_covers_the_stream_exactly_once(dataset):
+@pytest.mark.parametrize("which", ["dataset", "interleaved"])
+def test_epoch_covers_the_stream_exactly_once(which, request):
+    dataset = request.getfixturevalue(which)
     loader = PackedLoader(cfg(dataset, epochs=1))
+    assert loader.stream._contiguous == (which == "dataset")
     order = epoch_order(len(loader.stream.samples), seed=0, epoch=0, fingerprint=loader.fingerprint)
     stream, starts = split_stream(dataset, "train", order)
     steps = list(loader)

@@ -238,34 +238,38 @@ def bench_scale(scratch: Path, resume_step: int = 200_000) -> dict[str, Any]:
 def _rank_loop(path: str, rank: int, world_size: int, num_workers: int, steps: int, tokens_per_s: float,
                queue: Any) -> None:
     """One simulated rank: a real PackedLoader, and a 'GPU' that sleeps n / tokens_per_s per micro-batch."""
+    # A spawned child inherits "spawn" as its default start method; torchrun starts ranks as fresh
+    # interpreters, whose default on Linux is fork. Match torchrun so DataLoader workers fork.
+    mp.set_start_method("fork", force=True)
     from slimpack.pipeline import LoaderConfig, PackedLoader
 
     cfg = LoaderConfig(path, seq_len=2048, global_batch_tokens=2048 * 4 * world_size * 2, micro_batch_size=4,
                        rank=rank, world_size=world_size, num_workers=num_workers,
                        max_tokens=2048 * 4 * world_size * 2 * steps)
     loader = PackedLoader(cfg)
-    waits, tokens = [], 0
-    t_start = time.perf_counter()
+    waits, step_tokens = [], []
     it = iter(loader)
     while True:
         t0 = time.perf_counter()
+        if len(waits) == 1:
+            t_steady = t0  # steady state: from the second request on
         try:
             step = next(it)
         except StopIteration:
             break
         waits.append(time.perf_counter() - t0)
+        step_tokens.append(0)
         for mb in step:
             n = mb["input_ids"].numel()
-            tokens += n
-            time.sleep(n / tokens_per_s)
-    wall = time.perf_counter() - t_start
-    steady = waits[1:]
-    queue.put((rank, {"steps": len(waits), "tokens": tokens, "wall_seconds": wall,
-                      "first_batch_wait_s": waits[0], "steady_wait_total_s": float(sum(steady)),
-                      "steady_wait_max_ms": 1000 * max(steady),
-                      "steady_wait_median_ms": 1000 * float(np.median(steady)),
-                      "achieved_tokens_per_s": tokens / wall,
-                      "compute_fraction": tokens / tokens_per_s / wall}))
+            step_tokens[-1] += n
+            time.sleep(n / tokens_per_s)  # the "GPU" computing on it
+    steady_s = time.perf_counter() - t_steady
+    steady, tokens = waits[1:], sum(step_tokens[1:])
+    queue.put((rank, {"steps": len(waits), "tokens": sum(step_tokens), "first_batch_wait_s": waits[0],
+                      "steady_seconds": steady_s, "steady_tokens_per_s": tokens / steady_s,
+                      "steady_compute_fraction": tokens / tokens_per_s / steady_s,
+                      "steady_wait_total_s": float(sum(steady)), "steady_wait_max_ms": 1000 * max(steady),
+                      "steady_wait_median_ms": 1000 * float(np.median(steady))}))
 
 
 def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int = 24, world_size: int = 2,
@@ -327,7 +331,7 @@ def _run(args: argparse.Namespace) -> int:
             r = res["train"] = bench_training_loop(path, steps=args.sim_steps)
             for rank, v in r["ranks"].items():
                 print(f"training loop rank {rank}: {v['steps']} steps at "
-                      f"{v['achieved_tokens_per_s'] / 1e3:.1f}k tokens/s (consumer "
+                      f"{v['steady_tokens_per_s'] / 1e3:.1f}k tokens/s after the first (consumer "
                       f"{r['consumer_tokens_per_s_per_rank'] / 1e3:.0f}k), first batch "
                       f"{v['first_batch_wait_s']:.2f} s, then data wait total "
                       f"{v['steady_wait_total_s'] * 1e3:.2f} ms, max {v['steady_wait_max_ms']:.2f} ms, "

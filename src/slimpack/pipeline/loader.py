@@ -144,6 +144,8 @@ class PackedStream:
         self.index = index
         self.fingerprint = loader_fingerprint(index.fingerprint, cfg.split)
         self.samples = index.split_samples(cfg.split)
+        self._contiguous = bool(len(self.samples)) and \
+            int(self.samples[-1]) - int(self.samples[0]) + 1 == len(self.samples)
         self.stream_tokens = int(index.sample_tokens[self.samples].sum(dtype=np.int64))
         self.sequences_per_step = cfg.sequences_per_step
         self.sequences_per_epoch = packing.sequences_per_epoch(self.stream_tokens, cfg.seq_len)
@@ -199,7 +201,11 @@ class PackedStream:
             order = epoch_order(len(self.samples), seed=self.cfg.seed, epoch=epoch,
                                 fingerprint=self.fingerprint, sample_shards=shards,
                                 locality_shards=self.cfg.locality_shards)
-            ids = self.samples[order]
+            if self._contiguous:  # the usual case (parts sorted by split): no random gather
+                ids = order.astype(self.samples.dtype)
+                ids += self.samples[0]
+            else:
+                ids = self.samples[order]
             del order
             cum = np.zeros(len(ids) + 1, np.int64)
             np.cumsum(self.index.sample_tokens[ids], dtype=np.int64, out=cum[1:])
