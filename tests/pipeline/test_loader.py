@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -89,6 +90,7 @@ def test_step_digests_independent_of_world_size_and_workers(dataset, world_size,
 
 def test_no_shared_memory_or_temp_files_left_behind(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = set(os.listdir("/dev/shm"))
     loader = PackedLoader(cfg(dataset, num_workers=2, max_tokens=L * G_SEQS * 5))
     assert len(list(loader)) == 5
@@ -219,9 +221,10 @@ def test_corrupt_and_mismatched_data_fail_loudly(dataset, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    loader = PackedLoader(cfg(bad, epochs=1))
-    with pytest.raises(ShardFormatError, match=r"shard\.00000\.mds\.zstd"):
-        list(loader)
+    for workers in (0, 2):
+        loader = PackedLoader(cfg(bad, epochs=1, num_workers=workers))
+        with pytest.raises(ShardFormatError, match=r"shard\.00000\.mds\.zstd.*xxh3_64"):
+            list(loader)
 
     counts = tmp_path / "counts"
     shutil.copytree(dataset, counts)
