@@ -240,3 +240,26 @@ def test_corrupt_and_mismatched_data_fail_loudly(dataset, tmp_path):
 
     with pytest.raises(DatasetError, match=r"slimpack\.json: missing"):
         PackedLoader(cfg(tmp_path))
+
+
+def _max_open_shards(loader):
+    first, last = {}, {}
+    for s in range(loader.steps_per_epoch):
+        for i in loader.stream.shards_for(s).tolist():
+            first.setdefault(i, s)
+            last[i] = s
+    return max(sum(first[i] <= s <= last[i] for i in first) for s in range(loader.steps_per_epoch))
+
+
+def test_locality_mode_bounds_shards_in_use_and_still_covers_the_stream(dataset):
+    k = 2
+    loader = PackedLoader(cfg(dataset, epochs=1, locality_shards=k))
+    order = epoch_order(len(loader.stream.samples), seed=0, epoch=0, fingerprint=loader.fingerprint,
+                        sample_shards=loader.index.shard_of(loader.stream.samples), locality_shards=k)
+    stream, _ = split_stream(dataset, "train", order)
+    inputs = torch.cat([mb["input_ids"] for step in loader for mb in step]).numpy()
+    assert np.array_equal(inputs, stream[:len(inputs)])
+    assert _max_open_shards(loader) <= 2 * k  # a window, plus the next one across its boundary
+    assert _max_open_shards(PackedLoader(cfg(dataset, epochs=1))) > 2 * k  # a full shuffle is not bounded
+    with pytest.raises(ValueError, match="locality_shards=2 but this loader has locality_shards=None"):
+        PackedLoader(cfg(dataset)).load_state_dict(loader.state_dict())
