@@ -202,8 +202,8 @@ class PackedStream:
                                 fingerprint=self.fingerprint, sample_shards=shards,
                                 locality_shards=self.cfg.locality_shards)
             if self._contiguous:  # the usual case (parts sorted by split): no random gather
-                ids = order.astype(self.samples.dtype)
-                ids += self.samples[0]
+                ids = np.empty(len(order), self.samples.dtype)
+                np.add(order, int(self.samples[0]), out=ids, casting="unsafe")
             else:
                 ids = self.samples[order]
             del order
