@@ -83,7 +83,7 @@ def test_step_digests_independent_of_world_size_and_workers(dataset, world_size,
                                   max_tokens=L * G_SEQS * steps))
         per_rank.append(list(loader))
         assert loader.grad_accum == 2
-    got = [step_digest([per_rank[r][s] for r in range(world_size)], micro_batch_size=0) for s in range(steps)]
+    got = [step_digest([per_rank[r][s] for r in range(world_size)]) for s in range(steps)]
     reference = PackedLoader(cfg(dataset))
     assert got == [reference.step_digest(s) for s in range(steps)]
 
@@ -153,7 +153,7 @@ def test_elastic_resume_on_another_world_size(dataset):
         loader.load_state_dict(state)
         ranks.append(_run(loader, 3))
         assert loader.grad_accum == 4
-    digests = [step_digest([ranks[0][s], ranks[1][s]], micro_batch_size=1) for s in range(3)]
+    digests = [step_digest([ranks[0][s], ranks[1][s]]) for s in range(3)]
     assert digests == [one.step_digest(s) for s in range(5, 8)]
 
 

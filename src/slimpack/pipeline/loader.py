@@ -18,9 +18,12 @@ different number of GPUs. Each epoch drops the tail of its stream that does not 
 step (``epoch_report()`` counts it) and the next epoch starts a fresh permutation.
 
 Workers: with ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches by index
-(a map-style dataset over ``step * grad_accum + micro``) with pinned memory and prefetch; each
-worker keeps its own decoded-shard LRU. Remote roots: the loader prefetches the shards of the
-next ``prefetch_steps`` steps into ``cache_dir`` and evicts behind itself (see ``store``).
+(a map-style dataset over ``step * grad_accum + micro``, ``prefetch_factor`` ahead per worker);
+each worker keeps its own decoded-shard LRU (``decoded_cache_bytes``) and hands back one numpy
+buffer per micro-batch (pickled: nothing in /dev/shm). In every mode a feeder thread keeps
+``_READY_STEPS`` steps built and pinned (when CUDA is present) ahead of the training loop.
+Remote roots: the feeder also downloads the shards of the next ``prefetch_steps`` steps into
+``cache_dir`` and evicts behind itself (see ``store``).
 """
 
 from __future__ import annotations
@@ -306,19 +309,25 @@ def _tensors(batch: dict[str, Any], pin: bool = False) -> MicroBatch:
     return unpack_transport(pack_transport(batch), pin=pin)
 
 
+def _init_worker(worker_id: int) -> None:
+    """A forked worker may inherit the stream's lock held by the parent's feeder thread: renew it."""
+    del worker_id
+    info = torch.utils.data.get_worker_info()
+    info.dataset.stream._lock = threading.RLock()
+
+
 def _as_is(item: Transport) -> Transport:
     """collate_fn: keep the worker's numpy buffer (the default would turn it into a shared tensor)."""
     return item
 
 
-def step_digest(micro_batches_by_rank: list[list[MicroBatch]], *, micro_batch_size: int) -> str:
+def step_digest(micro_batches_by_rank: list[list[MicroBatch]]) -> str:
     """Digest of one step from every rank's micro-batches, put back in global sequence order.
 
     ``micro_batches_by_rank[r][j]`` is rank r's micro-step j; the rank rule places it at sequence
     block ``r * grad_accum + j``, so the concatenation in (r, j) order is the step's sequences
     ``[t*G, (t+1)*G)`` and the digest equals ``PackedLoader.step_digest``.
     """
-    del micro_batch_size  # the block size is implicit in the tensors; kept for call-site clarity
     world_size = len(micro_batches_by_rank)
     grad_accum = len(micro_batches_by_rank[0])
     ordered = [micro_batches_by_rank[r][j] for r in range(world_size) for j in range(grad_accum)]
@@ -477,7 +486,11 @@ class PackedLoader:
         return [_tensors(self.stream.micro_batch(step, j)) for j in range(self.grad_accum)]
 
     def first_micro_batches(self, count: int) -> list[MicroBatch]:
-        """The first ``count`` micro-batches of this rank from step 0 (e.g. a fixed validation set)."""
+        """The first ``count`` micro-batches of this rank from step 0 (e.g. a fixed validation set).
+
+        Fewer when the run (or, unbounded, one epoch) holds fewer; every rank gets distinct
+        sequences, so a validation loss is the all-reduced mean over ranks.
+        """
         total = self.total_steps if self.total_steps is not None else self.steps_per_epoch
         if count > total * self.grad_accum:
             count = total * self.grad_accum
@@ -517,7 +530,8 @@ class PackedLoader:
             loader = torch.utils.data.DataLoader(
                 _MicroBatchDataset(self.stream), batch_size=None,
                 sampler=_IndexRange(start * grad_accum, None if end is None else end * grad_accum),
-                num_workers=self.cfg.num_workers, collate_fn=_as_is, pin_memory=False,
+                num_workers=self.cfg.num_workers, collate_fn=_as_is, worker_init_fn=_init_worker,
+                pin_memory=False,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
             it = iter(loader)  # forks the workers here, before the feeder thread exists
 

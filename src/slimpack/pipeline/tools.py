@@ -46,7 +46,7 @@ def digest_steps(cfg: LoaderConfig, *, start_step: int, steps: int) -> DigestRep
                           epoch=loader.epoch_report())
     for step in range(start_step, start_step + steps):
         per_rank = [next(it) for it in loaders]
-        report.digests.append((step, step_digest(per_rank, micro_batch_size=cfg.micro_batch_size)))
+        report.digests.append((step, step_digest(per_rank)))
     for it in loaders:
         it.close()
     loader.close()
