@@ -137,6 +137,13 @@ def test_resume_is_bitwise_identical_across_epoch_boundaries(dataset):
         resumed = PackedLoader(cfg(dataset, epochs=3))
         resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
         _same(list(resumed), everything[at:])
+    # with DataLoader workers too
+    workers = PackedLoader(cfg(dataset, epochs=3, num_workers=2))
+    workers.load_state_dict(state)
+    _same(list(workers), everything[3 * spe - 1:])
+    workers = PackedLoader(cfg(dataset, epochs=3, num_workers=2))
+    workers.load_state_dict({**state, "step": spe - 1, "epoch": 0})
+    _same(_run(workers, 3), everything[spe - 1:spe + 2])
     # iterating again continues from the current state
     cont = PackedLoader(cfg(dataset, epochs=3))
     _run(cont, 2)
