@@ -27,29 +27,36 @@ def cfg(path, **kw):
 
 
 @pytest.mark.parametrize("which", ["dataset", "interleaved"])
-def test_epoch_covers_the_stream_exactly_once(which, request):
+def test_epochs_cover_their_streams_exactly_once(which, request):
     dataset = request.getfixturevalue(which)
-    loader = PackedLoader(cfg(dataset, epochs=1))
+    loader = PackedLoader(cfg(dataset, epochs=2))
     assert loader.stream._contiguous == (which == "dataset")
-    order = epoch_order(len(loader.stream.samples), seed=0, epoch=0, fingerprint=loader.fingerprint)
-    stream, starts = split_stream(dataset, "train", order)
+    windows = loader.stream.sequences_per_epoch
     steps = list(loader)
-    assert len(steps) == loader.steps_per_epoch == (len(stream) - 1) // L // G_SEQS
+    assert len(steps) == 2 * windows // G_SEQS and windows % G_SEQS  # one step straddles the epochs
+    # world_size 1: micro-batches in order are the global sequences in order, so the concatenated
+    # inputs are epoch 0's stream (all its whole windows), then epoch 1's.
     inputs = torch.cat([mb["input_ids"] for step in steps for mb in step]).numpy()
     labels = torch.cat([mb["labels"] for step in steps for mb in step]).numpy()
-    n = len(inputs)
-    # world_size 1, micro 2: micro-batches in order are the step's sequences in order, so the
-    # concatenated inputs are the stream itself: every token once, nothing duplicated or lost...
-    assert np.array_equal(inputs, stream[:n])
-    # ...and labels are the stream shifted by one, -100 exactly where the next token starts a document.
-    crossing = np.zeros(n, bool)
-    crossing[starts[(starts >= 1) & (starts <= n)] - 1] = True
-    assert np.array_equal(labels[~crossing], stream[1:n + 1][~crossing])
-    assert np.all(labels[crossing] == -100)
-    assert np.all(stream[:n][crossing] == 128001)  # only a document's EOS loses its label
-    report = loader.epoch_report()
-    assert report["dropped_tokens_per_epoch"] == len(stream) - n
-    assert report["dropped_tokens_per_epoch"] < L * G_SEQS + 1
+    offset = 0
+    for epoch in (0, 1):
+        order = epoch_order(len(loader.stream.samples), seed=0, epoch=epoch, fingerprint=loader.fingerprint)
+        stream, starts = split_stream(dataset, "train", order)
+        n = min(windows * L, len(inputs) - offset)
+        # every token once, nothing duplicated or lost...
+        assert np.array_equal(inputs[offset:offset + n], stream[:n])
+        # ...labels are the stream shifted by one, -100 exactly where the next token starts a document
+        crossing = np.zeros(n, bool)
+        crossing[starts[(starts >= 1) & (starts <= n)] - 1] = True
+        got = labels[offset:offset + n]
+        assert np.array_equal(got[~crossing], stream[1:n + 1][~crossing])
+        assert np.all(got[crossing] == -100)
+        assert np.all(stream[:n][crossing] == 128001)  # only a document's EOS loses its label
+        offset += n
+        # only the tail shorter than a window is dropped, and it is reported
+        assert loader.epoch_report()["dropped_tokens_per_epoch"] == len(stream) - windows * L
+        assert 1 <= len(stream) - windows * L <= L
+    assert offset == len(inputs)
 
 
 def test_micro_batches_agree_with_their_documents(dataset):
@@ -124,26 +131,25 @@ def _same(a, b):
 
 def test_resume_is_bitwise_identical_across_epoch_boundaries(dataset):
     full = PackedLoader(cfg(dataset, epochs=3))
-    spe = full.steps_per_epoch
     everything = list(full)
-    assert len(everything) == 3 * spe
+    total = len(everything)
+    assert total == 3 * full.stream.sequences_per_epoch // G_SEQS
+    straddle = full.stream.sequences_per_epoch // G_SEQS  # holds the end of epoch 0 and start of 1
+    assert full.stream.epoch_of(straddle) == 0 and full.stream.epoch_of(straddle + 1) == 1
     # the next epoch is a fresh permutation, not a repeat
-    assert full.step_digest(0) != full.step_digest(spe)
-    for at in (0, 1, spe - 1, spe, spe + 3, 3 * spe - 1):
+    assert full.step_digest(0) != full.step_digest(straddle + 1)
+    for at in (0, 1, straddle - 1, straddle, straddle + 1, straddle + 4, total - 1):
         first = PackedLoader(cfg(dataset, epochs=3))
         _run(first, at)
         state = first.state_dict()
-        assert state["step"] == at and state["epoch"] == at // spe
+        assert state["step"] == at and state["epoch"] == first.stream.epoch_of(at)
         resumed = PackedLoader(cfg(dataset, epochs=3))
         resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
         _same(list(resumed), everything[at:])
     # with DataLoader workers too
     workers = PackedLoader(cfg(dataset, epochs=3, num_workers=2))
-    workers.load_state_dict(state)
-    _same(list(workers), everything[3 * spe - 1:])
-    workers = PackedLoader(cfg(dataset, epochs=3, num_workers=2))
-    workers.load_state_dict({**state, "step": spe - 1, "epoch": 0})
-    _same(_run(workers, 3), everything[spe - 1:spe + 2])
+    workers.load_state_dict({**state, "step": straddle - 1, "epoch": 0})
+    _same(_run(workers, 3), everything[straddle - 1:straddle + 2])
     # iterating again continues from the current state
     cont = PackedLoader(cfg(dataset, epochs=3))
     _run(cont, 2)
@@ -183,12 +189,12 @@ def test_state_mismatch_fails_loudly(dataset, tmp_path):
     with pytest.raises(ValueError, match="version 0"):
         loader.load_state_dict({**state, "version": 0})
     with pytest.raises(ValueError, match="inconsistent"):
-        loader.load_state_dict({**state, "step": 3 * loader.steps_per_epoch})
+        loader.load_state_dict({**state, "step": 3 * loader.steps_per_epoch + 3})
 
 
 def test_epochs_and_max_tokens_bound_the_run(dataset):
     loader = PackedLoader(cfg(dataset, epochs=2))
-    assert len(loader) == 2 * loader.steps_per_epoch
+    assert len(loader) == 2 * loader.stream.sequences_per_epoch // G_SEQS
     loader = PackedLoader(cfg(dataset, max_tokens=L * G_SEQS * 7 + 5))
     assert len(loader) == 7 and len(list(loader)) == 7 and len(loader) == 0
     with pytest.raises(TypeError, match="unbounded"):
@@ -270,3 +276,19 @@ def test_locality_mode_bounds_shards_in_use_and_still_covers_the_stream(dataset)
     assert _max_open_shards(PackedLoader(cfg(dataset, epochs=1))) > 2 * k  # a full shuffle is not bounded
     with pytest.raises(ValueError, match="locality_shards=2 but this loader has locality_shards=None"):
         PackedLoader(cfg(dataset)).load_state_dict(loader.state_dict())
+
+
+def test_a_micro_batch_across_the_epoch_end_joins_both_streams(dataset):
+    loader = PackedLoader(cfg(dataset, micro_batch_size=G_SEQS))  # one micro-batch per step
+    windows = loader.stream.sequences_per_epoch
+    straddle, in_epoch0 = divmod(windows, G_SEQS)
+    assert in_epoch0, "the fixture should put an epoch end inside a step"
+    mb = loader.micro_batches(straddle)[0]
+    streams = [split_stream(dataset, "train", epoch_order(len(loader.stream.samples), seed=0, epoch=e,
+                                                         fingerprint=loader.fingerprint))[0] for e in (0, 1)]
+    head = streams[0][(windows - in_epoch0) * L:windows * L]
+    tail = streams[1][:(G_SEQS - in_epoch0) * L]
+    assert np.array_equal(mb["input_ids"].numpy(), np.concatenate([head, tail]))
+    assert mb["labels"][len(head) - 1] in (streams[0][windows * L], -100)  # epoch 0's own next token
+    cu = mb["cu_seqlens"].tolist()
+    assert len(head) in cu and cu[-1] == G_SEQS * L and mb["position_ids"][len(head)] == 0

@@ -200,7 +200,7 @@ def _scale_child(path: str, resume_step: int, trace: bool, queue: Any) -> None:
         tracemalloc.reset_peak()
     t0, c0 = time.perf_counter(), time.process_time()
     loader.load_state_dict({**loader.state_dict(), "step": resume_step,
-                            "epoch": resume_step // loader.steps_per_epoch})
+                            "epoch": loader.stream.epoch_of(resume_step)})
     shards = loader.stream.shards_for(loader.step)
     resume_s, resume_cpu = time.perf_counter() - t0, time.process_time() - c0
     resume_peak, held = tracemalloc.get_traced_memory()[::-1] if trace else (0, 0)
