@@ -9,6 +9,8 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pipeline_data import PARTS, make_dataset, split_stream
 
 from slimpack.pipeline import LoaderConfig, PackedLoader, step_digest
@@ -292,3 +294,16 @@ def test_a_micro_batch_across_the_epoch_end_joins_both_streams(dataset):
     assert mb["labels"][len(head) - 1] in (streams[0][windows * L], -100)  # epoch 0's own next token
     cu = mb["cu_seqlens"].tolist()
     assert len(head) in cu and cu[-1] == G_SEQS * L and mb["position_ids"][len(head)] == 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq_len=st.sampled_from([5, 16, 37]), world_size=st.sampled_from([1, 2, 3]),
+       micro=st.integers(1, 3), accum=st.integers(1, 3), step=st.integers(0, 400))
+def test_ranks_tile_every_step_for_any_layout(dataset, seq_len, world_size, micro, accum, step):
+    sequences = world_size * micro * accum
+    base = dict(seq_len=seq_len, global_batch_tokens=seq_len * sequences, micro_batch_size=micro,
+                world_size=world_size)
+    ranks = [PackedLoader(LoaderConfig(str(dataset), rank=r, **base)) for r in range(world_size)]
+    step %= 3 * ranks[0].steps_per_epoch
+    got = step_digest([loader.micro_batches(step) for loader in ranks])
+    assert got == ranks[0].step_digest(step)
