@@ -69,6 +69,7 @@ def make_dataset(root: Path, *, parts: dict[str, tuple[str, int]], block_tokens:
 
 PARTS = {"train/chunk1/a": ("train", 120), "train/chunk1/b": ("train", 90),
          "validation/chunk1/a": ("validation", 40)}
+INTERLEAVED_PARTS = {"chunk1/a": ("train", 60), "chunk1/b": ("validation", 30), "chunk2/a": ("train", 60)}
 
 
 def split_stream(root: Path, split: str, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
