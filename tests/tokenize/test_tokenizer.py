@@ -111,3 +111,14 @@ def test_split_only_where_it_can_change_the_result():
 def test_surrogate_replacements_are_counted(llama3):
     ids, replaced = llama3.encode_batch(["clean", "one \ud800", "x" * 30_000 + "\udc00" + " " * 30_000])
     assert replaced == 2 and len(ids) == 3
+
+
+def test_needs_split_block_shortcut_agrees_with_the_full_scan():
+    # Exhaustive over run lengths around the limit and over where the run sits in the text.
+    from slimpack.tokenize.tokenizer import _LONG_RUN
+
+    for run in (12_499, 12_500, 24_999, 25_000, 25_001, 37_501):
+        for lead in (0, 1, 6_250, 12_499, 12_500, 30_000):
+            for char, filler in (("x", "ab "), (" ", "ab ")):
+                text = filler * (lead // 3) + char * run + filler * 5_000
+                assert needs_split(text) == (_LONG_RUN.search(text) is not None), (run, lead, char)

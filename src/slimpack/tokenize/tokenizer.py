@@ -43,6 +43,8 @@ _NAMED_SPECIALS = [
 ]
 # Python's `\s` and str.isspace() share one definition of whitespace, so this finds exactly the
 # runs Meta's character loop counts. The lookbehinds start a match only at the start of a run.
+_BLOCK = MAX_RUN_CHARS // 2
+_SPACE, _NON_SPACE = re.compile(r"\s"), re.compile(r"\S")
 _LONG_RUN = re.compile(rf"(?<!\S)\S{{{MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{MAX_RUN_CHARS + 1},}}")
 
 
@@ -63,18 +65,32 @@ def split_like_meta(text: str) -> list[str]:
     for start in range(0, len(text), MAX_ENCODE_CHARS):
         chunk = text[start:start + MAX_ENCODE_CHARS]
         cuts = [0]
-        for run in _LONG_RUN.finditer(chunk):
-            cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
+        if _may_have_long_run(chunk):
+            for run in _LONG_RUN.finditer(chunk):
+                cuts.extend(range(run.start() + MAX_RUN_CHARS, run.end(), MAX_RUN_CHARS))
         cuts.append(len(chunk))
         pieces.extend(chunk[a:b] for a, b in itertools.pairwise(cuts))
     return pieces or [""]
 
 
+def _may_have_long_run(text: str) -> bool:
+    """False guarantees no run of more than 25,000 characters of one class.
+
+    Such a run fully contains an aligned block of 12,500 characters (any 24,999 consecutive
+    characters do). So when every aligned block holds both a whitespace and a non-whitespace
+    character, there is none; checking that costs two regex searches per block that stop at the
+    first hit, a few characters in. Only a text with a uniform block needs the full scan.
+    """
+    return len(text) > MAX_RUN_CHARS and any(
+        _SPACE.search(text, i, i + _BLOCK) is None or _NON_SPACE.search(text, i, i + _BLOCK) is None
+        for i in range(0, len(text) - _BLOCK + 1, _BLOCK))
+
+
 def needs_split(text: str) -> bool:
-    """True when Meta's splitting can cut `text` (most documents are too short to need a scan)."""
-    if len(text) <= MAX_RUN_CHARS:
-        return False
-    return len(text) > MAX_ENCODE_CHARS or _LONG_RUN.search(text) is not None
+    """True when Meta's splitting can cut `text` (a long input, or a run over 25,000 characters)."""
+    if len(text) > MAX_ENCODE_CHARS:
+        return True
+    return _may_have_long_run(text) and _LONG_RUN.search(text) is not None
 
 
 class Llama3Tokenizer:
