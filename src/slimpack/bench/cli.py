@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("slimpack.bench.tokenize",)
+BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.train")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -95,10 +95,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device
         last = i == len(model.layers) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp,
                     reshard_after_forward=cfg.reshard_after_forward and not last)
-    # The root unit holds the embedding, final norm and output projection. FSDP2 keeps the root
-    # unsharded after forward, so the chunked loss can use `model.output.weight` (the unsharded,
-    # bf16 parameter) right after `model(...)` returns; its gradient is reduced at the end of backward.
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    # The root unit holds the embedding, final norm and output projection. It must stay unsharded
+    # after forward (explicitly: newer torch only does so by default under reshard_after_forward=None):
+    # the chunked loss then uses `model.output.weight`, the unsharded (bf16) parameter, right after
+    # `model(...)` returns, and its gradient is reduced with the root's at the end of backward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     return model
 
 
