@@ -1,0 +1,448 @@
+"""The packed streaming loader: deterministic, elastic, resumable batches for one rank.
+
+    from slimpack.pipeline import LoaderConfig, PackedLoader
+    loader = PackedLoader(LoaderConfig(path, seq_len=2048, global_batch_tokens=4_194_304,
+                                       micro_batch_size=8, rank=rank, world_size=world))
+    for micro_batches in loader:          # one optimiser step: `loader.grad_accum` micro-batches
+        for mb in micro_batches: ...      # input_ids/labels/position_ids (M*L,) int64,
+                                          # cu_seqlens (k+1,) int32, max_seqlen int; pinned CPU
+    state = loader.state_dict()           # resume: PackedLoader(cfg).load_state_dict(state)
+
+What each step holds is a pure function of (dataset fingerprint, split, seed, seq_len,
+global_batch_tokens, locality_shards): step t of the run is step ``t % steps_per_epoch`` of
+epoch ``t // steps_per_epoch``, which reads global sequences ``[s*G, (s+1)*G)`` of that epoch's
+stream (see ``packing`` for the windows and the rank rule, ``order`` for the permutation). So
+resume is arithmetic (no replay), and the tokens of a step do not depend on ``num_workers`` or,
+with the global batch fixed, on ``world_size``/``micro_batch_size``: a run may resume on a
+different number of GPUs. Each epoch drops the tail of its stream that does not fill a whole
+step (``epoch_report()`` counts it) and the next epoch starts a fresh permutation.
+
+Workers: with ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches by index
+(a map-style dataset over ``step * grad_accum + micro``) with pinned memory and prefetch; each
+worker keeps its own decoded-shard LRU. Remote roots: the loader prefetches the shards of the
+next ``prefetch_steps`` steps into ``cache_dir`` and evicts behind itself (see ``store``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from slimpack.pipeline import packing
+from slimpack.pipeline.index import DatasetIndex, load_index
+from slimpack.pipeline.order import ORDER_VERSION, epoch_order
+from slimpack.pipeline.store import ShardStore
+
+# Bumped whenever the order (order.ORDER_VERSION), the windows or the rank rule change: old state
+# then refuses to load.
+LOADER_VERSION = ORDER_VERSION
+
+MicroBatch = dict[str, Any]
+
+
+def _nearby_multiples(value: int, unit: int) -> list[int]:
+    low = value // unit * unit
+    return [m for m in (low, low + unit) if m > 0]
+
+
+def check_layout(*, seq_len: int, global_batch_tokens: int, micro_batch_size: int,
+                 world_size: int) -> int:
+    """Gradient accumulation steps for a layout, or ValueError proposing valid values."""
+    for name, v in (("seq_len", seq_len), ("global_batch_tokens", global_batch_tokens),
+                    ("micro_batch_size", micro_batch_size), ("world_size", world_size)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    if global_batch_tokens % seq_len:
+        raise ValueError(
+            f"global_batch_tokens {global_batch_tokens:,} is not a multiple of seq_len {seq_len}; "
+            f"use one of {_nearby_multiples(global_batch_tokens, seq_len)}")
+    sequences = global_batch_tokens // seq_len
+    per_micro = world_size * micro_batch_size
+    if sequences % per_micro:
+        divisors = [m for m in range(1, sequences // world_size + 1)
+                    if sequences % (world_size * m) == 0] if sequences % world_size == 0 else []
+        hint = (f"micro_batch_size in {divisors[-6:]} for world_size {world_size}, or "
+                if divisors else "")
+        raise ValueError(
+            f"global_batch_tokens {global_batch_tokens:,} / seq_len {seq_len} = {sequences} sequences "
+            f"per step does not divide into world_size {world_size} x micro_batch_size "
+            f"{micro_batch_size} = {per_micro} per micro-step; use {hint}global_batch_tokens in "
+            f"{_nearby_multiples(global_batch_tokens, per_micro * seq_len)}")
+    return sequences // per_micro
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """One rank's loader. Units: tokens, sequences (``micro_batch_size`` per rank per micro-step)."""
+
+    path: str
+    seq_len: int
+    global_batch_tokens: int
+    micro_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    split: str = "train"
+    epochs: int | None = None  # None: no limit from epochs
+    max_tokens: int | None = None  # stop after this many global tokens (whole steps)
+    cache_dir: str | None = None  # local shard cache for remote roots (default ~/.cache/slimpack)
+    cache_limit_bytes: int = 64 << 30
+    locality_shards: int | None = None  # bound on shards in use at once (see order.py)
+    prefetch_factor: int = 4  # micro-batches each DataLoader worker builds ahead
+    prefetch_steps: int = 2  # steps of shards the loader downloads ahead (remote roots)
+    decoded_cache_bytes: int = 1 << 30  # decoded shards kept in memory per process
+
+    def __post_init__(self) -> None:
+        check_layout(seq_len=self.seq_len, global_batch_tokens=self.global_batch_tokens,
+                     micro_batch_size=self.micro_batch_size, world_size=self.world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside [0, world_size={self.world_size})")
+        if self.num_workers < 0 or self.prefetch_factor < 1 or self.prefetch_steps < 0:
+            raise ValueError("num_workers must be >= 0, prefetch_factor >= 1, prefetch_steps >= 0")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1 or None, got {self.epochs}")
+        if self.max_tokens is not None and self.max_tokens < self.global_batch_tokens:
+            raise ValueError(f"max_tokens {self.max_tokens:,} is less than one step "
+                             f"({self.global_batch_tokens:,} tokens)")
+        if self.locality_shards is not None and self.locality_shards < 1:
+            raise ValueError(f"locality_shards must be >= 1 or None, got {self.locality_shards}")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.global_batch_tokens // self.seq_len
+
+    @property
+    def grad_accum(self) -> int:
+        return check_layout(seq_len=self.seq_len, global_batch_tokens=self.global_batch_tokens,
+                            micro_batch_size=self.micro_batch_size, world_size=self.world_size)
+
+
+def loader_fingerprint(dataset_fingerprint: str, split: str) -> str:
+    """What data a loader streams: the dataset's fingerprint and the split."""
+    return hashlib.sha256(f"{dataset_fingerprint}\n{split}".encode()).hexdigest()
+
+
+class PackedStream:
+    """The pure part of a loader: index arithmetic plus shard reads, for any rank and step.
+
+    Picklable (DataLoader workers get a copy); each process opens its own ShardStore lazily.
+    """
+
+    def __init__(self, cfg: LoaderConfig, index: DatasetIndex) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.fingerprint = loader_fingerprint(index.fingerprint, cfg.split)
+        self.samples = index.split_samples(cfg.split)
+        self.counts = index.sample_tokens[self.samples]
+        self.stream_tokens = int(self.counts.sum())
+        self.sequences_per_step = cfg.sequences_per_step
+        self.sequences_per_epoch = packing.sequences_per_epoch(self.stream_tokens, cfg.seq_len)
+        self.steps_per_epoch = self.sequences_per_epoch // self.sequences_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{index.url}: split {cfg.split!r} holds {self.stream_tokens:,} tokens, less than one "
+                f"step of global_batch_tokens {cfg.global_batch_tokens:,} (+1); lower "
+                "global_batch_tokens or use a larger split")
+        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._store: ShardStore | None = None
+        self._store_pid = -1
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        state["_store"] = None
+        state["_store_pid"] = -1
+        return state
+
+    @property
+    def store(self) -> ShardStore:
+        if self._store is None or self._store_pid != os.getpid():
+            cfg = self.cfg
+            cache_dir = cfg.cache_dir
+            if cache_dir is None and self.index.url.count("://"):
+                cache_dir = os.path.join(os.path.expanduser("~/.cache/slimpack"), self.index.fingerprint[:16])
+            self._store = ShardStore(self.index, cache_dir=cache_dir,
+                                     cache_limit_bytes=cfg.cache_limit_bytes,
+                                     decoded_cache_bytes=cfg.decoded_cache_bytes)
+            self._store_pid = os.getpid()
+        return self._store
+
+    def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global sample ids in stream order, stream offsets ``cum`` of length n+1) of an epoch."""
+        if self._plan is None or self._plan[0] != epoch:
+            shards = (self.index.shard_of(self.samples) if self.cfg.locality_shards else None)
+            order = epoch_order(len(self.samples), seed=self.cfg.seed, epoch=epoch,
+                                fingerprint=self.fingerprint, sample_shards=shards,
+                                locality_shards=self.cfg.locality_shards)
+            cum = np.zeros(len(order) + 1, np.int64)
+            np.cumsum(self.counts[order], out=cum[1:])
+            self._plan = (epoch, self.samples[order], cum)
+        return self._plan[1], self._plan[2]
+
+    def read(self, epoch: int, begin: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stream tokens ``[begin, end)`` of an epoch (int64) and the document starts among them."""
+        ids, cum = self.epoch_plan(epoch)
+        k0, k1 = packing.touched(cum, begin, end)
+        flat = np.empty(end - begin, np.int64)
+        starts = []
+        store = self.store
+        for k in range(k0, k1):
+            tokens, cu = store.sample(int(ids[k]))
+            off = int(cum[k])
+            lo, hi = max(begin - off, 0), min(end - off, len(tokens))
+            flat[off + lo - begin:off + hi - begin] = tokens[lo:hi]
+            docs = cu[np.searchsorted(cu, lo):np.searchsorted(cu, hi)]
+            starts.append(docs.astype(np.int64) + (off - begin))
+        return flat, np.concatenate(starts)
+
+    def sequences(self, step: int, first: int, count: int) -> dict[str, Any]:
+        """Packed numpy micro-batch of ``count`` sequences from epoch-local sequence ``first``."""
+        epoch = step // self.steps_per_epoch
+        begin, end = packing.token_range(first, count, self.cfg.seq_len)
+        flat, starts = self.read(epoch, begin, end)
+        return packing.pack_slice(flat, starts, self.cfg.seq_len)
+
+    def first_sequence(self, step: int, micro: int, rank: int, micro_batch_size: int,
+                       world_size: int) -> int:
+        return packing.sequence_start(step % self.steps_per_epoch, micro, rank, world_size=world_size,
+                                      micro_batch_size=micro_batch_size,
+                                      sequences_per_step=self.sequences_per_step)
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, Any]:
+        """This rank's micro-batch ``micro`` of optimiser step ``step`` (numpy arrays)."""
+        cfg = self.cfg
+        first = self.first_sequence(step, micro, cfg.rank, cfg.micro_batch_size, cfg.world_size)
+        return self.sequences(step, first, cfg.micro_batch_size)
+
+    def global_step(self, step: int) -> dict[str, Any]:
+        """The whole step, every rank's sequences in order, as one packed batch (numpy)."""
+        first = (step % self.steps_per_epoch) * self.sequences_per_step
+        return self.sequences(step, first, self.sequences_per_step)
+
+    def shards_for(self, step: int) -> np.ndarray:
+        """Shard ids this rank reads in a step (sorted, unique), without reading anything."""
+        cfg = self.cfg
+        ids, cum = self.epoch_plan(step // self.steps_per_epoch)
+        firsts = np.asarray([self.first_sequence(step, j, cfg.rank, cfg.micro_batch_size, cfg.world_size)
+                             for j in range(cfg.grad_accum)], np.int64)
+        begins = firsts * cfg.seq_len
+        ends = (firsts + cfg.micro_batch_size) * cfg.seq_len + 1
+        k0 = np.searchsorted(cum, begins, side="right") - 1
+        k1 = np.searchsorted(cum, ends - 1, side="right")
+        pos = np.concatenate([np.arange(a, b) for a, b in zip(k0, k1, strict=True)])
+        return np.unique(self.index.shard_of(ids[pos]))
+
+
+def to_torch(batch: dict[str, Any], *, pin: bool = False) -> MicroBatch:
+    out: MicroBatch = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray):
+            t = torch.from_numpy(value)
+            out[key] = t.pin_memory() if pin else t
+        else:
+            out[key] = value
+    return out
+
+
+def step_digest(micro_batches_by_rank: list[list[MicroBatch]], *, micro_batch_size: int) -> str:
+    """Digest of one step from every rank's micro-batches, put back in global sequence order.
+
+    ``micro_batches_by_rank[r][j]`` is rank r's micro-step j; the rank rule places it at sequence
+    block ``j * world_size + r``, so the concatenation in (j, r) order is the step's sequences
+    ``[t*G, (t+1)*G)`` and the digest equals ``PackedLoader.step_digest``.
+    """
+    del micro_batch_size  # the block size is implicit in the tensors; kept for call-site clarity
+    world_size = len(micro_batches_by_rank)
+    grad_accum = len(micro_batches_by_rank[0])
+    ordered = [micro_batches_by_rank[r][j] for j in range(grad_accum) for r in range(world_size)]
+    cat = {k: np.concatenate([np.asarray(mb[k]) for mb in ordered])
+           for k in ("input_ids", "labels", "position_ids")}
+    return packing.digest_arrays(cat["input_ids"], cat["labels"], cat["position_ids"])
+
+
+class _MicroBatchDataset(torch.utils.data.Dataset):
+    """Map-style: index ``step * grad_accum + micro`` -> that micro-batch of this rank."""
+
+    def __init__(self, stream: PackedStream) -> None:
+        self.stream = stream
+        self.grad_accum = stream.cfg.grad_accum
+
+    def __getitem__(self, i: int) -> MicroBatch:
+        step, micro = divmod(i, self.grad_accum)
+        return to_torch(self.stream.micro_batch(step, micro))
+
+
+class _IndexRange(torch.utils.data.Sampler):
+    """Indices ``[begin, end)``, or from ``begin`` on forever when ``end`` is None."""
+
+    def __init__(self, begin: int, end: int | None) -> None:
+        self.begin, self.end = begin, end
+
+    def __iter__(self) -> Iterator[int]:
+        i = self.begin
+        while self.end is None or i < self.end:
+            yield i
+            i += 1
+
+    def __len__(self) -> int:
+        if self.end is None:
+            raise TypeError("unbounded loader (no epochs or max_tokens)")
+        return self.end - self.begin
+
+
+class PackedLoader:
+    """Iterate optimiser steps of one rank: each a list of ``grad_accum`` micro-batch dicts."""
+
+    def __init__(self, cfg: LoaderConfig, *, index: DatasetIndex | None = None) -> None:
+        self.cfg = cfg
+        self.index = index if index is not None else load_index(cfg.path)
+        self.stream = PackedStream(cfg, self.index)
+        self.grad_accum = cfg.grad_accum
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.fingerprint = self.stream.fingerprint
+        self.step = 0  # the next step to yield (global, across epochs)
+        limits = []
+        if cfg.epochs is not None:
+            limits.append(cfg.epochs * self.steps_per_epoch)
+        if cfg.max_tokens is not None:
+            limits.append(cfg.max_tokens // cfg.global_batch_tokens)
+        self.total_steps: int | None = min(limits) if limits else None
+        self._pin = torch.cuda.is_available()
+        self._last_need: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
+
+    def __len__(self) -> int:
+        """Steps left to yield (TypeError when neither epochs nor max_tokens bounds the run)."""
+        if self.total_steps is None:
+            raise TypeError("unbounded loader: set epochs or max_tokens to give it a length")
+        return max(0, self.total_steps - self.step)
+
+    def epoch_report(self) -> dict[str, int]:
+        """Per-epoch token accounting: what a full epoch uses and the tail it drops."""
+        used = self.steps_per_epoch * self.cfg.global_batch_tokens
+        return {"stream_tokens": self.stream.stream_tokens, "samples": len(self.stream.samples),
+                "sequences_per_epoch": self.stream.sequences_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "tokens_per_epoch": used,
+                "dropped_tokens_per_epoch": self.stream.stream_tokens - used}
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"version": LOADER_VERSION, "epoch": self.epoch, "step": self.step, "seed": cfg.seed,
+                "seq_len": cfg.seq_len, "global_batch_tokens": cfg.global_batch_tokens,
+                "fingerprint": self.fingerprint, "split": cfg.split,
+                "locality_shards": cfg.locality_shards}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state['step']`` by arithmetic; refuses state from other data or layouts."""
+        mine = self.state_dict()
+        missing = sorted({"version", "step", "seed", "seq_len", "global_batch_tokens", "fingerprint"}
+                         - set(state))
+        if missing:
+            raise ValueError(f"loader state lacks {missing}: not a PackedLoader.state_dict()")
+        if state["version"] != LOADER_VERSION:
+            raise ValueError(f"loader state has version {state['version']}, this slimpack writes "
+                             f"{LOADER_VERSION}: the order or packing rules changed; resume with the "
+                             "slimpack version that wrote the checkpoint")
+        if state["fingerprint"] != mine["fingerprint"]:
+            raise ValueError(
+                f"loader state was saved for different data (fingerprint {state['fingerprint'][:16]}..., "
+                f"split {state.get('split')!r}); this loader streams {self.cfg.path} split "
+                f"{self.cfg.split!r} (fingerprint {mine['fingerprint'][:16]}...): point at the same "
+                "dataset and split")
+        for key in ("split", "seed", "seq_len", "global_batch_tokens", "locality_shards"):
+            if key in state and state[key] != mine[key]:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has "
+                                 f"{key}={mine[key]!r}: the data order would differ; set {key} to "
+                                 f"{state[key]!r} to resume (world_size, micro_batch_size and "
+                                 "num_workers may change)")
+        step = int(state["step"])
+        if step < 0 or ("epoch" in state and state["epoch"] != step // self.steps_per_epoch):
+            raise ValueError(f"loader state is inconsistent: step {step} lies in epoch "
+                             f"{step // self.steps_per_epoch}, state says {state.get('epoch')}")
+        self.step = step
+
+    # ------------------------------------------------------------------ batches
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of a step (no state change)."""
+        return [to_torch(self.stream.micro_batch(step, j)) for j in range(self.grad_accum)]
+
+    def first_micro_batches(self, count: int) -> list[MicroBatch]:
+        """The first ``count`` micro-batches of this rank from step 0 (e.g. a fixed validation set)."""
+        total = self.total_steps if self.total_steps is not None else self.steps_per_epoch
+        if count > total * self.grad_accum:
+            count = total * self.grad_accum
+        return [to_torch(self.stream.micro_batch(*divmod(i, self.grad_accum))) for i in range(count)]
+
+    def step_digest(self, step: int) -> str:
+        """xxh3_64 over a step's global tokens, labels and positions: independent of ranks/workers."""
+        b = self.stream.global_step(step)
+        return packing.digest_arrays(b["input_ids"], b["labels"], b["position_ids"])
+
+    def _prefetch(self, step: int) -> None:
+        """Remote roots: download the next steps' shards, pin them, evict what is behind us."""
+        store = self.stream.store
+        if not store.remote:
+            return
+        ahead = self.cfg.prefetch_steps + math.ceil(
+            self.cfg.num_workers * self.cfg.prefetch_factor / self.grad_accum)
+        end = step + ahead + 1 if self.total_steps is None else min(step + ahead + 1, self.total_steps)
+        pinned: list[int] = []
+        for s in range(step, end):
+            for i in self.stream.shards_for(s).tolist():
+                self._last_need[i] = max(self._last_need.get(i, -1), s)
+                pinned.append(i)
+        store.prefetch(list(dict.fromkeys(pinned)))
+        order = sorted(self._last_need, key=self._last_need.__getitem__)
+        store.evict(set(pinned), order)
+        for i in [i for i in order if self._last_need[i] < step]:
+            del self._last_need[i]
+
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        start, end = self.step, self.total_steps
+        if self.cfg.num_workers == 0:
+            step = start
+            while end is None or step < end:
+                self._prefetch(step)
+                out = [to_torch(self.stream.micro_batch(step, j), pin=self._pin)
+                       for j in range(self.grad_accum)]
+                step += 1
+                self.step = step
+                yield out
+            return
+        loader = torch.utils.data.DataLoader(
+            _MicroBatchDataset(self.stream), batch_size=None,
+            sampler=_IndexRange(start * self.grad_accum, None if end is None else end * self.grad_accum),
+            num_workers=self.cfg.num_workers, pin_memory=self._pin,
+            prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+        it = iter(loader)
+        step = start
+        try:
+            while end is None or step < end:
+                self._prefetch(step)
+                out = [next(it) for _ in range(self.grad_accum)]
+                step += 1
+                self.step = step
+                yield out
+        finally:
+            del it
+
+    def close(self) -> None:
+        """Stop background downloads (remote roots)."""
+        if self.stream._store is not None:
+            self.stream._store.close()

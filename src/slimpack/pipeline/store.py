@@ -1,0 +1,252 @@
+"""Shard access for the loader: decoded-shard LRU, and for remote roots a verified local cache.
+
+Local datasets are read in place (never copied, never deleted). Uncompressed shards are
+memory-mapped; compressed ones are decompressed whole and kept in a small LRU (by bytes), since
+a zstd frame cannot be read in the middle.
+
+Remote datasets (``s3://...``) are downloaded shard by shard into ``cache_dir`` ahead of use:
+the loader knows exactly which samples come next and calls ``prefetch``. Every download is
+checked against the index hash (xxh3_64, else sha1, else size) before an atomic rename, so a
+file in the cache is always whole and correct. ``evict`` keeps the cache under
+``cache_limit_bytes`` by deleting cached files that are not pinned (needed soon), least
+recently needed first. It only ever deletes files it finds under ``cache_dir`` that the index
+names: a local dataset is never touched.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from slimpack.pipeline.index import DatasetIndex
+from slimpack.shards import schema
+from slimpack.shards.mds import Shard, ShardFormatError, ShardInfo, decompress, hash_bytes
+from slimpack.storage import Root
+
+_HASH_PREFERENCE = ("xxh3_64", "sha1")
+
+
+def _stored(info: ShardInfo) -> dict:
+    return info.entry["zip_data"] or info.entry["raw_data"]
+
+
+def verify_shard_bytes(info: ShardInfo, data: bytes, where: str) -> None:
+    """Raise ShardFormatError unless ``data`` matches the index's size and hash for this shard."""
+    stored = _stored(info)
+    if stored.get("bytes") is not None and len(data) != stored["bytes"]:
+        raise ShardFormatError(f"{where}: {len(data)} bytes, index.json says {stored['bytes']}: "
+                               "the copy is truncated or the index is stale; re-upload the shard")
+    hashes = stored.get("hashes") or {}
+    algo = next((a for a in _HASH_PREFERENCE if a in hashes), next(iter(hashes), None))
+    if algo is not None:
+        got = hash_bytes(algo, data)
+        if got != hashes[algo]:
+            raise ShardFormatError(f"{where}: {algo} {got} != {hashes[algo]} in index.json: the shard "
+                                   "is corrupt; re-upload it from a good copy or re-tokenize its part")
+
+
+class ShardStore:
+    """Decoded shards by index, from a local root or a remote root through a local cache."""
+
+    def __init__(self, index: DatasetIndex, *, cache_dir: str | None, cache_limit_bytes: int,
+                 decoded_cache_bytes: int, download_threads: int = 4) -> None:
+        self.index = index
+        self.root = Root(index.url)
+        self.remote = self.root.remote
+        self.decoded_cache_bytes = decoded_cache_bytes
+        self._decoded: OrderedDict[int, tuple[Shard, int]] = OrderedDict()
+        self._decoded_bytes = 0
+        self.cache_limit_bytes = cache_limit_bytes
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._threads = download_threads
+        self.downloads = 0
+        self.decodes = 0
+        self.evicted = 0
+        if self.remote:
+            if self.cache_dir is None:
+                raise ValueError(f"{index.url} is remote: set cache_dir to a local directory for shards")
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ files
+
+    def local_path(self, i: int) -> Path:
+        """Path of shard i's stored file on local disk, downloading (and verifying) it if needed."""
+        info = self.index.shards[i]
+        if not self.remote:
+            return Path(self.root.path) / info.basename
+        path = self.cache_dir / info.basename
+        if path.exists():
+            return path
+        with self._lock:
+            fut = self._pending.get(i)
+        if fut is not None:
+            fut.result()
+            return path
+        self._download(i)
+        return path
+
+    def _download(self, i: int) -> None:
+        info = self.index.shards[i]
+        path = self.cache_dir / info.basename
+        if path.exists():
+            return
+        data = self.root.read_bytes(info.basename)
+        verify_shard_bytes(info, data, f"{self.root.url}/{info.basename}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        with self._lock:
+            self.downloads += 1
+
+    def prefetch(self, shard_ids: list[int]) -> None:
+        """Start downloading shards that are not cached yet (remote only; returns at once)."""
+        if not self.remote:
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="slimpack-fetch")
+            for i in shard_ids:
+                if i in self._pending or (self.cache_dir / self.index.shards[i].basename).exists():
+                    continue
+                fut = self._pool.submit(self._download, i)
+                fut.add_done_callback(lambda _f, i=i: self._done(i))
+                self._pending[i] = fut
+
+    def _done(self, i: int) -> None:
+        with self._lock:
+            fut = self._pending.pop(i, None)
+        if fut is not None and fut.exception() is not None:
+            # Surfaced again (with its message) when the shard is needed: local_path retries.
+            pass
+
+    def wait(self) -> None:
+        """Block until every pending download has finished (raises the first download error)."""
+        with self._lock:
+            futures = list(self._pending.values())
+        for fut in futures:
+            fut.result()
+
+    def cached_files(self) -> dict[str, int]:
+        """Basename -> size of every index shard present in the cache."""
+        if not self.remote:
+            return {}
+        out = {}
+        for info in self.index.shards:
+            path = self.cache_dir / info.basename
+            try:
+                out[info.basename] = path.stat().st_size
+            except FileNotFoundError:
+                continue
+        return out
+
+    def evict(self, pinned: set[int], order: list[int] | None = None) -> int:
+        """Delete unpinned cached shards until the cache fits ``cache_limit_bytes``; returns bytes freed.
+
+        ``order``: shard ids from least to most recently needed (evicted first to last); cached
+        shards not in it go first. Only files under ``cache_dir`` named by the index are deleted.
+        """
+        if not self.remote:
+            return 0
+        files = self.cached_files()
+        total = sum(files.values())
+        if total <= self.cache_limit_bytes:
+            return 0
+        names = [s.basename for s in self.index.shards]
+        ranked = {i: r for r, i in enumerate(order or [])}
+        candidates = sorted((i for i, n in enumerate(names) if n in files and i not in pinned),
+                            key=lambda i: ranked.get(i, -1))
+        freed = 0
+        for i in candidates:
+            if total - freed <= self.cache_limit_bytes:
+                break
+            with self._lock:
+                if i in self._pending:
+                    continue
+            try:
+                (self.cache_dir / names[i]).unlink()
+            except FileNotFoundError:
+                continue
+            freed += files[names[i]]
+            self.evicted += 1
+        return freed
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # ------------------------------------------------------------------ decoded shards
+
+    def shard(self, i: int) -> Shard:
+        hit = self._decoded.get(i)
+        if hit is not None:
+            self._decoded.move_to_end(i)
+            return hit[0]
+        info = self.index.shards[i]
+        encodings = dict(zip(info.names, info.encodings, strict=True))
+        if encodings.get("tokens") != schema.COLUMNS["tokens"] or \
+                encodings.get("cu_seqlens") != schema.COLUMNS["cu_seqlens"]:
+            raise ShardFormatError(
+                f"{info.basename}: columns {encodings} lack tokens ndarray:uint32 and cu_seqlens "
+                "ndarray:int32 (schema v1); tokenize the data with `slimpack tokenize`")
+        path = self.local_path(i)
+        if info.compression:
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                raw = decompress(info.compression, data)
+            except zstandard.ZstdError as err:
+                raise ShardFormatError(f"{path}: zstd decompression failed ({err}): the file is "
+                                       "corrupt or truncated; re-copy or re-tokenize it") from err
+            size = len(raw)
+        else:
+            with open(path, "rb") as f:
+                raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+            size = 0  # page cache, not our memory
+        shard = Shard(raw, info, str(path))
+        self.decodes += 1
+        self._decoded[i] = (shard, size)
+        self._decoded_bytes += size
+        while self._decoded_bytes > self.decoded_cache_bytes and len(self._decoded) > 1:
+            _, (_, old) = self._decoded.popitem(last=False)
+            self._decoded_bytes -= old
+        return shard
+
+    def sample(self, sample_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens uint32, cu_seqlens int32) of a global sample id, checked against the index."""
+        i = int(np.searchsorted(self.index.shard_starts, sample_id, side="right")) - 1
+        k = sample_id - int(self.index.shard_starts[i])
+        shard = self.shard(i)
+        cols = shard.columns(k)
+        tokens = _ndarray(cols["tokens"], np.uint32)
+        cu = _ndarray(cols["cu_seqlens"], np.int32)
+        expected = int(self.index.sample_tokens[sample_id])
+        if len(tokens) != expected or len(cu) < 2 or cu[0] != 0 or cu[-1] != len(tokens):
+            raise ShardFormatError(
+                f"{shard.where}: sample {k} (global {sample_id}) has {len(tokens)} tokens and "
+                f"cu_seqlens {cu[:3].tolist()}...{cu[-1:].tolist()}, but sample_tokens.npy says "
+                f"{expected}: the shard and the index disagree; run `slimpack shards validate`")
+        return tokens, cu
+
+
+def _ndarray(view: memoryview, dtype: type) -> np.ndarray:
+    """Decode an ``ndarray:<dtype>`` column with a dynamic 1-D shape (our schema's columns)."""
+    byte = view[0]
+    ndim, code = byte >> 2, byte & 3
+    if ndim != 1:
+        raise ShardFormatError(f"expected a 1-D column, got {ndim}-D")
+    width = 1 << code
+    n = int.from_bytes(view[1:1 + width], "little")
+    return np.frombuffer(view, dtype, n, 1 + width)
