@@ -152,7 +152,7 @@ def build_val_set(cfg: TrainConfig, d: Dist) -> list[dict[str, Any]]:
                          f"micro_batch_size={per_step}")
     loader = build_loader(cfg, d, path=cfg.eval.path, split=cfg.eval.split,
                           global_batch_tokens=cfg.eval.sequences * cfg.data.seq_len)
-    return next(iter(loader))
+    return loader.micro_batches(0)
 
 
 def _git_sha() -> str | None:
