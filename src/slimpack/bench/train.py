@@ -32,6 +32,7 @@ import gc
 import itertools
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -303,8 +304,10 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             def step() -> torch.Tensor:
                 micro = [next(batches) for _ in range(grad_accum)]
                 if kind == "ours":
-                    return train_step(model, optimizer, micro, device=device, world_size=1, grad_clip_norm=1.0,
-                                      max_seqlen=seq_len if compile_blocks else None)[0]
+                    loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device, world_size=1,
+                                                      grad_clip_norm=1.0,
+                                                      max_seqlen=seq_len if compile_blocks else None)
+                    return loss_sum / n_valid
                 return _hf_step(model, optimizer, micro, device=device, seq_len=seq_len)
 
             _sync(device)
@@ -358,6 +361,7 @@ def _plan(quick: bool) -> list[dict[str, Any]]:
     return [
         {"name": "ours-2k-compile", "kind": "ours", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": True},
         {"name": "ours-4k-compile", "kind": "ours", "seq_len": 4096, "micro_batch_size": 2, "compile_blocks": True},
+        {"name": "ours-2k-eager", "kind": "ours", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": False},
         {"name": "hf-2k-eager", "kind": "hf", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": False},
         {"name": "hf-2k-compile", "kind": "hf", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": True},
         {"name": "hf-4k-compile", "kind": "hf", "seq_len": 4096, "micro_batch_size": 2, "compile_blocks": True},
@@ -382,7 +386,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "slimpack bench train" + (" --quick" if quick else ""),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__, "transformers": transformers.__version__, "model_preset":
         "tiny" if quick else "tinyllama-1.3b", "model_params": cfg.num_params(),
         "peak_flops": args.peak_tflops * 1e12, "checks": {}, "runs": []}
@@ -407,12 +411,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if source == "demo" and not _loader_available():
             print("slimpack.pipeline.PackedLoader is not available; using synthetic packed documents", flush=True)
             source = "synthetic"
+        data = None
         if source == "demo":
-            demo = _DemoData(Path(tmp))
-            result["data"] = {"source": "demo corpus via PackedLoader", "tokens": demo.tokens,
-                              "prepare_seconds": demo.seconds}
-            data = demo.micro_batches
-        else:
+            try:
+                demo = _DemoData(Path(tmp))
+                result["data"] = {"source": "demo corpus via PackedLoader", "tokens": demo.tokens,
+                                  "prepare_seconds": demo.seconds}
+                data = demo.micro_batches
+            except Exception as err:  # e.g. no llama-models tokenizer on the GPU machine
+                print(f"demo data unavailable ({type(err).__name__}: {err}); using synthetic documents",
+                      flush=True)
+                result["data_error"] = f"{type(err).__name__}: {err}"
+        if data is None:
             result["data"] = {"source": "synthetic: log-normal document lengths (median 600, sigma 1.2)"}
 
             def data(*, seq_len: int, micro_batch_size: int) -> Iterator[dict[str, Any]]:
