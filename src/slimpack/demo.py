@@ -144,10 +144,17 @@ def step_check(ctx: dict[str, Any]) -> None:
         print(f"  {name:24s} {src['documents']:6,} documents {src['tokens']:12,} tokens")
 
 
+def step_train(ctx: dict[str, Any]) -> None:
+    from slimpack.train.demo import step_train as train_demo
+
+    train_demo(ctx)
+
+
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
     ("check", step_check),
+    ("train", step_train),
 ]
 
 

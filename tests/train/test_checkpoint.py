@@ -35,7 +35,8 @@ def _batch(seed: int, T: int = 64) -> dict:
 
 def _trained(d, seed: int):
     torch.manual_seed(seed)
-    model = parallelize(Transformer(model_config("tiny")), d.mesh, ParallelSection(mixed_precision=False), d.device)
+    model = Transformer(model_config("tiny"))
+    parallelize(model, d.mesh, ParallelSection(mixed_precision=False), d.device)
     opt = build_optimizer(model, OptimSection(lr=1e-2), d.device)
     for s in range(2):
         train_step(model, opt, [_batch(s)], device=d.device, world_size=1, grad_clip_norm=1.0)
@@ -58,7 +59,8 @@ def test_round_trip_is_exact_and_training_continues_identically(dist1, tmp_path)
     meta = ckpt.load_checkpoint(path, other, other_opt)
     assert meta["step"] == 2 and meta["loader"] == {"step": 2}
     assert all(torch.equal(v, expected[k]) for k, v in _full(other).items())
-    loss_b = train_step(other, other_opt, [_batch(7)], device=dist1.device, world_size=1, grad_clip_norm=1.0)[0]
+    loss_b = train_step(other, other_opt, [_batch(7)], device=dist1.device, world_size=1,
+                        grad_clip_norm=1.0)[0]
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(v, _full(model)[k]) for k, v in _full(other).items())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -31,14 +32,15 @@ def test_cosine_starts_at_peak_ends_at_min_and_stays_there():
     assert lr_at(238_418, **PAPER) == pytest.approx(4e-5)
     assert lr_at(300_000, **PAPER) == pytest.approx(4e-5)
     values = [lr_at(s, **PAPER) for s in range(2000, 238_419, 997)]
-    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     assert lr_at(2001, **PAPER) < 4e-4
 
 
 def test_no_warmup():
     assert lr_at(0, lr=1.0, min_lr=0.1, warmup_steps=0, max_steps=10) == 1.0
     assert lr_at(10, lr=1.0, min_lr=0.1, warmup_steps=0, max_steps=10) == pytest.approx(0.1)
-    assert lr_at(5, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+    half = lr_at(5, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=10)
+    assert half == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
 
 
 def test_decay_groups_exclude_norms_and_embedding_by_default():

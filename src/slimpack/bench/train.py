@@ -46,7 +46,6 @@ import torch
 
 from slimpack.train.metrics import H100_BF16_PEAK_FLOPS, model_flops_per_token
 
-
 # ----------------------------------------------------------------------------- data
 
 
@@ -198,8 +197,8 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
     pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
 
     def hf_logits(model: Any) -> torch.Tensor:
-        parts = [model(input_ids=ids[a:b][None]).logits[0] for a, b in ((0, lengths[0]), (lengths[0], sum(lengths)))]
-        return torch.cat(parts)
+        docs = ((0, lengths[0]), (lengths[0], sum(lengths)))
+        return torch.cat([model(input_ids=ids[a:b][None]).logits[0] for a, b in docs])
 
     result: dict[str, Any] = {"lengths": lengths}
     with torch.no_grad():
@@ -247,8 +246,8 @@ def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, *, compile_bloc
     if kind == "ours":
         with torch.device(device):
             model = Transformer(cfg)
-        return parallelize(model, mesh, ParallelSection(mixed_precision=mixed_precision, compile=compile_blocks),
-                           device)
+        parallel = ParallelSection(mixed_precision=mixed_precision, compile=compile_blocks)
+        return parallelize(model, mesh, parallel, device)
     # The same FSDP2 policy around HF's decoder layers, so only the model implementation differs.
     model = _hf_model(cfg, device, torch.float32)
     model.config.use_cache = False
@@ -285,9 +284,9 @@ def _sync(device: torch.device) -> None:
 def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
                data: Any, device: torch.device, mesh: Any, grad_accum: int, warmup_steps: int,
                timed_steps: int, peak_flops: float) -> dict[str, Any]:
-    from slimpack.train.optim import build_optimizer
     from slimpack.train.config import OptimSection
     from slimpack.train.loop import train_step
+    from slimpack.train.optim import build_optimizer
 
     mixed = device.type == "cuda"
     attempts: list[dict[str, Any]] = []
@@ -301,7 +300,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             optimizer = build_optimizer(model, OptimSection(), device)
             batches = data(seq_len=seq_len, micro_batch_size=mbs)
 
-            def step() -> torch.Tensor:
+            def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches) -> torch.Tensor:
                 micro = [next(batches) for _ in range(grad_accum)]
                 if kind == "ours":
                     loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device, world_size=1,
@@ -326,7 +325,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             tps = tokens / elapsed
             flops_tok = model_flops_per_token(cfg, n_params, seq_len)
             result = {
-                "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs, "grad_accum": grad_accum,
+                "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs,
+                "grad_accum": grad_accum,
                 "compile": compile_blocks, "params": n_params, "warmup_steps": warmup_steps,
                 "warmup_seconds": warm, "timed_steps": timed_steps, "timed_seconds": elapsed,
                 "tokens_per_s": tps, "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
@@ -351,21 +351,24 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 # ----------------------------------------------------------------------------- driver
 
 
+_QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile
+    ("ours-128", "ours", 128, 2, False),
+    ("ours-256", "ours", 256, 1, False),
+    ("hf-128-eager", "hf", 128, 2, False),
+)
+_GPU_PLAN = (
+    ("ours-2k-compile", "ours", 2048, 4, True),
+    ("ours-4k-compile", "ours", 4096, 2, True),
+    ("ours-2k-eager", "ours", 2048, 4, False),
+    ("hf-2k-eager", "hf", 2048, 4, False),
+    ("hf-2k-compile", "hf", 2048, 4, True),
+    ("hf-4k-compile", "hf", 4096, 2, True),
+)
+
+
 def _plan(quick: bool) -> list[dict[str, Any]]:
-    if quick:
-        return [
-            {"name": "ours-128", "kind": "ours", "seq_len": 128, "micro_batch_size": 2, "compile_blocks": False},
-            {"name": "ours-256", "kind": "ours", "seq_len": 256, "micro_batch_size": 1, "compile_blocks": False},
-            {"name": "hf-128-eager", "kind": "hf", "seq_len": 128, "micro_batch_size": 2, "compile_blocks": False},
-        ]
-    return [
-        {"name": "ours-2k-compile", "kind": "ours", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": True},
-        {"name": "ours-4k-compile", "kind": "ours", "seq_len": 4096, "micro_batch_size": 2, "compile_blocks": True},
-        {"name": "ours-2k-eager", "kind": "ours", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": False},
-        {"name": "hf-2k-eager", "kind": "hf", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": False},
-        {"name": "hf-2k-compile", "kind": "hf", "seq_len": 2048, "micro_batch_size": 4, "compile_blocks": True},
-        {"name": "hf-4k-compile", "kind": "hf", "seq_len": 4096, "micro_batch_size": 2, "compile_blocks": True},
-    ]
+    return [{"name": n, "kind": k, "seq_len": s, "micro_batch_size": m, "compile_blocks": c}
+            for n, k, s, m, c in (_QUICK_PLAN if quick else _GPU_PLAN)]
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -386,14 +389,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "slimpack bench train" + (" --quick" if quick else ""),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
         "torch": torch.__version__, "transformers": transformers.__version__, "model_preset":
         "tiny" if quick else "tinyllama-1.3b", "model_params": cfg.num_params(),
         "peak_flops": args.peak_tflops * 1e12, "checks": {}, "runs": []}
 
     # 1-2. correctness first: a fast wrong kernel is not a result.
+    # The logits check uses 4 of the 22 layers on GPU: same shapes and code, a few seconds.
+    logits_cfg = cfg if quick else replace(cfg, num_layers=4)
     for name, fn in (("attention", lambda: check_attention(device)),
-                     ("logits_vs_hf", lambda: check_logits(cfg if quick else replace(cfg, num_layers=4), device))):
+                     ("logits_vs_hf", lambda: check_logits(logits_cfg, device))):
         t0 = time.perf_counter()
         try:
             result["checks"][name] = fn()
@@ -401,15 +407,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             result["checks"][name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
                                       "traceback": traceback.format_exc()}
         result["checks"][name]["seconds"] = time.perf_counter() - t0
-        print(f"check {name}: {'ok' if result['checks'][name]['ok'] else 'FAILED'} "
-              f"{json.dumps({k: v for k, v in result['checks'][name].items() if k != 'traceback'})}", flush=True)
+        shown = {k: v for k, v in result["checks"][name].items() if k != "traceback"}
+        print(f"check {name}: {'ok' if shown['ok'] else 'FAILED'} {json.dumps(shown)}", flush=True)
         _cleanup(device)
 
     # 3. throughput
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-train-") as tmp:
         source = args.data
         if source == "demo" and not _loader_available():
-            print("slimpack.pipeline.PackedLoader is not available; using synthetic packed documents", flush=True)
+            print("slimpack.pipeline.PackedLoader is not available; using synthetic documents", flush=True)
             source = "synthetic"
         data = None
         if source == "demo":
@@ -443,8 +449,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 print(r["traceback"], flush=True)
             result["runs"].append(r)
             if "tokens_per_s" in r:
-                print(f"  {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, warm-up {r['warmup_seconds']:.1f} s",
-                      flush=True)
+                print(f"  {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
+                      f"warm-up {r['warmup_seconds']:.1f} s", flush=True)
     by_name = {r["name"]: r for r in result["runs"] if "tokens_per_s" in r}
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
                      ("ours-128", "hf-128-eager")):
@@ -458,15 +464,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"bench train on {result['device']} (torch {result['torch']}, transformers {result['transformers']}), "
-             f"{result['model_preset']} ({result['model_params']:,} params), data: {result['data']['source']}",
-             f"{'config':18s} {'seq':>5s} {'mbs':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>8s} {'warm-up s':>9s}"]
+    lines = [f"bench train on {result['device']} (torch {result['torch']}, transformers "
+             f"{result['transformers']}), {result['model_preset']} ({result['model_params']:,} params), "
+             f"data: {result['data']['source']}",
+             f"{'config':18s} {'seq':>5s} {'mbs':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>8s} "
+             f"{'warm-up s':>9s}"]
     for r in result["runs"]:
         if "tokens_per_s" not in r:
             lines.append(f"{r['name']:18s} ERROR {r.get('error', '')[:80]}")
             continue
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"{r['name']:18s} {r['seq_len']:5d} {r['micro_batch_size']:3d} {r['tokens_per_s']:10,.0f} "
+        lines.append(f"{r['name']:18s} {r['seq_len']:5d} {r['micro_batch_size']:3d} "
+                     f"{r['tokens_per_s']:10,.0f} "
                      f"{100 * r['mfu']:5.1f}% {mem:>8s} {r['warmup_seconds']:9.1f}")
     for k, v in result.get("speedup_vs_hf", {}).items():
         lines.append(f"speed-up {k}: {v:.2f}x")
@@ -476,7 +485,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="one-GPU training throughput (ours vs Hugging Face) + GPU correctness checks")
+    p = sub.add_parser("train", help="one-GPU training throughput (ours vs Hugging Face) and "
+                                     "GPU correctness checks")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, a few steps")
     p.add_argument("--data", choices=("demo", "synthetic"), default=None,

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -138,5 +139,7 @@ def load_model_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], di
                 for key, md in metadata.state_dict_metadata.items()
                 if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
     state = {"model": model_sd}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return state["model"], meta

@@ -50,7 +50,8 @@ def run_export(args: argparse.Namespace) -> int:
     state_dict, meta = load_model_state_dict(path)
     cfg = ModelConfig(**meta["model_config"])
     export_hf(state_dict, cfg, args.out)
-    print(f"exported {path} (step {meta['step']}, {sum(t.numel() for t in state_dict.values()):,} parameters) "
+    n_params = sum(t.numel() for t in state_dict.values())
+    print(f"exported {path} (step {meta['step']}, {n_params:,} parameters) "
           f"to {args.out} as LlamaForCausalLM", file=sys.stdout)
     return 0
 

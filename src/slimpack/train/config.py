@@ -129,7 +129,9 @@ class TrainConfig:
     @property
     def steps(self) -> int:
         """Optimiser steps of the whole run."""
-        return self.max_steps if self.max_steps is not None else self.total_tokens // self.data.global_batch_tokens
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.total_tokens // self.data.global_batch_tokens
 
     def grad_accum(self, world_size: int) -> int:
         per_micro = world_size * self.data.micro_batch_size * self.data.seq_len

@@ -243,7 +243,7 @@ def train(cfg: TrainConfig) -> TrainReport:
 
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                            console_every=cfg.log.every_steps) if is_main else None)
+                            console_every=cfg.log.every_steps, resume_step=step) if is_main else None)
     if is_main:
         print(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
               f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
@@ -252,9 +252,9 @@ def train(cfg: TrainConfig) -> TrainReport:
 
     def save(at_step: int) -> Path:
         meta = {"tokens": tokens_seen, "loader": loader.state_dict(), "run_id": run_id,
-                "schedule": {"step": at_step, "lr_next": lr_at(at_step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
-                                                                warmup_steps=cfg.optim.warmup_steps,
-                                                                max_steps=max_steps)},
+                "schedule": {"step": at_step, "max_steps": max_steps,
+                             "lr_next": lr_at(at_step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
+                                              warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps)},
                 "world_size": d.world_size, "config": cfg.to_dict(), "model_config": dataclasses.asdict(mcfg),
                 "slimpack_version": __version__, "git_sha": _git_sha(), "saved_at": time.time()}
         return ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, meta,

@@ -42,9 +42,10 @@ class MetricsLogger:
     """Rank 0 only: appends one JSON line per record to RUN_DIR/metrics.jsonl, mirrors to wandb."""
 
     def __init__(self, run_dir: Path, *, config: dict[str, Any], run_id: str, use_wandb: bool,
-                 wandb_mode: str, wandb_project: str, console_every: int) -> None:
+                 wandb_mode: str, wandb_project: str, console_every: int, resume_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
-        self.file = open(self.path, "a")  # append: a resumed run continues the same file
+        _truncate_after(self.path, resume_step)
+        self.file = open(self.path, "a")  # noqa: SIM115 (open for the run's life; a resumed run appends)
         self.console_every = max(1, console_every)
         self.wandb = None
         if use_wandb:
@@ -68,6 +69,19 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records of steps after `step`: those a crashed run logged past its last checkpoint, which
+    the resumed run is about to redo. Atomic (write aside, rename)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
 
 
 def _console_line(r: dict[str, Any]) -> str:
