@@ -3,9 +3,10 @@
 - resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, clean exit), `--resume auto`, 3 steps:
   every loss bitwise, the validation losses, and the final parameters exactly; an interrupted save
   left lying around is ignored.
-- world size: one process (grad_accum 4) and two (grad_accum 2) see the same tokens per step and
-  give the same losses (up to float summation order): the loss normalisation and FSDP's gradient
-  reduction, output projection included, are right.
+- world size: one process (grad_accum 4), two (grad_accum 2) and four as hybrid sharding (2
+  replicas x 2 shards, grad_accum 1) see the same tokens per step and give the same losses (up to
+  float summation order): the loss normalisation and FSDP's gradient reduction, output projection
+  included, are right.
 - export: `slimpack export-hf` on the final checkpoint loads in transformers with our logits.
 """
 
@@ -144,6 +145,17 @@ def test_one_process_matches_two(tmp_path, dataset, uninterrupted):
     one = [r["loss"] for r in _records(run, "train")]
     two = [r["loss"] for r in _records(uninterrupted, "train")]
     assert one == pytest.approx(two, rel=2e-5)
+
+
+@pytest.mark.slow
+def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
+    """4 processes as 2 replicas x 2 shards (HSDP's 2-D mesh) == 2 processes plain FSDP."""
+    run = tmp_path / "hsdp"
+    _train(4, _overrides(run, dataset, **{"parallel.dp_replicate": 2, "eval.every_steps": 0}))
+    hsdp = [r["loss"] for r in _records(run, "train")]
+    assert hsdp == pytest.approx([r["loss"] for r in _records(uninterrupted, "train")], rel=2e-5)
+    assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
+        _records(run, "train")[0]["tokens_per_s"] / 4)
 
 
 def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
