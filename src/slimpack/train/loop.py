@@ -150,8 +150,12 @@ def build_val_set(cfg: TrainConfig, d: Dist) -> list[dict[str, Any]]:
     if cfg.eval.sequences % per_step:
         raise ValueError(f"eval.sequences={cfg.eval.sequences} must be a multiple of world_size*"
                          f"micro_batch_size={per_step}")
-    loader = build_loader(cfg, d, path=cfg.eval.path, split=cfg.eval.split,
-                          global_batch_tokens=cfg.eval.sequences * cfg.data.seq_len)
+    try:
+        loader = build_loader(cfg, d, path=cfg.eval.path, split=cfg.eval.split,
+                              global_batch_tokens=cfg.eval.sequences * cfg.data.seq_len)
+    except ValueError as err:
+        raise ValueError(f"validation set: {err} (set eval.path / eval.split to a held-out split, or "
+                         f"eval.every_steps=0 to train without validation)") from err
     return loader.micro_batches(0)
 
 
