@@ -6,12 +6,13 @@
 First the correctness checks, then the timings:
 1. attention: varlen (FlashAttention-2 through PyTorch) vs the per-document SDPA reference on a packed
    bf16 batch, forward output and the q/k/v gradients, both against an fp32 reference; varlen's error
-   must be within 2x (+ a small floor) of the bf16 reference path's own error.
+   must be within 2x the bf16 reference path's own error, or within 1% of the largest value.
 2. logits: our Transformer vs a Hugging Face LlamaForCausalLM holding the same weights
    (`export.to_hf_state_dict`), two documents packed for us, run one by one for Hugging Face:
    fp32 reference attention (tight) and bf16 varlen vs bf16 SDPA (each against the fp32 logits).
 3. throughput, one process, FSDP2 (bf16 params, fp32 reduction, fp32 master weights, fused AdamW):
-   our `tinyllama-1.3b` with varlen document masking and per-block torch.compile at 2K and 4K, and a
+   our `tinyllama-1.3b` with varlen document masking and per-block torch.compile at 2K and 4K (and
+   eager at 2K), and a
    Hugging Face LlamaForCausalLM of the same shape (SDPA, plain causal over the whole window, no
    document masking: the usual HF set-up) eager and compiled, wrapped by the same FSDP2 policy and
    optimiser, so only the model implementation differs. Each configuration runs `--warmup-steps`
@@ -151,17 +152,21 @@ def check_attention(device: torch.device) -> dict[str, Any]:
         return out.detach(), [x.grad for x in (q, k, v)]
 
     ref_out, ref_grads = run(None, torch.float64 if device.type == "cpu" else torch.float32)
+    refs = {"out": ref_out, "dq": ref_grads[0], "dk": ref_grads[1], "dv": ref_grads[2]}
     result: dict[str, Any] = {"lengths": lengths, "heads": H, "kv_heads": Hkv, "head_dim": D,
-                              "dtype": str(dtype), "backends": {}}
+                              "dtype": str(dtype), "backends": {},
+                              "ref_abs_max": {k: v.abs().max().item() for k, v in refs.items()}}
     for backend in dict.fromkeys([fast, "sdpa_ref"]):
         out, grads = run(backend, dtype)
-        result["backends"][backend] = {
-            "out_max_err": _err(out, ref_out),
-            **{f"d{n}_max_err": _err(gr, rg) for n, gr, rg in zip("qkv", grads, ref_grads, strict=True)}}
+        got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
+        result["backends"][backend] = {f"{k}_max_err": _err(got[k], refs[k]) for k in refs}
     ours, ref = result["backends"][fast], result["backends"]["sdpa_ref"]
-    floor = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    # Pass: within 2x the reference path's own error in the same dtype, or within the dtype's
+    # resolution of the largest value (bf16 keeps ~3 significant digits: 1% of the max).
+    rel = 1e-2 if dtype == torch.bfloat16 else 1e-5
     result["fast_backend"] = fast
-    result["ok"] = all(ours[k] <= 2 * ref[k] + floor for k in ours)
+    result["ok"] = all(ours[f"{k}_max_err"] <= max(2 * ref[f"{k}_max_err"], rel * result["ref_abs_max"][k])
+                       for k in refs)
     return result
 
 
@@ -216,7 +221,7 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
             bf_ours = _err(ours_bf.logits(ids, pos, cu, max(lengths)), ref_hf)
             bf_hf = _err(hf_logits(hf_bf), ref_hf)
             result["bf16"] = {"ours_varlen_vs_fp32": bf_ours, "hf_sdpa_vs_fp32": bf_hf}
-            ok = ok and bf_ours <= 2 * bf_hf + 1e-2
+            ok = ok and bf_ours <= max(2 * bf_hf, 1e-2 * scale)
     result["ok"] = ok
     del ours, hf
     return result
