@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.train")
+BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.model", "slimpack.bench.train")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -4,7 +4,9 @@
 
 q (T, H, D), k/v (T, Hkv, D) with H % Hkv == 0 (grouped-query attention: query head h reads KV
 head h // (H // Hkv), as in HF Llama's `repeat_kv`); cu_seqlens (k+1,) int32 boundaries [0, ..., T];
-max_seqlen the longest document as a Python int. Scale 1/sqrt(D).
+max_seqlen a Python int at least the longest document: the kernels size their grids by it, so an
+upper bound such as the packed seq_len gives the same result and spares torch.compile a new
+specialisation per batch. Scale 1/sqrt(D).
 
 Backends (all must agree; tests/train/test_attention.py and test_gpu.py prove it):
 - "varlen":     torch.nn.attention.varlen.varlen_attn, PyTorch's built-in FlashAttention-2 (CUDA,

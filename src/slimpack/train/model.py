@@ -6,7 +6,8 @@ model. Inputs are FLAT packed tensors (documents concatenated, no padding, no ba
     input_ids    (T,)   int64   token ids
     position_ids (T,)   int64   0, 1, ... restarting at every document start
     cu_seqlens   (k+1,) int32   document boundaries [0, ..., T]
-    max_seqlen   int            longest document (a Python int, so kernels need no host sync)
+    max_seqlen   int            longest document, or any upper bound such as seq_len (a Python
+                                int, so kernels need no host sync)
 
 and the model returns the final-normed hidden states (T, D), not logits: the loss applies
 `model.output` in token chunks so (T, 128256) fp32 logits never exist (see `train/loss.py`).
