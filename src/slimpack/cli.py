@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "slimpack.demo",
     "slimpack.tokenize.cli",
     "slimpack.shards.cli",
+    "slimpack.pipeline.cli",
     "slimpack.train.cli",
     "slimpack.bench.cli",
 )

@@ -144,6 +144,32 @@ def step_check(ctx: dict[str, Any]) -> None:
         print(f"  {name:24s} {src['documents']:6,} documents {src['tokens']:12,} tokens")
 
 
+def step_pipeline(ctx: dict[str, Any]) -> None:
+    from dataclasses import replace
+
+    from slimpack.pipeline import LoaderConfig, PackedLoader
+    from slimpack.pipeline.tools import digest_steps, inspect_micro_batch
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+
+    cfg = LoaderConfig(str(ctx["shards"]), seq_len=512, global_batch_tokens=512 * 8, micro_batch_size=4)
+    loader = PackedLoader(cfg)
+    report = loader.epoch_report()
+    print(f"loader: {report['samples']} train samples, {report['stream_tokens']:,} tokens -> "
+          f"{loader.steps_per_epoch} steps of {cfg.global_batch_tokens:,} tokens per epoch "
+          f"(grad_accum {loader.grad_accum}, {report['dropped_tokens_per_epoch']:,} tail tokens dropped)")
+    # Show the first micro-batch in which a document ends and another starts.
+    step = next((s for s in range(min(loader.steps_per_epoch, 200))
+                 if (loader.stream.micro_batch(s, 0)["labels"] == -100).any()), 0)
+    view = inspect_micro_batch(loader, step, 0, decode=Llama3Tokenizer().decode)
+    print("\n".join(view.lines(max_chars=120)))
+    one = digest_steps(cfg, start_step=0, steps=4)
+    two = digest_steps(replace(cfg, world_size=2, micro_batch_size=2), start_step=0, steps=4)
+    if one.digests != two.digests:
+        raise RuntimeError(f"step digests differ between 1 and 2 ranks: {one.digests} {two.digests}")
+    print("per-step digests (1 rank x 4 sequences x 2 micro-steps == 2 ranks x 2 sequences x 2):")
+    print("\n".join("  " + line for line in one.lines()))
+
+
 def step_train(ctx: dict[str, Any]) -> None:
     from slimpack.train.demo import step_train as train_demo
 
@@ -154,6 +180,7 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
     ("check", step_check),
+    ("pipeline", step_pipeline),
     ("train", step_train),
 ]
 

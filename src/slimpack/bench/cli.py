@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.model", "slimpack.bench.train")
+BENCH_MODULES = ("slimpack.bench.tokenize", "slimpack.bench.model", "slimpack.bench.loader",
+                 "slimpack.bench.train")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,9 +1,11 @@
 """The global sample index of a dataset: shards, per-sample token counts, split membership.
 
 Built from the three small files that merge writes (``index.json``, ``sample_tokens.npy``,
-``slimpack.json``); no shard is opened. Everything per sample is a numpy array (no Python object
-per sample), so a SlimPajama-scale index (9.6M samples, ~40K shards) loads in seconds and holds a
-few hundred MB at most.
+``slimpack.json``); no shard is opened. Everything per sample is a numpy array and everything per
+shard is a compact column (no dict per shard is kept): a SlimPajama-scale index (9.6M samples,
+60K shards, a 42 MB index.json) would otherwise hold ~200 MB of parsed JSON per process. The
+shard entries are reduced while ``json.loads`` parses them (``object_hook``), so that tree never
+exists whole.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ from typing import Any
 import numpy as np
 
 from slimpack.shards import schema
-from slimpack.shards.mds import ShardFormatError, ShardInfo, parse_index
-from slimpack.storage import Root
+from slimpack.shards.mds import ShardInfo
+
+_HASH_PREFERENCE = ("xxh3_64", "sha1")
 
 
 class DatasetError(ValueError):
     """Index files missing, corrupt or inconsistent; the message says which and how to fix."""
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Column layout shared by many shards (interned: one object per distinct layout)."""
+
+    names: tuple[str, ...]
+    encodings: tuple[str, ...]
+    sizes: tuple[int | None, ...]
+    compression: str | None
 
 
 @dataclass
@@ -29,10 +42,13 @@ class DatasetIndex:
     """Shards and per-sample token counts of one dataset root (local path or remote URL)."""
 
     url: str
-    manifest: dict[str, Any]
-    shards: list[ShardInfo]
+    manifest: dict[str, Any]  # slimpack.json without its per-part table
+    shard_names: list[str]  # stored file of each shard (compressed if compressed), root-relative
+    shard_bytes: np.ndarray  # int64 size of each stored file
+    shard_hashes: list[tuple[str, str] | None]  # (algorithm, hex digest) of each stored file
+    shard_layouts: list[ShardLayout]
     shard_starts: np.ndarray  # int64 (num_shards + 1,): first global sample id of each shard
-    sample_tokens: np.ndarray  # int64 (num_samples,)
+    sample_tokens: np.ndarray  # int32 (num_samples,)
     shard_splits: np.ndarray  # int16 (num_shards,): code into `split_names`
     split_names: tuple[str, ...]
 
@@ -44,15 +60,26 @@ class DatasetIndex:
     def num_samples(self) -> int:
         return len(self.sample_tokens)
 
+    @property
+    def num_shards(self) -> int:
+        return len(self.shard_names)
+
+    def shard_info(self, i: int) -> ShardInfo:
+        """The codec's view of shard i (built on demand)."""
+        lay = self.shard_layouts[i]
+        samples = int(self.shard_starts[i + 1] - self.shard_starts[i])
+        return ShardInfo(i, samples, self.shard_names[i], lay.compression, lay.names, lay.encodings,
+                         lay.sizes, {})
+
     def split_samples(self, split: str) -> np.ndarray:
-        """Global sample ids (int64, ascending) of one split, vectorised over shards."""
+        """Global sample ids (ascending) of one split, vectorised over shards."""
         if split not in self.split_names:
             raise DatasetError(f"{self.url}: no split {split!r}; this dataset has "
                                f"{list(self.split_names)}")
         code = self.split_names.index(split)
-        counts = np.diff(self.shard_starts)
-        mask = np.repeat(self.shard_splits == code, counts)
-        return np.flatnonzero(mask).astype(np.int64, copy=False)
+        mask = np.repeat(self.shard_splits == code, np.diff(self.shard_starts))
+        dtype = np.int32 if self.num_samples < 2**31 else np.int64
+        return np.flatnonzero(mask).astype(dtype)
 
     def shard_of(self, samples: np.ndarray) -> np.ndarray:
         """Shard index of each global sample id."""
@@ -68,21 +95,68 @@ def part_of(basename: str) -> str:
     return basename[len(prefix):basename.rindex("/")]
 
 
-def build_index(url: str, manifest: dict[str, Any], index: dict[str, Any],
+class _ShardEntries:
+    """``json.loads`` object_hook that turns each MDS shard entry into a tuple as it is parsed."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.layouts: dict[tuple, ShardLayout] = {}
+
+    def __call__(self, d: dict[str, Any]) -> Any:
+        if "column_encodings" not in d:
+            return d
+        try:
+            stored = d["zip_data"] or d["raw_data"]
+            if d["format"] != "mds":
+                raise DatasetError(f"{self.where}: shard {stored['basename']} has format "
+                                   f"{d['format']!r}, not 'mds'")
+            key = (tuple(d["column_names"]), tuple(d["column_encodings"]), tuple(d["column_sizes"]),
+                   d.get("compression") or None)
+            layout = self.layouts.get(key)
+            if layout is None:
+                layout = self.layouts[key] = self._check(ShardLayout(*key), stored["basename"])
+            hashes = stored.get("hashes") or {}
+            algo = next((a for a in _HASH_PREFERENCE if a in hashes), next(iter(hashes), None))
+            return (stored["basename"], int(stored["bytes"]), (algo, hashes[algo]) if algo else None,
+                    int(d["samples"]), layout)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, DatasetError):
+                raise
+            raise DatasetError(f"{self.where}: malformed shard entry ({err!r}); re-run the merge") from err
+
+    def _check(self, layout: ShardLayout, basename: str) -> ShardLayout:
+        cols = dict(zip(layout.names, layout.encodings, strict=True))
+        for name in ("tokens", "cu_seqlens"):
+            if cols.get(name) != schema.COLUMNS[name]:
+                raise DatasetError(
+                    f"{self.where}: shard {basename} has columns {cols}, not schema v1's tokens "
+                    f"{schema.COLUMNS['tokens']} and cu_seqlens {schema.COLUMNS['cu_seqlens']}; "
+                    "tokenize the data with `slimpack tokenize`")
+        if not all(schema.is_safe_encoding(e) for e in layout.encodings):
+            raise DatasetError(f"{self.where}: shard {basename} uses an unsafe encoding "
+                               f"({layout.encodings}); slimpack never unpickles")
+        return layout
+
+
+def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
                 sample_tokens: np.ndarray) -> DatasetIndex:
-    """Check the three files against each other and build the index (no I/O)."""
+    """Parse and cross-check the three files (no I/O)."""
     where = f"{url}/{schema.INDEX_FILENAME}"
     try:
-        shards = parse_index(index, where)
-    except ShardFormatError as err:
-        raise DatasetError(str(err)) from err
+        manifest = json.loads(manifest_bytes)
+        index = json.loads(index_bytes, object_hook=_ShardEntries(where))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{url}: corrupt JSON ({err}); re-run `slimpack shards merge`") from err
+    if not isinstance(index, dict) or index.get("version") != schema.MDS_VERSION \
+            or not isinstance(index.get("shards"), list):
+        raise DatasetError(f"{where}: not an MDS v2 index (needs 'version': 2 and a 'shards' list)")
     for key in ("fingerprint", "parts"):
         if key not in manifest:
             raise DatasetError(f"{url}/{schema.MANIFEST_FILENAME}: no {key!r}; re-run the merge")
-    counts = np.fromiter((s.samples for s in shards), np.int64, len(shards))
-    shard_starts = np.zeros(len(shards) + 1, np.int64)
-    np.cumsum(counts, out=shard_starts[1:])
-    sample_tokens = np.asarray(sample_tokens)
+    entries = index["shards"]
+    names = [e[0] for e in entries]
+    shard_starts = np.zeros(len(entries) + 1, np.int64)
+    np.cumsum(np.fromiter((e[3] for e in entries), np.int64, len(entries)), out=shard_starts[1:])
     if sample_tokens.ndim != 1 or sample_tokens.dtype.kind not in "iu":
         raise DatasetError(f"{url}/{schema.SAMPLE_TOKENS_FILENAME}: expected a 1-D integer array, "
                            f"got {sample_tokens.dtype} {sample_tokens.shape}; re-run the merge")
@@ -94,28 +168,32 @@ def build_index(url: str, manifest: dict[str, Any], index: dict[str, Any],
     if manifest.get("samples", len(sample_tokens)) != len(sample_tokens):
         raise DatasetError(f"{url}: manifest says {manifest['samples']} samples, the index "
                            f"{len(sample_tokens)}; re-run `slimpack shards merge`")
-    if len(sample_tokens) and int(sample_tokens.min()) <= 0:
-        k = int(np.argmin(sample_tokens))
+    if len(sample_tokens) and (int(sample_tokens.min()) <= 0 or int(sample_tokens.max()) >= 2**31):
+        k = int(np.argmin(sample_tokens)) if int(sample_tokens.min()) <= 0 else int(np.argmax(sample_tokens))
         raise DatasetError(f"{url}: sample {k} has {int(sample_tokens[k])} tokens; "
                            f"{schema.SAMPLE_TOKENS_FILENAME} is corrupt; re-run the merge")
-    parts = manifest["parts"]
+    parts = manifest.pop("parts")
     split_of_part = {p: info["split"] for p, info in parts.items()}
     split_names = tuple(sorted(set(split_of_part.values())))
     codes = {s: i for i, s in enumerate(split_names)}
-    shard_splits = np.empty(len(shards), np.int16)
-    for i, s in enumerate(shards):
-        part = part_of(s.basename)
+    shard_splits = np.empty(len(entries), np.int16)
+    for i, name in enumerate(names):
+        part = part_of(name)
         if part not in split_of_part:
-            raise DatasetError(f"{url}: shard {s.basename} belongs to part {part!r}, which the manifest "
+            raise DatasetError(f"{url}: shard {name} belongs to part {part!r}, which the manifest "
                                "does not list; re-run `slimpack shards merge`")
         shard_splits[i] = codes[split_of_part[part]]
-    return DatasetIndex(url=url, manifest=manifest, shards=shards, shard_starts=shard_starts,
-                        sample_tokens=sample_tokens.astype(np.int64, copy=False),
+    return DatasetIndex(url=url, manifest=manifest, shard_names=names,
+                        shard_bytes=np.fromiter((e[1] for e in entries), np.int64, len(entries)),
+                        shard_hashes=[e[2] for e in entries], shard_layouts=[e[4] for e in entries],
+                        shard_starts=shard_starts, sample_tokens=sample_tokens.astype(np.int32),
                         shard_splits=shard_splits, split_names=split_names)
 
 
 def load_index(url: str) -> DatasetIndex:
     """Read ``slimpack.json``, ``index.json`` and ``sample_tokens.npy`` from a dataset root."""
+    from slimpack.storage import Root
+
     root = Root(url)
     files = {}
     for name in (schema.MANIFEST_FILENAME, schema.INDEX_FILENAME, schema.SAMPLE_TOKENS_FILENAME):
@@ -125,13 +203,8 @@ def load_index(url: str) -> DatasetIndex:
             raise DatasetError(f"{root.url}/{name}: missing; point at a merged slimpack dataset "
                                "(`slimpack tokenize ... --out DIR` writes one)") from err
     try:
-        manifest = json.loads(files[schema.MANIFEST_FILENAME])
-        index = json.loads(files[schema.INDEX_FILENAME])
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{root.url}: corrupt JSON ({err}); re-run `slimpack shards merge`") from err
-    try:
-        tokens = np.load(io.BytesIO(files[schema.SAMPLE_TOKENS_FILENAME]), allow_pickle=False)
-    except ValueError as err:
+        tokens = np.load(io.BytesIO(files.pop(schema.SAMPLE_TOKENS_FILENAME)), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
         raise DatasetError(f"{root.url}/{schema.SAMPLE_TOKENS_FILENAME}: unreadable ({err}); "
                            "re-run `slimpack shards merge`") from err
-    return build_index(root.url, manifest, index, tokens)
+    return build_index(root.url, files[schema.MANIFEST_FILENAME], files[schema.INDEX_FILENAME], tokens)

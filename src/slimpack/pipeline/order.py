@@ -1,19 +1,20 @@
 """Epoch order: a versioned permutation of samples that is a pure function of (seed, epoch, fingerprint).
 
-Algorithm (version 1): a 64-bit epoch key is the first 8 bytes of
-``sha256("slimpack-order-v1:{seed}:{epoch}:{fingerprint}")``; sample i gets the sort key
-``splitmix64(epoch_key + (i + 1) * 0x9E3779B97F4A7C15)`` and the epoch order is the samples sorted
-by key. splitmix64's finaliser is a bijection of uint64 and i -> key_base + (i + 1) * odd is one
-too, so keys are distinct, the sort has no ties and any sort algorithm gives the same order.
-Everything is integer arithmetic on uint64 (wrapping), so the order is identical across numpy
-versions, platforms and machines; numpy's RNG streams are never used.
+Algorithm (version 1). The epoch key is the first 8 bytes (little-endian) of
+``sha256("slimpack-order-v1::{seed}:{epoch}:{fingerprint}")``. Sample i gets the 64-bit hash
+``h_i = splitmix64(epoch_key + (i + 1) * 0x9E3779B97F4A7C15)`` (Vigna's splitmix64 stream). With
+``b = bit_length(n - 1)`` index bits, the sort key is ``(h_i >> b) << b | i``: the top ``64 - b``
+bits of the hash, ties broken by the index. Keys are distinct, so the sorted order is unique
+(any sort algorithm agrees) and the epoch order is ``key & (2**b - 1)`` after sorting.
+Everything is wrapping uint64 arithmetic, identical across numpy versions and machines; numpy's
+RNG streams are never used. Packing the index into the key lets numpy sort values (SIMD sort,
+~0.15 s for 9.6M samples) instead of argsorting them (~1 s).
 
 Locality mode (``locality_shards=K``) trades randomness for fewer shards in use at once, for
-remote storage: shards are ordered by their own splitmix64 key, cut into windows of K shards, and
-samples are shuffled only within a window. At most K shards (2K across a window boundary) are
-read at any time, and each is read in one pass.
-
-Cost at SlimPajama scale (9.6M samples): hashing ~0.1 s, argsort ~0.5 s on one core.
+remote storage: shards are put in order by this same function (fingerprint + ":shards"), cut
+into windows of K shards, and samples are shuffled only within their window: the key becomes
+``window << (64 - w) | (h_i >> (w + b)) << b | i`` with w window bits. At most K shards (2K
+across a window boundary) are read at any time, and each is read in one pass.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ ORDER_VERSION = 1
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX = ((np.uint64(30), np.uint64(0xBF58476D1CE4E5B9)), (np.uint64(27), np.uint64(0x94D049BB133111EB)))
+_MIN_HASH_BITS = 16  # below this the shuffle within a window would be too coarse
 
 
 def epoch_key(seed: int, epoch: int, fingerprint: str, salt: str = "") -> int:
@@ -34,40 +36,61 @@ def epoch_key(seed: int, epoch: int, fingerprint: str, salt: str = "") -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "little")
 
 
-def splitmix64(key: int, n: int) -> np.ndarray:
-    """``splitmix64(key + (i + 1) * gamma)`` for i in [0, n): n distinct pseudo-random uint64 values."""
-    z = np.arange(1, n + 1, dtype=np.uint64)
-    z *= _GAMMA
-    z += np.uint64(key)
-    tmp = np.empty_like(z)
-    for shift, mult in _MIX:
-        np.right_shift(z, shift, out=tmp)
-        z ^= tmp
-        z *= mult
-    np.right_shift(z, np.uint64(31), out=tmp)
-    z ^= tmp
-    return z
+def splitmix64(key: int, n: int, *, chunk: int = 1 << 15) -> np.ndarray:
+    """``splitmix64(key + (i + 1) * gamma)`` for i in [0, n): n distinct pseudo-random uint64 values.
+
+    Computed in cache-sized chunks: ten passes over a 256 KiB block instead of over the whole
+    array (9.6M samples: ~0.02 s instead of ~0.2 s).
+    """
+    out = np.empty(n, np.uint64)
+    tmp = np.empty(min(chunk, n), np.uint64)
+    base = np.uint64(key)
+    for begin in range(0, n, chunk):
+        end = min(begin + chunk, n)
+        z, t = out[begin:end], tmp[:end - begin]
+        z[:] = np.arange(begin + 1, end + 1, dtype=np.uint64)
+        z *= _GAMMA
+        z += base
+        for shift, mult in _MIX:
+            np.right_shift(z, shift, out=t)
+            z ^= t
+            z *= mult
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
+    return out
 
 
 def epoch_order(num_samples: int, *, seed: int, epoch: int, fingerprint: str,
                 sample_shards: np.ndarray | None = None, locality_shards: int | None = None) -> np.ndarray:
     """Positions [0, num_samples) in epoch order (int64).
 
-    ``sample_shards`` (shard id of each sample, non-decreasing) is needed for locality mode only.
+    ``sample_shards`` (shard id of each sample) is needed for locality mode only.
     """
     if num_samples == 0:
         return np.zeros(0, np.int64)
+    index_bits = max(1, (num_samples - 1).bit_length())
     keys = splitmix64(epoch_key(seed, epoch, fingerprint), num_samples)
-    if not locality_shards:
-        return np.argsort(keys).astype(np.int64, copy=False)
-    if sample_shards is None or len(sample_shards) != num_samples:
-        raise ValueError("locality mode needs the shard id of every sample")
-    if locality_shards < 1:
-        raise ValueError(f"locality_shards must be >= 1 (or None for a full shuffle), got {locality_shards}")
-    shards, first = np.unique(sample_shards, return_inverse=True)
-    shard_keys = splitmix64(epoch_key(seed, epoch, fingerprint, salt="shards"), len(shards))
-    shard_rank = np.empty(len(shards), np.int64)
-    shard_rank[np.argsort(shard_keys)] = np.arange(len(shards))
-    window = shard_rank[first] // locality_shards
-    # lexsort: last key is primary. Sample keys are distinct, so there are no ties.
-    return np.lexsort((keys, window)).astype(np.int64, copy=False)
+    if locality_shards:
+        if sample_shards is None or len(sample_shards) != num_samples:
+            raise ValueError("locality mode needs the shard id of every sample")
+        if locality_shards < 1:
+            raise ValueError(f"locality_shards must be >= 1 (or None: full shuffle), got {locality_shards}")
+        shards, inverse = np.unique(sample_shards, return_inverse=True)
+        shard_rank = np.empty(len(shards), np.int64)
+        shard_rank[epoch_order(len(shards), seed=seed, epoch=epoch, fingerprint=fingerprint + ":shards")] = \
+            np.arange(len(shards))
+        window = (shard_rank[inverse] // locality_shards).astype(np.uint64)
+        window_bits = max(1, (int(window.max())).bit_length())
+        if 64 - window_bits - index_bits < _MIN_HASH_BITS:
+            raise ValueError(f"{num_samples} samples in {int(window.max()) + 1} windows leave fewer than "
+                             f"{_MIN_HASH_BITS} hash bits; raise locality_shards")
+        keys >>= np.uint64(window_bits)
+        window <<= np.uint64(64 - window_bits)
+        keys |= window
+        del window
+    keys >>= np.uint64(index_bits)
+    keys <<= np.uint64(index_bits)
+    keys |= np.arange(num_samples, dtype=np.uint64)
+    keys.sort()
+    keys &= np.uint64((1 << index_bits) - 1)
+    return keys.view(np.int64)

@@ -18,8 +18,10 @@ Python loop is over the few samples a slice touches.
 
 Step/rank rule: with G sequences per step, A micro-steps, W ranks and M sequences per
 micro-batch (G = A*W*M), micro-step j of rank r in step t takes the M sequences starting at
-``t*G + (j*W + r)*M``. Micro-step j of all ranks together is the contiguous range
-``[t*G + j*W*M, t*G + (j+1)*W*M)``, and the step as a whole is ``[t*G, (t+1)*G)`` whatever W is.
+``t*G + (r*A + j)*M``: each rank reads one contiguous block of ``A*M`` sequences per step, and
+the ranks' blocks tile the step ``[t*G, (t+1)*G)`` whatever W is. Contiguous blocks (rather than
+interleaving ranks per micro-step) mean a 65,536-token sample is read whole by one rank, so each
+rank decodes a shard once for a whole sample instead of once per micro-batch.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ IGNORE_INDEX = -100
 def sequence_start(step_in_epoch: int, micro: int, rank: int, *, world_size: int,
                    micro_batch_size: int, sequences_per_step: int) -> int:
     """First epoch-local sequence of micro-step ``micro`` of ``rank`` in a step (see module doc)."""
-    return step_in_epoch * sequences_per_step + (micro * world_size + rank) * micro_batch_size
+    grad_accum = sequences_per_step // (world_size * micro_batch_size)
+    return step_in_epoch * sequences_per_step + (rank * grad_accum + micro) * micro_batch_size
 
 
 def token_range(first_sequence: int, num_sequences: int, seq_len: int) -> tuple[int, int]:

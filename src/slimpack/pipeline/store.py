@@ -2,7 +2,8 @@
 
 Local datasets are read in place (never copied, never deleted). Uncompressed shards are
 memory-mapped; compressed ones are decompressed whole and kept in a small LRU (by bytes), since
-a zstd frame cannot be read in the middle.
+a zstd frame cannot be read in the middle. Every shard is checked against its index hash when it
+is opened, local or not.
 
 Remote datasets (``s3://...``) are downloaded shard by shard into ``cache_dir`` ahead of use:
 the loader knows exactly which samples come next and calls ``prefetch``. Every download is
@@ -26,30 +27,22 @@ import numpy as np
 import zstandard
 
 from slimpack.pipeline.index import DatasetIndex
-from slimpack.shards import schema
-from slimpack.shards.mds import Shard, ShardFormatError, ShardInfo, decompress, hash_bytes
+from slimpack.shards.mds import Shard, ShardFormatError, decompress, hash_bytes
 from slimpack.storage import Root
 
-_HASH_PREFERENCE = ("xxh3_64", "sha1")
 
-
-def _stored(info: ShardInfo) -> dict:
-    return info.entry["zip_data"] or info.entry["raw_data"]
-
-
-def verify_shard_bytes(info: ShardInfo, data: bytes, where: str) -> None:
-    """Raise ShardFormatError unless ``data`` matches the index's size and hash for this shard."""
-    stored = _stored(info)
-    if stored.get("bytes") is not None and len(data) != stored["bytes"]:
-        raise ShardFormatError(f"{where}: {len(data)} bytes, index.json says {stored['bytes']}: "
-                               "the copy is truncated or the index is stale; re-upload the shard")
-    hashes = stored.get("hashes") or {}
-    algo = next((a for a in _HASH_PREFERENCE if a in hashes), next(iter(hashes), None))
-    if algo is not None:
+def verify_shard_bytes(index: DatasetIndex, i: int, data: bytes | mmap.mmap, where: str) -> None:
+    """Raise ShardFormatError unless ``data`` matches the index's size and hash for shard i."""
+    expected = int(index.shard_bytes[i])
+    if len(data) != expected:
+        raise ShardFormatError(f"{where}: {len(data)} bytes, index.json says {expected}: the copy is "
+                               "truncated or the index is stale; re-copy the shard or re-run the merge")
+    if index.shard_hashes[i] is not None:
+        algo, want = index.shard_hashes[i]
         got = hash_bytes(algo, data)
-        if got != hashes[algo]:
-            raise ShardFormatError(f"{where}: {algo} {got} != {hashes[algo]} in index.json: the shard "
-                                   "is corrupt; re-upload it from a good copy or re-tokenize its part")
+        if got != want:
+            raise ShardFormatError(f"{where}: {algo} {got} != {want} in index.json: the shard is corrupt; "
+                                   "re-copy it from a good source or re-tokenize its part")
 
 
 class ShardStore:
@@ -69,6 +62,7 @@ class ShardStore:
         self._pending: dict[int, Future] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._threads = download_threads
+        self._names: dict[str, int] | None = None
         self.downloads = 0
         self.decodes = 0
         self.evicted = 0
@@ -81,10 +75,10 @@ class ShardStore:
 
     def local_path(self, i: int) -> Path:
         """Path of shard i's stored file on local disk, downloading (and verifying) it if needed."""
-        info = self.index.shards[i]
+        name = self.index.shard_names[i]
         if not self.remote:
-            return Path(self.root.path) / info.basename
-        path = self.cache_dir / info.basename
+            return Path(self.root.path) / name
+        path = self.cache_dir / name
         if path.exists():
             return path
         with self._lock:
@@ -96,12 +90,12 @@ class ShardStore:
         return path
 
     def _download(self, i: int) -> None:
-        info = self.index.shards[i]
-        path = self.cache_dir / info.basename
+        name = self.index.shard_names[i]
+        path = self.cache_dir / name
         if path.exists():
             return
-        data = self.root.read_bytes(info.basename)
-        verify_shard_bytes(info, data, f"{self.root.url}/{info.basename}")
+        data = self.root.read_bytes(name)
+        verify_shard_bytes(self.index, i, data, f"{self.root.url}/{name}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
         with open(tmp, "wb") as f:
@@ -118,7 +112,7 @@ class ShardStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="slimpack-fetch")
             for i in shard_ids:
-                if i in self._pending or (self.cache_dir / self.index.shards[i].basename).exists():
+                if i in self._pending or (self.cache_dir / self.index.shard_names[i]).exists():
                     continue
                 fut = self._pool.submit(self._download, i)
                 fut.add_done_callback(lambda _f, i=i: self._done(i))
@@ -139,16 +133,21 @@ class ShardStore:
             fut.result()
 
     def cached_files(self) -> dict[str, int]:
-        """Basename -> size of every index shard present in the cache."""
+        """Basename -> size of every index shard present in the cache (a walk of the cache only)."""
         if not self.remote:
             return {}
+        if self._names is None:
+            self._names = {name: i for i, name in enumerate(self.index.shard_names)}
         out = {}
-        for info in self.index.shards:
-            path = self.cache_dir / info.basename
-            try:
-                out[info.basename] = path.stat().st_size
-            except FileNotFoundError:
-                continue
+        for dirpath, _, filenames in os.walk(self.cache_dir):
+            rel = os.path.relpath(dirpath, self.cache_dir)
+            for name in filenames:
+                key = name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
+                if key in self._names:
+                    try:
+                        out[key] = os.stat(os.path.join(dirpath, name)).st_size
+                    except FileNotFoundError:
+                        continue
         return out
 
     def evict(self, pinned: set[int], order: list[int] | None = None) -> int:
@@ -163,9 +162,9 @@ class ShardStore:
         total = sum(files.values())
         if total <= self.cache_limit_bytes:
             return 0
-        names = [s.basename for s in self.index.shards]
+        names = self.index.shard_names
         ranked = {i: r for r, i in enumerate(order or [])}
-        candidates = sorted((i for i, n in enumerate(names) if n in files and i not in pinned),
+        candidates = sorted((self._names[n] for n in files if self._names[n] not in pinned),
                             key=lambda i: ranked.get(i, -1))
         freed = 0
         for i in candidates:
@@ -194,17 +193,15 @@ class ShardStore:
         if hit is not None:
             self._decoded.move_to_end(i)
             return hit[0]
-        info = self.index.shards[i]
-        encodings = dict(zip(info.names, info.encodings, strict=True))
-        if encodings.get("tokens") != schema.COLUMNS["tokens"] or \
-                encodings.get("cu_seqlens") != schema.COLUMNS["cu_seqlens"]:
-            raise ShardFormatError(
-                f"{info.basename}: columns {encodings} lack tokens ndarray:uint32 and cu_seqlens "
-                "ndarray:int32 (schema v1); tokenize the data with `slimpack tokenize`")
+        info = self.index.shard_info(i)
         path = self.local_path(i)
+        # Hash every shard as it is opened, local ones too: a flipped bit inside a zstd frame
+        # (no content checksum) or a raw shard would otherwise decode into wrong tokens silently.
+        # xxh3_64 runs at memory speed, far faster than the decompression that follows.
         if info.compression:
             with open(path, "rb") as f:
                 data = f.read()
+            verify_shard_bytes(self.index, i, data, str(path))
             try:
                 raw = decompress(info.compression, data)
             except zstandard.ZstdError as err:
@@ -214,6 +211,7 @@ class ShardStore:
         else:
             with open(path, "rb") as f:
                 raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
+            verify_shard_bytes(self.index, i, raw, str(path))
             size = 0  # page cache, not our memory
         shard = Shard(raw, info, str(path))
         self.decodes += 1
