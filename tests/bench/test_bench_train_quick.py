@@ -29,6 +29,9 @@ def test_bench_train_quick(tmp_path):
     assert result["ok"] and result["checks"]["attention"]["ok"] and result["checks"]["logits_vs_hf"]["ok"]
     # fp32 on CPU: our logits equal Hugging Face's to float precision.
     assert result["checks"]["logits_vs_hf"]["fp32"]["max_abs_err"] < 1e-4
+    # The GPU path's bf16 comparisons run too (with the reference attention standing in for varlen).
+    assert result["checks"]["attention"]["dtype"] == "torch.bfloat16"
+    assert set(result["checks"]["logits_vs_hf"]["bf16"]) == {"ours_sdpa_ref_vs_fp32", "hf_sdpa_vs_fp32"}
     names = [r["name"] for r in result["runs"]]
     assert names == ["ours-128", "ours-256", "hf-128-eager"]
     for r in result["runs"]:
