@@ -3,8 +3,9 @@
 - resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, clean exit), `--resume auto`, 3 steps:
   every loss bitwise, the validation losses, and the final parameters exactly; an interrupted save
   left lying around is ignored.
-- world size: two processes (grad_accum 2) and four as hybrid sharding (2 replicas x 2 shards,
-  grad_accum 1) see the same tokens per step and give the same losses (up to float summation
+- world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
+  x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
+  tokens per step and give the same losses (up to float summation
   order): the loss normalisation and FSDP's gradient reduction, output projection included, are
   right. (The one-process launch, `python -m slimpack.train` without torchrun, runs in the demo
   and in tests/bench/test_bench_train_quick.py.)
@@ -143,7 +144,9 @@ def test_metrics_record_what_the_brief_lists(uninterrupted):
 def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
     """4 processes as 2 replicas x 2 shards (HSDP's 2-D mesh) == 2 processes plain FSDP."""
     run = tmp_path / "hsdp"
-    _train(4, _overrides(run, dataset, **{"parallel.dp_replicate": 2, "eval.every_steps": 0}))
+    # micro_batch_size 1: grad_accum 2, so the cross-replica all-reduce is deferred to the last micro-batch.
+    _train(4, _overrides(run, dataset, **{"parallel.dp_replicate": 2, "eval.every_steps": 0,
+                                         "data.micro_batch_size": 1}))
     hsdp = [r["loss"] for r in _records(run, "train")]
     assert hsdp == pytest.approx([r["loss"] for r in _records(uninterrupted, "train")], rel=2e-5)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(

@@ -87,7 +87,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     n_valid = all_reduce_sum(torch.tensor(float(local_valid), device=device))
     scale = world_size / n_valid.clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
+        if hasattr(model, "set_requires_all_reduce"):
+            # Hybrid sharding: reduce-scatter within the node every micro-batch (frees the unsharded
+            # gradients), but all-reduce across nodes only once per step, on the sum of them all.
+            # A no-op for plain FSDP.
+            model.set_requires_all_reduce(i == len(micro_batches) - 1)
         loss = micro_step_loss(model, to_device(mb, device), max_seqlen=max_seqlen)
         (loss * scale).backward()
         loss_sum += loss.detach()
