@@ -120,5 +120,7 @@ def test_bad_inputs_are_refused():
         cross_entropy_sum(hidden, weight[:, :-1], labels)
     with pytest.raises(ValueError, match="share the matmul dtype"):
         cross_entropy_sum(hidden, weight.double(), labels)
+    with pytest.raises(ValueError, match="int64"):
+        cross_entropy_sum(hidden, weight, labels.int())
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         cross_entropy_sum(hidden, weight, labels, chunk_tokens=0)

@@ -143,4 +143,13 @@ def test_config_errors_name_the_fix():
         model_config("llama-7b")
     with pytest.raises(ValueError, match="unknown attention backend"):
         Transformer(CFG, attention_backend="flash")
+
+
+def test_bad_inputs_are_refused_with_the_fix():
+    model = _model()
+    ids, pos, cu, max_len = _packed([4, 4], CFG.vocab_size)
+    with pytest.raises(ValueError, match=r"flat \(T,\)"):
+        model(ids.view(2, 4), pos.view(2, 4), cu, max_len)
+    with pytest.raises(ValueError, match="int32"):
+        model(ids, pos, cu.long(), max_len)
     assert set(PRESETS) >= {"tinyllama-1.3b", "small", "tiny"}

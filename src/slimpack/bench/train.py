@@ -302,7 +302,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
     mbs = micro_batch_size
     while mbs >= 1:
         _cleanup(device)
-        model = optimizer = None
+        model = optimizer = batches = step = None
         try:
             model = _build(kind, cfg, device, mesh, compile_blocks=compile_blocks, mixed_precision=mixed)
             n_params = sum(p.numel() for p in model.parameters())
@@ -351,7 +351,9 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             print(f"  {name}: micro_batch_size {mbs} ran out of memory; retrying with {mbs // 2}", flush=True)
             mbs //= 2
         finally:
-            del model, optimizer
+            # Drop every reference (the step closure holds the model too) before freeing memory, so
+            # an out-of-memory retry starts from an empty card.
+            model = optimizer = batches = step = None
             _cleanup(device)
     return {"name": name, "kind": kind, "seq_len": seq_len, "error": "out of memory at micro_batch_size 1",
             "oom_retries": attempts}

@@ -11,8 +11,9 @@ specialisation per batch. Scale 1/sqrt(D).
 Backends (all must agree; tests/train/test_attention.py and test_gpu.py prove it):
 - "varlen":     torch.nn.attention.varlen.varlen_attn, PyTorch's built-in FlashAttention-2 (CUDA,
                 fp16/bf16). Its keywords changed between releases, so we read its signature:
-                2.10 takes `is_causal=True` and no GQA (K/V heads are repeated, a copy); 2.11+
-                takes `window_size=(-1, 0)` and, where offered, `enable_gqa=True` (no copy).
+                2.10 takes `is_causal=True`, 2.11+ `window_size=(-1, 0)`; where the signature
+                offers `enable_gqa` (not yet 2.11) GQA runs without copies, else K/V heads are
+                repeated (a copy).
 - "flash_attn": flash_attn.flash_attn_varlen_func (Dao-AILab package, if installed; GQA native).
 - "xformers":   xformers memory_efficient_attention with BlockDiagonalCausalMask (if installed;
                 GQA through a broadcast 5-D view, no copy). Builds the mask from a host copy of
@@ -25,7 +26,6 @@ Backends (all must agree; tests/train/test_attention.py and test_gpu.py prove it
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 from collections.abc import Callable
@@ -101,8 +101,9 @@ def varlen_causal_kwargs(signature: inspect.Signature) -> tuple[dict[str, Any], 
     """Keyword arguments that make `varlen_attn` causal, and whether it accepts `enable_gqa`.
 
     torch 2.10: `varlen_attn(..., is_causal=False, return_aux=None)`, K/V heads must equal Q heads.
-    torch 2.11+: `varlen_attn(..., *, return_aux, scale, window_size=(-1, -1), enable_gqa, ...)`
-    where causal is the window (-1, 0): unbounded left, nothing to the right.
+    torch 2.11: `varlen_attn(..., *, return_aux, scale, window_size=(-1, -1))`, where causal is the
+    window (-1, 0): unbounded left, nothing to the right; still no GQA.
+    later (2.14 here): `window_size` plus `enable_gqa`, so K/V need not be repeated.
     """
     params = signature.parameters
     if "window_size" in params:
@@ -116,20 +117,29 @@ def varlen_causal_kwargs(signature: inspect.Signature) -> tuple[dict[str, Any], 
     return causal, "enable_gqa" in params
 
 
-@functools.cache
-def _varlen_fn() -> tuple[Callable[..., torch.Tensor], dict[str, Any], bool]:
+def _resolve_varlen() -> tuple[tuple[Callable[..., torch.Tensor], dict[str, Any], bool] | None, str]:
+    """(varlen_attn, causal keywords, accepts enable_gqa), or None and why; once, at import, so that
+    torch.compile traces a plain global rather than a cached call."""
     try:
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError as e:
-        raise RuntimeError(f"attention backend 'varlen' needs torch >= 2.10 "
-                           f"(torch.nn.attention.varlen); this is torch {torch.__version__}") from e
-    causal, gqa = varlen_causal_kwargs(inspect.signature(varlen_attn))
-    return varlen_attn, causal, gqa
+    except ImportError:
+        return None, (f"attention backend 'varlen' needs torch >= 2.10 (torch.nn.attention.varlen); "
+                      f"this is torch {torch.__version__}")
+    try:
+        causal, gqa = varlen_causal_kwargs(inspect.signature(varlen_attn))
+    except RuntimeError as e:
+        return None, str(e)
+    return (varlen_attn, causal, gqa), ""
+
+
+_VARLEN, _VARLEN_ERROR = _resolve_varlen()
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
             max_seqlen: int) -> torch.Tensor:
-    fn, kwargs, supports_gqa = _varlen_fn()
+    if _VARLEN is None:
+        raise RuntimeError(_VARLEN_ERROR)
+    fn, kwargs, supports_gqa = _VARLEN
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if supports_gqa:

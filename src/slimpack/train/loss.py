@@ -49,6 +49,8 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"cross_entropy_sum wants hidden (T, D) and weight (V, D); got hidden "
                          f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 token ids (-100 for none); got {labels.dtype}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels {tuple(labels.shape)} must be (T,) = ({hidden.shape[0]},), "
                          "one per hidden row")
@@ -76,10 +78,13 @@ def _chunk_loss_and_dlogits(logits: torch.Tensor, target: torch.Tensor,
     return loss, (torch.exp(lf - lse) - onehot.float()).to(logits.dtype)
 
 
-# On CUDA the chunk's elementwise work is one compiled kernel pair (a row reduction, then one
-# pointwise pass writing bf16 dlogits) instead of ~5 fp32 passes over (C, V): 15 -> a few ms per
-# 8192-token step on H200 (BENCHMARKS.md). CPU keeps the eager function (tests; no compile cost).
-_chunk_loss_and_dlogits_compiled = torch.compile(_chunk_loss_and_dlogits)
+@functools.cache
+def _chunk_fn(on_cuda: bool):
+    """On CUDA the chunk's elementwise work as one compiled kernel pair (a row reduction, then one
+    pointwise pass writing bf16 dlogits) instead of ~5 fp32 passes over (C, V): 15 -> a few ms per
+    8192-token step (BENCHMARKS.md). CPU keeps the eager function (tests, no compile cost); compiled
+    lazily so importing this module does not import dynamo."""
+    return torch.compile(_chunk_loss_and_dlogits) if on_cuda else _chunk_loss_and_dlogits
 
 
 @functools.cache
@@ -113,7 +118,7 @@ def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     grad_weight = None
     if need_weight:
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    chunk_fn = _chunk_loss_and_dlogits_compiled if hidden.is_cuda else _chunk_loss_and_dlogits
+    chunk_fn = _chunk_fn(hidden.is_cuda)
     for start in range(0, T, chunk_tokens):
         end = min(start + chunk_tokens, T)
         h = hidden[start:end]  # (C, D)

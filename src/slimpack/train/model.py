@@ -179,6 +179,17 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _check_inputs(input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Shape and dtype checks only (metadata, no device sync); values are the data loader's contract."""
+    if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+        raise ValueError(f"input_ids and position_ids must be flat (T,) tensors of one length; got "
+                         f"{tuple(input_ids.shape)} and {tuple(position_ids.shape)} (flatten a "
+                         "(micro_batch, seq_len) batch and give its document boundaries in cu_seqlens)")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be a (k+1,) int32 tensor of document boundaries; got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)} (use .to(torch.int32))")
+
+
 class Transformer(nn.Module):
     """Llama decoder over flat packed sequences; returns final-normed hidden states (T, D).
 
@@ -212,6 +223,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
+        _check_inputs(input_ids, position_ids, cu_seqlens)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta)  # (T, 1, Dh) fp32
         h = self.tok_embeddings(input_ids)  # (T, D)
         for layer in self.layers:
