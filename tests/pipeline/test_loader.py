@@ -4,10 +4,13 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pipeline_data import PARTS, make_dataset, split_stream
 
 from slimpack.pipeline import LoaderConfig, PackedLoader, step_digest
@@ -26,29 +29,36 @@ def cfg(path, **kw):
 
 
 @pytest.mark.parametrize("which", ["dataset", "interleaved"])
-def test_epoch_covers_the_stream_exactly_once(which, request):
+def test_epochs_cover_their_streams_exactly_once(which, request):
     dataset = request.getfixturevalue(which)
-    loader = PackedLoader(cfg(dataset, epochs=1))
+    loader = PackedLoader(cfg(dataset, epochs=2))
     assert loader.stream._contiguous == (which == "dataset")
-    order = epoch_order(len(loader.stream.samples), seed=0, epoch=0, fingerprint=loader.fingerprint)
-    stream, starts = split_stream(dataset, "train", order)
+    windows = loader.stream.sequences_per_epoch
     steps = list(loader)
-    assert len(steps) == loader.steps_per_epoch == (len(stream) - 1) // L // G_SEQS
+    assert len(steps) == 2 * windows // G_SEQS and windows % G_SEQS  # one step straddles the epochs
+    # world_size 1: micro-batches in order are the global sequences in order, so the concatenated
+    # inputs are epoch 0's stream (all its whole windows), then epoch 1's.
     inputs = torch.cat([mb["input_ids"] for step in steps for mb in step]).numpy()
     labels = torch.cat([mb["labels"] for step in steps for mb in step]).numpy()
-    n = len(inputs)
-    # world_size 1, micro 2: micro-batches in order are the step's sequences in order, so the
-    # concatenated inputs are the stream itself: every token once, nothing duplicated or lost...
-    assert np.array_equal(inputs, stream[:n])
-    # ...and labels are the stream shifted by one, -100 exactly where the next token starts a document.
-    crossing = np.zeros(n, bool)
-    crossing[starts[(starts >= 1) & (starts <= n)] - 1] = True
-    assert np.array_equal(labels[~crossing], stream[1:n + 1][~crossing])
-    assert np.all(labels[crossing] == -100)
-    assert np.all(stream[:n][crossing] == 128001)  # only a document's EOS loses its label
-    report = loader.epoch_report()
-    assert report["dropped_tokens_per_epoch"] == len(stream) - n
-    assert report["dropped_tokens_per_epoch"] < L * G_SEQS + 1
+    offset = 0
+    for epoch in (0, 1):
+        order = epoch_order(len(loader.stream.samples), seed=0, epoch=epoch, fingerprint=loader.fingerprint)
+        stream, starts = split_stream(dataset, "train", order)
+        n = min(windows * L, len(inputs) - offset)
+        # every token once, nothing duplicated or lost...
+        assert np.array_equal(inputs[offset:offset + n], stream[:n])
+        # ...labels are the stream shifted by one, -100 exactly where the next token starts a document
+        crossing = np.zeros(n, bool)
+        crossing[starts[(starts >= 1) & (starts <= n)] - 1] = True
+        got = labels[offset:offset + n]
+        assert np.array_equal(got[~crossing], stream[1:n + 1][~crossing])
+        assert np.all(got[crossing] == -100)
+        assert np.all(stream[:n][crossing] == 128001)  # only a document's EOS loses its label
+        offset += n
+        # only the tail shorter than a window is dropped, and it is reported
+        assert loader.epoch_report()["dropped_tokens_per_epoch"] == len(stream) - windows * L
+        assert 1 <= len(stream) - windows * L <= L
+    assert offset == len(inputs)
 
 
 def test_micro_batches_agree_with_their_documents(dataset):
@@ -82,13 +92,14 @@ def test_step_digests_independent_of_world_size_and_workers(dataset, world_size,
                                   max_tokens=L * G_SEQS * steps))
         per_rank.append(list(loader))
         assert loader.grad_accum == 2
-    got = [step_digest([per_rank[r][s] for r in range(world_size)], micro_batch_size=0) for s in range(steps)]
+    got = [step_digest([per_rank[r][s] for r in range(world_size)]) for s in range(steps)]
     reference = PackedLoader(cfg(dataset))
     assert got == [reference.step_digest(s) for s in range(steps)]
 
 
 def test_no_shared_memory_or_temp_files_left_behind(dataset, tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     before = set(os.listdir("/dev/shm"))
     loader = PackedLoader(cfg(dataset, num_workers=2, max_tokens=L * G_SEQS * 5))
     assert len(list(loader)) == 5
@@ -122,19 +133,25 @@ def _same(a, b):
 
 def test_resume_is_bitwise_identical_across_epoch_boundaries(dataset):
     full = PackedLoader(cfg(dataset, epochs=3))
-    spe = full.steps_per_epoch
     everything = list(full)
-    assert len(everything) == 3 * spe
+    total = len(everything)
+    assert total == 3 * full.stream.sequences_per_epoch // G_SEQS
+    straddle = full.stream.sequences_per_epoch // G_SEQS  # holds the end of epoch 0 and start of 1
+    assert full.stream.epoch_of(straddle) == 0 and full.stream.epoch_of(straddle + 1) == 1
     # the next epoch is a fresh permutation, not a repeat
-    assert full.step_digest(0) != full.step_digest(spe)
-    for at in (0, 1, spe - 1, spe, spe + 3, 3 * spe - 1):
+    assert full.step_digest(0) != full.step_digest(straddle + 1)
+    for at in (0, 1, straddle - 1, straddle, straddle + 1, straddle + 4, total - 1):
         first = PackedLoader(cfg(dataset, epochs=3))
         _run(first, at)
         state = first.state_dict()
-        assert state["step"] == at and state["epoch"] == at // spe
+        assert state["step"] == at and state["epoch"] == first.stream.epoch_of(at)
         resumed = PackedLoader(cfg(dataset, epochs=3))
         resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
         _same(list(resumed), everything[at:])
+    # with DataLoader workers too
+    workers = PackedLoader(cfg(dataset, epochs=3, num_workers=2))
+    workers.load_state_dict({**state, "step": straddle - 1, "epoch": 0})
+    _same(_run(workers, 3), everything[straddle - 1:straddle + 2])
     # iterating again continues from the current state
     cont = PackedLoader(cfg(dataset, epochs=3))
     _run(cont, 2)
@@ -151,7 +168,7 @@ def test_elastic_resume_on_another_world_size(dataset):
         loader.load_state_dict(state)
         ranks.append(_run(loader, 3))
         assert loader.grad_accum == 4
-    digests = [step_digest([ranks[0][s], ranks[1][s]], micro_batch_size=1) for s in range(3)]
+    digests = [step_digest([ranks[0][s], ranks[1][s]]) for s in range(3)]
     assert digests == [one.step_digest(s) for s in range(5, 8)]
 
 
@@ -174,12 +191,12 @@ def test_state_mismatch_fails_loudly(dataset, tmp_path):
     with pytest.raises(ValueError, match="version 0"):
         loader.load_state_dict({**state, "version": 0})
     with pytest.raises(ValueError, match="inconsistent"):
-        loader.load_state_dict({**state, "step": 3 * loader.steps_per_epoch})
+        loader.load_state_dict({**state, "step": 3 * loader.steps_per_epoch + 3})
 
 
 def test_epochs_and_max_tokens_bound_the_run(dataset):
     loader = PackedLoader(cfg(dataset, epochs=2))
-    assert len(loader) == 2 * loader.steps_per_epoch
+    assert len(loader) == 2 * loader.stream.sequences_per_epoch // G_SEQS
     loader = PackedLoader(cfg(dataset, max_tokens=L * G_SEQS * 7 + 5))
     assert len(loader) == 7 and len(list(loader)) == 7 and len(loader) == 0
     with pytest.raises(TypeError, match="unbounded"):
@@ -219,9 +236,10 @@ def test_corrupt_and_mismatched_data_fail_loudly(dataset, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    loader = PackedLoader(cfg(bad, epochs=1))
-    with pytest.raises(ShardFormatError, match=r"shard\.00000\.mds\.zstd"):
-        list(loader)
+    for workers in (0, 2):
+        loader = PackedLoader(cfg(bad, epochs=1, num_workers=workers))
+        with pytest.raises(ShardFormatError, match=r"shard\.00000\.mds\.zstd.*xxh3_64"):
+            list(loader)
 
     counts = tmp_path / "counts"
     shutil.copytree(dataset, counts)
@@ -237,3 +255,55 @@ def test_corrupt_and_mismatched_data_fail_loudly(dataset, tmp_path):
 
     with pytest.raises(DatasetError, match=r"slimpack\.json: missing"):
         PackedLoader(cfg(tmp_path))
+
+
+def _max_open_shards(loader):
+    first, last = {}, {}
+    for s in range(loader.steps_per_epoch):
+        for i in loader.stream.shards_for(s).tolist():
+            first.setdefault(i, s)
+            last[i] = s
+    return max(sum(first[i] <= s <= last[i] for i in first) for s in range(loader.steps_per_epoch))
+
+
+def test_locality_mode_bounds_shards_in_use_and_still_covers_the_stream(dataset):
+    k = 2
+    loader = PackedLoader(cfg(dataset, epochs=1, locality_shards=k))
+    order = epoch_order(len(loader.stream.samples), seed=0, epoch=0, fingerprint=loader.fingerprint,
+                        sample_shards=loader.index.shard_of(loader.stream.samples), locality_shards=k)
+    stream, _ = split_stream(dataset, "train", order)
+    inputs = torch.cat([mb["input_ids"] for step in loader for mb in step]).numpy()
+    assert np.array_equal(inputs, stream[:len(inputs)])
+    assert _max_open_shards(loader) <= 2 * k  # a window, plus the next one across its boundary
+    assert _max_open_shards(PackedLoader(cfg(dataset, epochs=1))) > 2 * k  # a full shuffle is not bounded
+    with pytest.raises(ValueError, match="locality_shards=2 but this loader has locality_shards=None"):
+        PackedLoader(cfg(dataset)).load_state_dict(loader.state_dict())
+
+
+def test_a_micro_batch_across_the_epoch_end_joins_both_streams(dataset):
+    loader = PackedLoader(cfg(dataset, micro_batch_size=G_SEQS))  # one micro-batch per step
+    windows = loader.stream.sequences_per_epoch
+    straddle, in_epoch0 = divmod(windows, G_SEQS)
+    assert in_epoch0, "the fixture should put an epoch end inside a step"
+    mb = loader.micro_batches(straddle)[0]
+    streams = [split_stream(dataset, "train", epoch_order(len(loader.stream.samples), seed=0, epoch=e,
+                                                         fingerprint=loader.fingerprint))[0] for e in (0, 1)]
+    head = streams[0][(windows - in_epoch0) * L:windows * L]
+    tail = streams[1][:(G_SEQS - in_epoch0) * L]
+    assert np.array_equal(mb["input_ids"].numpy(), np.concatenate([head, tail]))
+    assert mb["labels"][len(head) - 1] in (streams[0][windows * L], -100)  # epoch 0's own next token
+    cu = mb["cu_seqlens"].tolist()
+    assert len(head) in cu and cu[-1] == G_SEQS * L and mb["position_ids"][len(head)] == 0
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seq_len=st.sampled_from([5, 16, 37]), world_size=st.sampled_from([1, 2, 3]),
+       micro=st.integers(1, 3), accum=st.integers(1, 3), step=st.integers(0, 400))
+def test_ranks_tile_every_step_for_any_layout(dataset, seq_len, world_size, micro, accum, step):
+    sequences = world_size * micro * accum
+    base = dict(seq_len=seq_len, global_batch_tokens=seq_len * sequences, micro_batch_size=micro,
+                world_size=world_size)
+    ranks = [PackedLoader(LoaderConfig(str(dataset), rank=r, **base)) for r in range(world_size)]
+    step %= 3 * ranks[0].steps_per_epoch
+    got = step_digest([loader.micro_batches(step) for loader in ranks])
+    assert got == ranks[0].step_digest(step)

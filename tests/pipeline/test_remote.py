@@ -124,3 +124,19 @@ def test_corrupt_remote_shard_is_refused_and_not_cached(s3, tmp_path):
     assert not (tmp_path / "c" / shard).exists()
     assert np.array_equal(np.frombuffer((local / shard).read_bytes(), np.uint8)[:-3], np.asarray(data[:-3]))
     loader.close()
+
+
+def test_ranks_sharing_one_small_cache(s3, dataset, tmp_path):
+    url = _upload(s3, dataset, "shared")
+    limit = 3 * max(p.stat().st_size for p in dataset.rglob("shard.*"))
+    ranks = [PackedLoader(LoaderConfig(url, seq_len=L, global_batch_tokens=L * G_SEQS, micro_batch_size=2,
+                                       rank=r, world_size=2, epochs=1, cache_dir=str(tmp_path / "c"),
+                                       cache_limit_bytes=limit, prefetch_steps=1)) for r in range(2)]
+    local = [PackedLoader(LoaderConfig(str(dataset), seq_len=L, global_batch_tokens=L * G_SEQS,
+                                       micro_batch_size=2, rank=r, world_size=2, epochs=1)) for r in range(2)]
+    for steps in zip(*ranks, *local, strict=True):
+        for got, want in zip(steps[:2], steps[2:], strict=True):
+            assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(got, want, strict=True))
+    assert sum(r.stream.store.evicted for r in ranks) > 0
+    for r in ranks:
+        r.close()

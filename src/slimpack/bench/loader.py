@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import tempfile
 import threading
@@ -187,21 +188,21 @@ def _scale_child(path: str, resume_step: int, trace: bool, queue: Any) -> None:
     sampler.start()
     if trace:
         tracemalloc.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     index = load_index(path)
     cfg = LoaderConfig(path, seq_len=2048, global_batch_tokens=4_194_304, micro_batch_size=8,
                        rank=3, world_size=16)
     loader = PackedLoader(cfg, index=index)
     first = loader.stream.shards_for(0)
-    build_s = time.perf_counter() - t0
+    build_s, build_cpu = time.perf_counter() - t0, time.process_time() - c0
     build_peak = tracemalloc.get_traced_memory()[1] if trace else 0
     if trace:
         tracemalloc.reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loader.load_state_dict({**loader.state_dict(), "step": resume_step,
-                            "epoch": resume_step // loader.steps_per_epoch})
+                            "epoch": loader.stream.epoch_of(resume_step)})
     shards = loader.stream.shards_for(loader.step)
-    resume_s = time.perf_counter() - t0
+    resume_s, resume_cpu = time.perf_counter() - t0, time.process_time() - c0
     resume_peak, held = tracemalloc.get_traced_memory()[::-1] if trace else (0, 0)
     stop.set()
     sampler.join()
@@ -209,26 +210,38 @@ def _scale_child(path: str, resume_step: int, trace: bool, queue: Any) -> None:
         queue.put({"tracemalloc_peak_build_mb": build_peak / 2**20,
                    "tracemalloc_peak_resume_mb": resume_peak / 2**20, "tracemalloc_held_mb": held / 2**20})
         return
-    queue.put({"build_seconds": build_s, "resume_seconds": resume_s, "resume_step": resume_step,
+    queue.put({"build_seconds": build_s, "resume_seconds": resume_s, "build_cpu_seconds": build_cpu,
+               "resume_cpu_seconds": resume_cpu, "resume_step": resume_step,
                "resume_epoch": loader.epoch, "steps_per_epoch": loader.steps_per_epoch,
                "grad_accum": loader.grad_accum, "shards_step0": len(first), "shards_resume_step": len(shards),
                "rss_base_mb": base_rss / 1024, "rss_peak_mb": peak_rss[0] / 1024,
                "rss_peak_minus_base_mb": (peak_rss[0] - base_rss) / 1024})
 
 
-def bench_scale(scratch: Path, resume_step: int = 200_000) -> dict[str, Any]:
+def _child(path: str, resume_step: int, trace: bool) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_scale_child, args=(path, resume_step, trace, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def bench_scale(scratch: Path, resume_step: int = 200_000, repeat: int = 3) -> dict[str, Any]:
+    """``repeat`` timed runs (fresh processes; median and max reported) and one traced run."""
     root = scratch / "synthetic-627B"
     t0 = time.perf_counter()
     written = write_synthetic_dataset(root)
     written["write_seconds"] = time.perf_counter() - t0
-    ctx = mp.get_context("spawn")
-    out: dict[str, Any] = {"dataset": written}
-    for trace in (False, True):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_scale_child, args=(str(root), resume_step, trace, queue))
-        proc.start()
-        out.update(queue.get())
-        proc.join()
+    runs = [_child(str(root), resume_step, False) for _ in range(repeat)]
+    out: dict[str, Any] = {"dataset": written, "runs": runs, **runs[0]}
+    for key in ("build_seconds", "resume_seconds", "build_cpu_seconds", "resume_cpu_seconds",
+                "rss_peak_minus_base_mb"):
+        values = sorted(r[key] for r in runs)
+        out[key] = values[len(values) // 2]
+        out[key.replace("seconds", "max_seconds").replace("_mb", "_max_mb")] = values[-1]
+    out.update(_child(str(root), resume_step, True))
     return out
 
 
@@ -303,7 +316,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
+    print(f"load average {res['load_average_at_start'][0]:.1f} on {res['cpus']} CPUs (other work slows "
+          "every figure)")
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-loader-") as tmp:
         scratch = Path(tmp)
         if "throughput" not in args.skip or "train" not in args.skip:
@@ -321,11 +336,15 @@ def _run(args: argparse.Namespace) -> int:
             s = res["scale"] = bench_scale(scratch)
             d = s["dataset"]
             print(f"scale: {d['tokens'] / 1e9:.0f}B tokens, {d['samples']:,} samples, {d['shards']:,} "
-                  f"shards: index + step-0 plan in {s['build_seconds']:.2f} s (tracemalloc peak "
+                  f"shards, median of {len(s['runs'])} fresh processes: index + step-0 plan in "
+                  f"{s['build_seconds']:.2f} s wall, {s['build_cpu_seconds']:.2f} s CPU (max wall "
+                  f"{s['build_max_seconds']:.2f}; tracemalloc peak "
                   f"{s['tracemalloc_peak_build_mb']:.0f} MB, RSS peak {s['rss_peak_mb']:.0f} MB = "
                   f"{s['rss_base_mb']:.0f} MB after imports + {s['rss_peak_minus_base_mb']:.0f} MB); "
                   f"resume at step {s['resume_step']:,} (epoch {s['resume_epoch']}) in "
-                  f"{s['resume_seconds']:.2f} s (tracemalloc peak {s['tracemalloc_peak_resume_mb']:.0f} MB, "
+                  f"{s['resume_seconds']:.2f} s wall, {s['resume_cpu_seconds']:.2f} s CPU (max wall "
+                  f"{s['resume_max_seconds']:.2f}; "
+                  f"tracemalloc peak {s['tracemalloc_peak_resume_mb']:.0f} MB, "
                   f"{s['tracemalloc_held_mb']:.0f} MB held after)")
         if "train" not in args.skip:
             r = res["train"] = bench_training_loop(path, steps=args.sim_steps)
@@ -336,6 +355,8 @@ def _run(args: argparse.Namespace) -> int:
                       f"{v['first_batch_wait_s']:.2f} s, then data wait total "
                       f"{v['steady_wait_total_s'] * 1e3:.2f} ms, max {v['steady_wait_max_ms']:.2f} ms, "
                       f"median {v['steady_wait_median_ms']:.3f} ms")
+    res["load_average_at_end"] = os.getloadavg()
+    print(f"load average at the end {res['load_average_at_end'][0]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0

@@ -9,18 +9,22 @@
     state = loader.state_dict()           # resume: PackedLoader(cfg).load_state_dict(state)
 
 What each step holds is a pure function of (dataset fingerprint, split, seed, seq_len,
-global_batch_tokens, locality_shards): step t of the run is step ``t % steps_per_epoch`` of
-epoch ``t // steps_per_epoch``, which reads global sequences ``[s*G, (s+1)*G)`` of that epoch's
-stream (see ``packing`` for the windows and the rank rule, ``order`` for the permutation). So
-resume is arithmetic (no replay), and the tokens of a step do not depend on ``num_workers`` or,
-with the global batch fixed, on ``world_size``/``micro_batch_size``: a run may resume on a
-different number of GPUs. Each epoch drops the tail of its stream that does not fill a whole
-step (``epoch_report()`` counts it) and the next epoch starts a fresh permutation.
+global_batch_tokens, locality_shards): step t reads global sequences ``[t*G, (t+1)*G)``, and
+global sequence g is window ``g % S`` of epoch ``g // S``'s stream, S windows per epoch (see
+``packing`` for the windows and the rank rule, ``order`` for the permutation). So resume is
+arithmetic (no replay), and the tokens of a step do not depend on ``num_workers`` or, with the
+global batch fixed, on ``world_size``/``micro_batch_size``: a run may resume on a different
+number of GPUs. Each epoch drops only the tail of its stream shorter than a window
+(``epoch_report()`` counts it); the next epoch starts a fresh permutation, and a step may hold
+the end of one epoch and the start of the next.
 
 Workers: with ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches by index
-(a map-style dataset over ``step * grad_accum + micro``) with pinned memory and prefetch; each
-worker keeps its own decoded-shard LRU. Remote roots: the loader prefetches the shards of the
-next ``prefetch_steps`` steps into ``cache_dir`` and evicts behind itself (see ``store``).
+(a map-style dataset over ``step * grad_accum + micro``, ``prefetch_factor`` ahead per worker);
+each worker keeps its own decoded-shard LRU (``decoded_cache_bytes``) and hands back one numpy
+buffer per micro-batch (pickled: nothing in /dev/shm). In every mode a feeder thread keeps
+``_READY_STEPS`` steps built and pinned (when CUDA is present) ahead of the training loop.
+Remote roots: the feeder also downloads the shards of the next ``prefetch_steps`` steps into
+``cache_dir`` and evicts behind itself (see ``store``).
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ class PackedStream:
         self.stream_tokens = int(index.sample_tokens[self.samples].sum(dtype=np.int64))
         self.sequences_per_step = cfg.sequences_per_step
         self.sequences_per_epoch = packing.sequences_per_epoch(self.stream_tokens, cfg.seq_len)
-        self.steps_per_epoch = self.sequences_per_epoch // self.sequences_per_step
+        self.steps_per_epoch = self.sequences_per_epoch // self.sequences_per_step  # whole steps
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{index.url}: split {cfg.split!r} holds {self.stream_tokens:,} tokens, less than one "
@@ -161,6 +165,10 @@ class PackedStream:
         # The feeder thread builds steps while the caller may ask for digests or validation
         # batches: one lock around the epoch plan and the shard LRU.
         self._lock = threading.RLock()
+
+    def epoch_of(self, step: int) -> int:
+        """The epoch of a step's first sequence."""
+        return step * self.sequences_per_step // self.sequences_per_epoch
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -202,8 +210,8 @@ class PackedStream:
                                 fingerprint=self.fingerprint, sample_shards=shards,
                                 locality_shards=self.cfg.locality_shards)
             if self._contiguous:  # the usual case (parts sorted by split): no random gather
-                ids = order.astype(self.samples.dtype)
-                ids += self.samples[0]
+                ids = np.empty(len(order), self.samples.dtype)
+                np.add(order, int(self.samples[0]), out=ids, casting="unsafe")
             else:
                 ids = self.samples[order]
             del order
@@ -232,16 +240,18 @@ class PackedStream:
             starts.append(docs.astype(np.int64) + (off - begin))
         return flat, np.concatenate(starts)
 
-    def sequences(self, step: int, first: int, count: int) -> dict[str, Any]:
-        """Packed numpy micro-batch of ``count`` sequences from epoch-local sequence ``first``."""
-        epoch = step // self.steps_per_epoch
-        begin, end = packing.token_range(first, count, self.cfg.seq_len)
-        flat, starts = self.read(epoch, begin, end)
-        return packing.pack_slice(flat, starts, self.cfg.seq_len)
+    def sequences(self, first: int, count: int) -> dict[str, Any]:
+        """Packed numpy batch of ``count`` global sequences from ``first`` (across epochs if need be)."""
+        parts = []
+        for epoch, local, n in packing.epoch_runs(first, count, self.sequences_per_epoch):
+            begin, end = packing.token_range(local, n, self.cfg.seq_len)
+            flat, starts = self.read(epoch, begin, end)
+            parts.append(packing.pack_slice(flat, starts, self.cfg.seq_len))
+        return packing.concat_packed(parts)
 
     def first_sequence(self, step: int, micro: int, rank: int, micro_batch_size: int,
                        world_size: int) -> int:
-        return packing.sequence_start(step % self.steps_per_epoch, micro, rank, world_size=world_size,
+        return packing.sequence_start(step, micro, rank, world_size=world_size,
                                       micro_batch_size=micro_batch_size,
                                       sequences_per_step=self.sequences_per_step)
 
@@ -249,26 +259,24 @@ class PackedStream:
         """This rank's micro-batch ``micro`` of optimiser step ``step`` (numpy arrays)."""
         cfg = self.cfg
         first = self.first_sequence(step, micro, cfg.rank, cfg.micro_batch_size, cfg.world_size)
-        return self.sequences(step, first, cfg.micro_batch_size)
+        return self.sequences(first, cfg.micro_batch_size)
 
     def global_step(self, step: int) -> dict[str, Any]:
         """The whole step, every rank's sequences in order, as one packed batch (numpy)."""
-        first = (step % self.steps_per_epoch) * self.sequences_per_step
-        return self.sequences(step, first, self.sequences_per_step)
+        return self.sequences(step * self.sequences_per_step, self.sequences_per_step)
 
     def shards_for(self, step: int) -> np.ndarray:
         """Shard ids this rank reads in a step (sorted, unique), without reading anything."""
         cfg = self.cfg
-        with self._lock:
-            ids, cum = self.epoch_plan(step // self.steps_per_epoch)
-        firsts = np.asarray([self.first_sequence(step, j, cfg.rank, cfg.micro_batch_size, cfg.world_size)
-                             for j in range(cfg.grad_accum)], np.int64)
-        begins = firsts * cfg.seq_len
-        ends = (firsts + cfg.micro_batch_size) * cfg.seq_len + 1
-        k0 = np.searchsorted(cum, begins, side="right") - 1
-        k1 = np.searchsorted(cum, ends - 1, side="right")
-        pos = np.concatenate([np.arange(a, b) for a, b in zip(k0, k1, strict=True)])
-        return np.unique(self.index.shard_of(ids[pos]))
+        found = []
+        for j in range(cfg.grad_accum):
+            first = self.first_sequence(step, j, cfg.rank, cfg.micro_batch_size, cfg.world_size)
+            for epoch, local, n in packing.epoch_runs(first, cfg.micro_batch_size, self.sequences_per_epoch):
+                with self._lock:
+                    ids, cum = self.epoch_plan(epoch)
+                k0, k1 = packing.touched(cum, *packing.token_range(local, n, cfg.seq_len))
+                found.append(ids[k0:k1])
+        return np.unique(self.index.shard_of(np.concatenate(found)))
 
 
 Transport = tuple[np.ndarray, int, int, int]
@@ -306,19 +314,25 @@ def _tensors(batch: dict[str, Any], pin: bool = False) -> MicroBatch:
     return unpack_transport(pack_transport(batch), pin=pin)
 
 
+def _init_worker(worker_id: int) -> None:
+    """A forked worker may inherit the stream's lock held by the parent's feeder thread: renew it."""
+    del worker_id
+    info = torch.utils.data.get_worker_info()
+    info.dataset.stream._lock = threading.RLock()
+
+
 def _as_is(item: Transport) -> Transport:
     """collate_fn: keep the worker's numpy buffer (the default would turn it into a shared tensor)."""
     return item
 
 
-def step_digest(micro_batches_by_rank: list[list[MicroBatch]], *, micro_batch_size: int) -> str:
+def step_digest(micro_batches_by_rank: list[list[MicroBatch]]) -> str:
     """Digest of one step from every rank's micro-batches, put back in global sequence order.
 
     ``micro_batches_by_rank[r][j]`` is rank r's micro-step j; the rank rule places it at sequence
     block ``r * grad_accum + j``, so the concatenation in (r, j) order is the step's sequences
     ``[t*G, (t+1)*G)`` and the digest equals ``PackedLoader.step_digest``.
     """
-    del micro_batch_size  # the block size is implicit in the tensors; kept for call-site clarity
     world_size = len(micro_batches_by_rank)
     grad_accum = len(micro_batches_by_rank[0])
     ordered = [micro_batches_by_rank[r][j] for r in range(world_size) for j in range(grad_accum)]
@@ -404,8 +418,8 @@ class PackedLoader:
         self.fingerprint = self.stream.fingerprint
         self.step = 0  # the next step to yield (global, across epochs)
         limits = []
-        if cfg.epochs is not None:
-            limits.append(cfg.epochs * self.steps_per_epoch)
+        if cfg.epochs is not None:  # whole steps within `epochs` epochs
+            limits.append(cfg.epochs * self.stream.sequences_per_epoch // self.stream.sequences_per_step)
         if cfg.max_tokens is not None:
             limits.append(cfg.max_tokens // cfg.global_batch_tokens)
         self.total_steps: int | None = min(limits) if limits else None
@@ -416,7 +430,8 @@ class PackedLoader:
 
     @property
     def epoch(self) -> int:
-        return self.step // self.steps_per_epoch
+        """The epoch of the next step's first sequence."""
+        return self.stream.epoch_of(self.step)
 
     def __len__(self) -> int:
         """Steps left to yield (TypeError when neither epochs nor max_tokens bounds the run)."""
@@ -426,10 +441,11 @@ class PackedLoader:
 
     def epoch_report(self) -> dict[str, int]:
         """Per-epoch token accounting: what a full epoch uses and the tail it drops."""
-        used = self.steps_per_epoch * self.cfg.global_batch_tokens
+        used = self.stream.sequences_per_epoch * self.cfg.seq_len
         return {"stream_tokens": self.stream.stream_tokens, "samples": len(self.stream.samples),
                 "sequences_per_epoch": self.stream.sequences_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "tokens_per_epoch": used,
+                # never an input: the tail shorter than a window (its first token is still a label)
                 "dropped_tokens_per_epoch": self.stream.stream_tokens - used}
 
     # ------------------------------------------------------------------ state
@@ -465,9 +481,9 @@ class PackedLoader:
                                  f"{state[key]!r} to resume (world_size, micro_batch_size and "
                                  "num_workers may change)")
         step = int(state["step"])
-        if step < 0 or ("epoch" in state and state["epoch"] != step // self.steps_per_epoch):
-            raise ValueError(f"loader state is inconsistent: step {step} lies in epoch "
-                             f"{step // self.steps_per_epoch}, state says {state.get('epoch')}")
+        if step < 0 or ("epoch" in state and state["epoch"] != self.stream.epoch_of(step)):
+            raise ValueError(f"loader state is inconsistent: step {step} starts in epoch "
+                             f"{self.stream.epoch_of(max(step, 0))}, state says {state.get('epoch')}")
         self.step = step
 
     # ------------------------------------------------------------------ batches
@@ -477,8 +493,13 @@ class PackedLoader:
         return [_tensors(self.stream.micro_batch(step, j)) for j in range(self.grad_accum)]
 
     def first_micro_batches(self, count: int) -> list[MicroBatch]:
-        """The first ``count`` micro-batches of this rank from step 0 (e.g. a fixed validation set)."""
+        """The first ``count`` micro-batches of this rank from step 0 (e.g. a fixed validation set).
+
+        Fewer when the run (or, unbounded, one epoch) holds fewer; every rank gets distinct
+        sequences, so a validation loss is the all-reduced mean over ranks.
+        """
         total = self.total_steps if self.total_steps is not None else self.steps_per_epoch
+        total = max(total, 1)
         if count > total * self.grad_accum:
             count = total * self.grad_accum
         return [_tensors(self.stream.micro_batch(*divmod(i, self.grad_accum))) for i in range(count)]
@@ -517,7 +538,8 @@ class PackedLoader:
             loader = torch.utils.data.DataLoader(
                 _MicroBatchDataset(self.stream), batch_size=None,
                 sampler=_IndexRange(start * grad_accum, None if end is None else end * grad_accum),
-                num_workers=self.cfg.num_workers, collate_fn=_as_is, pin_memory=False,
+                num_workers=self.cfg.num_workers, collate_fn=_as_is, worker_init_fn=_init_worker,
+                pin_memory=False,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
             it = iter(loader)  # forks the workers here, before the feeder thread exists
 

@@ -1,9 +1,12 @@
 """Packing and index arithmetic: pure functions over numpy arrays, no I/O.
 
-The epoch's token stream is the concatenation of its samples in epoch order; ``cum`` holds the
+Each epoch's token stream is the concatenation of its samples in epoch order; ``cum`` holds the
 stream offset of each sample (``cum[k]`` = tokens before the k-th sample, ``cum[-1]`` = total).
-Global sequence g covers stream tokens ``[g*L, g*L + L + 1)``: inputs are the first L, labels the
-last L, so consecutive windows share one token. M consecutive sequences therefore cover one
+Epoch-local sequence s covers stream tokens ``[s*L, s*L + L + 1)``: inputs are the first L,
+labels the last L, so consecutive windows share one token. An epoch holds
+``S = (stream_tokens - 1) // L`` sequences (its tail shorter than a window is dropped), and the
+run's global sequences follow each other across epochs: global sequence g is sequence ``g % S``
+of epoch ``g // S``. M consecutive sequences therefore cover one
 contiguous slice of ``M*L + 1`` tokens, and a micro-batch is built from that slice alone:
 
     input_ids    = slice[:-1]                      (M*L,)
@@ -17,9 +20,11 @@ Nothing is padded. Every step is a handful of vectorised numpy calls over the sl
 Python loop is over the few samples a slice touches.
 
 Step/rank rule: with G sequences per step, A micro-steps, W ranks and M sequences per
-micro-batch (G = A*W*M), micro-step j of rank r in step t takes the M sequences starting at
-``t*G + (r*A + j)*M``: each rank reads one contiguous block of ``A*M`` sequences per step, and
-the ranks' blocks tile the step ``[t*G, (t+1)*G)`` whatever W is. Contiguous blocks (rather than
+micro-batch (G = A*W*M), micro-step j of rank r in step t takes the M global sequences starting
+at ``t*G + (r*A + j)*M``: each rank reads one contiguous block of ``A*M`` sequences per step,
+and the ranks' blocks tile the step ``[t*G, (t+1)*G)`` whatever W is. A step (or micro-batch)
+that straddles an epoch end takes the last sequences of one epoch and the first of the next;
+``epoch_runs`` splits it and each run is packed from its own epoch's slice. Contiguous blocks (rather than
 interleaving ranks per micro-step) mean a 65,536-token sample is read whole by one rank, so each
 rank decodes a shard once for a whole sample instead of once per micro-batch.
 """
@@ -32,11 +37,23 @@ import xxhash
 IGNORE_INDEX = -100
 
 
-def sequence_start(step_in_epoch: int, micro: int, rank: int, *, world_size: int,
+def sequence_start(step: int, micro: int, rank: int, *, world_size: int,
                    micro_batch_size: int, sequences_per_step: int) -> int:
-    """First epoch-local sequence of micro-step ``micro`` of ``rank`` in a step (see module doc)."""
+    """First global sequence of micro-step ``micro`` of ``rank`` in a step (see module doc)."""
     grad_accum = sequences_per_step // (world_size * micro_batch_size)
-    return step_in_epoch * sequences_per_step + (rank * grad_accum + micro) * micro_batch_size
+    return step * sequences_per_step + (rank * grad_accum + micro) * micro_batch_size
+
+
+def epoch_runs(first: int, count: int, sequences_per_epoch: int) -> list[tuple[int, int, int]]:
+    """Global sequences ``[first, first + count)`` as (epoch, first epoch-local sequence, count) runs."""
+    runs = []
+    while count > 0:
+        epoch, local = divmod(first, sequences_per_epoch)
+        n = min(count, sequences_per_epoch - local)
+        runs.append((epoch, local, n))
+        first += n
+        count -= n
+    return runs
 
 
 def token_range(first_sequence: int, num_sequences: int, seq_len: int) -> tuple[int, int]:
@@ -77,6 +94,20 @@ def pack_slice(flat: np.ndarray, doc_starts: np.ndarray, seq_len: int) -> dict[s
     position_ids = np.arange(n, dtype=np.int64) - np.repeat(bounds[:-1], lengths)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
             "cu_seqlens": bounds.astype(np.int32), "max_seqlen": int(lengths.max())}
+
+
+def concat_packed(parts: list[dict[str, np.ndarray | int]]) -> dict[str, np.ndarray | int]:
+    """Join packed batches of consecutive sequences (cu_seqlens shifted, boundaries kept)."""
+    if len(parts) == 1:
+        return parts[0]
+    offsets = np.cumsum([0] + [len(p["input_ids"]) for p in parts[:-1]])
+    cu = [np.zeros(1, np.int64)] + [p["cu_seqlens"][1:].astype(np.int64) + int(o)
+                                    for p, o in zip(parts, offsets, strict=True)]
+    out: dict[str, np.ndarray | int] = {
+        k: np.concatenate([p[k] for p in parts]) for k in ("input_ids", "labels", "position_ids")}
+    out["cu_seqlens"] = np.concatenate(cu).astype(np.int32)
+    out["max_seqlen"] = max(int(p["max_seqlen"]) for p in parts)
+    return out
 
 
 def digest_arrays(input_ids: np.ndarray, labels: np.ndarray, position_ids: np.ndarray) -> str:

@@ -119,11 +119,10 @@ class ShardStore:
                 self._pending[i] = fut
 
     def _done(self, i: int) -> None:
+        # A failed download is not raised here: local_path retries it when the shard is needed
+        # and raises there, with the shard's name, in the thread that builds the batch.
         with self._lock:
-            fut = self._pending.pop(i, None)
-        if fut is not None and fut.exception() is not None:
-            # Surfaced again (with its message) when the shard is needed: local_path retries.
-            pass
+            self._pending.pop(i, None)
 
     def wait(self) -> None:
         """Block until every pending download has finished (raises the first download error)."""
@@ -188,20 +187,31 @@ class ShardStore:
 
     # ------------------------------------------------------------------ decoded shards
 
+    def _open(self, i: int, *, mapped: bool) -> tuple[bytes | mmap.mmap, Path]:
+        """The stored bytes of shard i (read, or memory-mapped) and their local path."""
+        path = self.local_path(i)
+        try:
+            return _read_file(path, mapped), path
+        except FileNotFoundError:
+            if not self.remote:
+                raise
+        # Ranks sharing a cache evict each other's unpinned files: one may vanish between
+        # local_path's check and the open. Fetch it again, once.
+        path = self.local_path(i)
+        return _read_file(path, mapped), path
+
     def shard(self, i: int) -> Shard:
         hit = self._decoded.get(i)
         if hit is not None:
             self._decoded.move_to_end(i)
             return hit[0]
         info = self.index.shard_info(i)
-        path = self.local_path(i)
+        data, path = self._open(i, mapped=not info.compression)
         # Hash every shard as it is opened, local ones too: a flipped bit inside a zstd frame
         # (no content checksum) or a raw shard would otherwise decode into wrong tokens silently.
         # xxh3_64 runs at memory speed, far faster than the decompression that follows.
+        verify_shard_bytes(self.index, i, data, str(path))
         if info.compression:
-            with open(path, "rb") as f:
-                data = f.read()
-            verify_shard_bytes(self.index, i, data, str(path))
             try:
                 raw = decompress(info.compression, data)
             except zstandard.ZstdError as err:
@@ -209,10 +219,7 @@ class ShardStore:
                                        "corrupt or truncated; re-copy or re-tokenize it") from err
             size = len(raw)
         else:
-            with open(path, "rb") as f:
-                raw = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(path) else b""
-            verify_shard_bytes(self.index, i, raw, str(path))
-            size = 0  # page cache, not our memory
+            raw, size = data, 0  # mapped: page cache, not our memory
         shard = Shard(raw, info, str(path))
         self.decodes += 1
         self._decoded[i] = (shard, size)
@@ -237,6 +244,14 @@ class ShardStore:
                 f"cu_seqlens {cu[:3].tolist()}...{cu[-1:].tolist()}, but sample_tokens.npy says "
                 f"{expected}: the shard and the index disagree; run `slimpack shards validate`")
         return tokens, cu
+
+
+def _read_file(path: Path, mapped: bool) -> bytes | mmap.mmap:
+    with open(path, "rb") as f:
+        if not mapped:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
 
 
 def _ndarray(view: memoryview, dtype: type) -> np.ndarray:

@@ -39,14 +39,14 @@ def digest_steps(cfg: LoaderConfig, *, start_step: int, steps: int) -> DigestRep
     for rank in range(cfg.world_size):
         loader = PackedLoader(replace(cfg, rank=rank, epochs=None, max_tokens=None), index=index)
         state = loader.state_dict()
-        loader.load_state_dict({**state, "step": start_step, "epoch": start_step // loader.steps_per_epoch})
+        loader.load_state_dict({**state, "step": start_step, "epoch": loader.stream.epoch_of(start_step)})
         loaders.append(iter(loader))
     report = DigestReport(fingerprint=loader.fingerprint, world_size=cfg.world_size,
                           micro_batch_size=cfg.micro_batch_size, grad_accum=loader.grad_accum,
                           epoch=loader.epoch_report())
     for step in range(start_step, start_step + steps):
         per_rank = [next(it) for it in loaders]
-        report.digests.append((step, step_digest(per_rank, micro_batch_size=cfg.micro_batch_size)))
+        report.digests.append((step, step_digest(per_rank)))
     for it in loaders:
         it.close()
     loader.close()
