@@ -228,9 +228,9 @@ def train(cfg: TrainConfig) -> TrainReport:
     dist.barrier()
     run_id = _run_id(run_dir)
 
+    loader = build_loader(cfg, d)  # first: a wrong data path fails before a 1.5B model is built
     model, mcfg, n_params = build_model(cfg, d)
     optimizer = build_optimizer(model, cfg.optim, d.device)
-    loader = build_loader(cfg, d)
     grad_accum = cfg.grad_accum(d.world_size)
     if getattr(loader, "grad_accum", grad_accum) != grad_accum:
         raise RuntimeError(f"loader grad_accum {loader.grad_accum} != trainer's {grad_accum}")
