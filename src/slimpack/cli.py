@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "slimpack.tokenize.cli",
     "slimpack.shards.cli",
     "slimpack.pipeline.cli",
+    "slimpack.train.cli",
     "slimpack.bench.cli",
 )
 

@@ -170,12 +170,19 @@ def step_stats(ctx: dict[str, Any]) -> None:
         print(f"plot: {plot}")
 
 
+def step_train(ctx: dict[str, Any]) -> None:
+    from slimpack.train.demo import step_train as train_demo
+
+    train_demo(ctx)
+
+
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
     ("validate", step_validate),
     ("stats", step_stats),
     ("pipeline", step_pipeline),
+    ("train", step_train),
 ]
 
 

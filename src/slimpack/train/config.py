@@ -1,0 +1,150 @@
+"""TrainConfig: the one frozen config of a training run, from configs/train/*.toml plus `--set` overrides.
+
+Sections: `model` (which preset, which attention backend), `data` (shards, sequence and batch
+sizes), `optim` (AdamW and the cosine schedule), `checkpoint`, `parallel` (FSDP2 switches),
+`eval` (held-out loss), `log` (JSONL, console, wandb). Cross-field checks live in `__post_init__`
+and say how to fix the value. The gradient accumulation is derived, never configured:
+`global_batch_tokens / (world_size * micro_batch_size * seq_len)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slimpack.config import load_config, parse_overrides
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tinyllama-1.3b"   # a key of slimpack.train.model.PRESETS
+    attention_backend: str = "auto"  # auto | varlen | flash_attn | xformers | sdpa_ref
+
+
+@dataclass(frozen=True)
+class DataSection:
+    path: str = ""                       # shard dataset (local directory or remote URL)
+    seq_len: int = 2048
+    global_batch_tokens: int = 4_194_304  # tokens per optimiser step, all ranks together
+    micro_batch_size: int = 4            # sequences per rank per micro-step
+    seed: int = 0
+    num_workers: int = 0
+    cache_dir: str | None = None         # local cache for remote shards
+
+    def __post_init__(self) -> None:
+        if self.seq_len <= 0 or self.micro_batch_size <= 0:
+            raise ValueError("data.seq_len and data.micro_batch_size must be positive")
+        if self.global_batch_tokens % (self.micro_batch_size * self.seq_len):
+            raise ValueError(
+                f"data.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                f"micro_batch_size*seq_len={self.micro_batch_size * self.seq_len}; pick sizes whose "
+                f"product divides it (for example global_batch_tokens=4194304 with 4x2048)")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 4e-4                 # peak learning rate, reached at the end of warm-up
+    min_lr: float = 4e-5             # end of the cosine
+    warmup_steps: int = 2000         # optimiser steps of linear warm-up
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Decay applies to every matrix (attention, MLP, output). Norm gains and the token embedding do
+    # not decay by default: shrinking a gain towards 0 or a rare token's row towards the origin is a
+    # penalty with no regulariser behind it (OLMo, torchtitan do the same). Switches for the paper's
+    # lit-gpt setting, which decays everything.
+    decay_norms: bool = False
+    decay_embeddings: bool = False
+    grad_clip_norm: float = 1.0
+    implementation: str = "auto"     # auto (fused on CUDA, foreach on CPU) | fused | foreach | for_loop
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ValueError("optim.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int = 1000      # save every N optimiser steps (0: only at the end and on SIGTERM)
+    keep_last: int = 3           # keep the newest K complete checkpoints
+    resume: str = "auto"         # auto: newest complete checkpoint in run_dir/checkpoints, if any |
+                                 # none: start fresh (refuses if checkpoints exist) | a checkpoint path
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    dp_replicate: int = 1        # >1: hybrid sharding, shard within groups of world/dp_replicate
+                                 # ranks (a node), replicate across groups
+    mixed_precision: bool = True  # bf16 compute params, fp32 reduction, fp32 master (CUDA only)
+    activation_checkpointing: bool = False
+    compile: bool = False        # torch.compile each block
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    every_steps: int = 1000      # 0: never
+    path: str | None = None      # held-out shard dataset; default: data.path with split below
+    split: str = "validation"
+    sequences: int = 64          # a fixed set: the first N sequences of the held-out stream
+
+
+@dataclass(frozen=True)
+class LogSection:
+    every_steps: int = 1         # console line every N steps (JSONL gets every step)
+    wandb: bool = True           # offline unless wandb_mode says otherwise or WANDB_MODE is set
+    wandb_mode: str = "offline"
+    wandb_project: str = "slimpack"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    total_tokens: int = 1_000_000_000_000  # training length; max_steps = total_tokens / global_batch_tokens
+    max_steps: int | None = None           # overrides total_tokens when set
+    seed: int = 0                          # parameter init
+    device: str = "auto"                   # auto | cuda | cpu
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    log: LogSection = field(default_factory=LogSection)
+    # Test hook: rank 0 sends itself SIGTERM after this optimiser step (exercises the real handler).
+    debug_sigterm_after_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0:
+            raise ValueError(f"training has {self.steps} steps; raise total_tokens or max_steps")
+        if self.steps < self.optim.warmup_steps:
+            raise ValueError(f"max steps {self.steps} < optim.warmup_steps {self.optim.warmup_steps}; "
+                             f"lower optim.warmup_steps")
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps of the whole run."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.total_tokens // self.data.global_batch_tokens
+
+    def grad_accum(self, world_size: int) -> int:
+        per_micro = world_size * self.data.micro_batch_size * self.data.seq_len
+        if self.data.global_batch_tokens % per_micro:
+            raise ValueError(
+                f"data.global_batch_tokens={self.data.global_batch_tokens} is not divisible by "
+                f"world_size*micro_batch_size*seq_len={world_size}*{self.data.micro_batch_size}*"
+                f"{self.data.seq_len}={per_micro}; change micro_batch_size or the number of GPUs")
+        return self.data.global_batch_tokens // per_micro
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    return load_config(TrainConfig, path, parse_overrides(overrides or []))

@@ -1,0 +1,96 @@
+"""The demo's training step: the real trainer on CPU on the demo shards, pre-empted, resumed, exported.
+
+Runs `slimpack.train.loop.train` (FSDP2 over a one-process gloo group) on the "small" model with
+256-token windows: half the steps, then a SIGTERM (what Slurm sends before a time limit: the trainer
+saves a checkpoint and returns), then `--resume auto` for the rest, then `export-hf` and, where
+transformers is installed, a check that Hugging Face's logits equal ours. Small batches (512 tokens a
+step) because every step pays for the 128,256-token vocabulary on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+DEMO_STEPS = 24
+
+
+def demo_overrides(shards: Path, run_dir: Path) -> list[str]:
+    return [f'run_dir="{run_dir}"', f'data.path="{shards}"', f"max_steps={DEMO_STEPS}",
+            "data.seq_len=256", "data.global_batch_tokens=512", "data.micro_batch_size=2",
+            "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=3",
+            f"checkpoint.every_steps={DEMO_STEPS // 3}", "checkpoint.keep_last=2",
+            f"eval.every_steps={DEMO_STEPS // 2}", "eval.sequences=8", "log.every_steps=4"]
+
+
+def _train(overrides: list[str]) -> Any:
+    import torch.distributed as dist
+
+    from slimpack.train.config import load_train_config
+    from slimpack.train.loop import train
+
+    configs = Path(__file__).resolve().parents[3] / "configs" / "train" / "debug-cpu.toml"
+    # The installed package may lack configs/: the overrides alone then define the run.
+    cfg = load_train_config(configs if configs.exists() else None,
+                            ["device=cpu", "model.preset=small", "model.attention_backend=sdpa_ref",
+                             "parallel.mixed_precision=false", "log.wandb=false", *overrides])
+    try:
+        report = train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(report.summary(), flush=True)
+    return report
+
+
+def step_train(ctx: dict[str, Any]) -> None:
+    run_dir = ctx["out"] / "train"
+    overrides = demo_overrides(ctx["shards"], run_dir)
+    print(f"-- train {DEMO_STEPS // 2} of {DEMO_STEPS} steps, then SIGTERM (pre-emption)", flush=True)
+    first = _train([*overrides, "checkpoint.resume=none", f"debug_sigterm_after_step={DEMO_STEPS // 2}"])
+    if not first.stopped_by_signal:
+        raise RuntimeError("the trainer did not stop on SIGTERM")
+    print("-- resume from the newest checkpoint", flush=True)
+    second = _train([*overrides, "checkpoint.resume=auto"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    if [r["step"] for r in records if r["kind"] == "train"] != list(range(1, DEMO_STEPS + 1)):
+        raise RuntimeError(f"metrics hold steps {[r['step'] for r in records if r['kind'] == 'train']}")
+    head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    print(f"loss: first 3 steps {head:.3f}, last 3 steps {tail:.3f} (uniform over 128,256 tokens: 11.762); "
+          f"val loss {second.val_loss:.3f}", flush=True)
+    if not tail < head - 1.0:
+        raise RuntimeError(f"the loss did not fall: {losses}")
+
+    from slimpack.cli import main as slimpack_main
+
+    hf_dir = ctx["out"] / "hf"
+    if slimpack_main(["export-hf", str(run_dir), str(hf_dir)]) != 0:
+        raise RuntimeError("export-hf failed")
+    _compare_with_transformers(run_dir, hf_dir)
+
+
+def _compare_with_transformers(run_dir: Path, hf_dir: Path) -> None:
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:
+        print("transformers is not installed: skipping the logits comparison of the export")
+        return
+    import torch
+
+    from slimpack.train.checkpoint import latest_checkpoint, load_model_state_dict
+    from slimpack.train.model import ModelConfig, Transformer
+
+    weights, meta = load_model_state_dict(latest_checkpoint(run_dir / "checkpoints"))
+    ours = Transformer(ModelConfig(**meta["model_config"]), attention_backend="sdpa_ref")
+    ours.load_state_dict(weights)
+    hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    ids = torch.randint(0, ours.cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours.logits(ids, torch.arange(64), torch.tensor([0, 64], dtype=torch.int32), 64)
+        b = hf(input_ids=ids[None]).logits[0]
+    err = (a - b).abs().max().item()
+    print(f"transformers LlamaForCausalLM loads {hf_dir}: max |logit difference| vs ours {err:.2e}")
+    if err > 1e-4:
+        raise RuntimeError(f"exported model disagrees with ours by {err}")

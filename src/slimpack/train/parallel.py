@@ -1,0 +1,109 @@
+"""Distributed set-up and FSDP2, applied to the model from outside (the model knows nothing of it).
+
+`init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) or,
+without it, makes a one-process group, so one code path serves `slimpack train` and `torchrun`.
+`parallelize(model, ...)` applies, in this order: activation checkpointing and torch.compile per
+block, then `fully_shard` per block and at the root.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from slimpack.train.config import ParallelSection
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+
+def init_distributed(device: str = "auto", *, dp_replicate: int = 1) -> Dist:
+    """Process group + device mesh. NCCL on CUDA, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but CUDA is not available; use --set device=cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)  # a checkpoint save of a big model can take minutes
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout,
+                                    device_id=dev if use_cuda else None)
+        else:
+            # `slimpack train` without torchrun: a group of one, no ports needed.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % dp_replicate:
+        raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide world size {world}; "
+                         f"set it to the number of nodes")
+    if dp_replicate > 1:
+        # Hybrid sharding: a 2-D mesh (replicate, shard). Parameters are sharded within a row (one
+        # node: all-gathers and reduce-scatters stay on NVLink) and replicated across rows (one
+        # all-reduce of the already-reduced shard per step crosses the slower inter-node network).
+        mesh = init_device_mesh(dev.type, (dp_replicate, world // dp_replicate),
+                                mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        mesh = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp_shard",))
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device) -> nn.Module:
+    """Wrap `model` (a Transformer with `.layers`) in place and return it."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, block in enumerate(model.layers):
+        if cfg.activation_checkpointing:
+            # Whole-block recomputation: saves only each block's input, ~1/3 more compute. Non-
+            # reentrant, so it composes with compile and FSDP2's hooks; RNG state is not preserved
+            # because the model has no dropout.
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+        if cfg.compile:
+            # Per block, not the whole model: the 22 blocks share one graph (compiled once), graph
+            # breaks at FSDP's hooks between blocks are harmless, and compile time stays short.
+            # nn.Module.compile() keeps parameter names unchanged (no `_orig_mod.` prefix).
+            block.compile()
+        model.layers[i] = block
+
+    # bf16 parameters for compute (all-gathered in bf16: half the bytes), gradients reduced in fp32
+    # (summing up to 16K ranks' bf16 gradients would lose bits), master weights and optimiser state
+    # in fp32 (the sharded parameters keep their dtype). bf16 is for CUDA; on CPU the test config
+    # turns it off and everything stays fp32.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if cfg.mixed_precision and device.type == "cuda" else MixedPrecisionPolicy())
+    for i, block in enumerate(model.layers):
+        # Each block is one all-gather/reduce-scatter unit: peak memory holds ~2 unsharded blocks
+        # (the one computing and the one prefetched), not the whole model. Resharding after
+        # forward frees the block until backward re-gathers it: memory for one extra all-gather.
+        # The last block is used again first in backward, so keeping it unsharded saves a gather.
+        last = i == len(model.layers) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp,
+                    reshard_after_forward=cfg.reshard_after_forward and not last)
+    # The root unit holds the embedding, final norm and output projection. It must stay unsharded
+    # after forward (explicitly: newer torch only does so by default under reshard_after_forward=None):
+    # the chunked loss then uses `model.output.weight`, the unsharded (bf16) parameter, right after
+    # `model(...)` returns, and its gradient is reduced with the root's at the end of backward.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
