@@ -7,9 +7,20 @@ Every write of a named file is a single put (atomic on object stores) or a local
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import fsspec
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write a local file whole or not at all: a temporary file (unique per process and thread),
+    then a rename."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def is_remote(url: str | os.PathLike) -> bool:
@@ -44,10 +55,7 @@ class Root:
             self.fs.pipe_file(path, data)
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
 
     def upload(self, local: str | os.PathLike, name: str) -> None:
         """Copy a local file to `name` under this root."""

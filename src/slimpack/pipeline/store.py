@@ -28,7 +28,7 @@ import zstandard
 
 from slimpack.pipeline.index import DatasetIndex
 from slimpack.shards.mds import Shard, ShardFormatError, decompress, hash_bytes
-from slimpack.storage import Root
+from slimpack.storage import Root, write_atomic
 
 
 def verify_shard_bytes(index: DatasetIndex, i: int, data: bytes | mmap.mmap, where: str) -> None:
@@ -97,10 +97,7 @@ class ShardStore:
         data = self.root.read_bytes(name)
         verify_shard_bytes(self.index, i, data, f"{self.root.url}/{name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_atomic(path, data)
         with self._lock:
             self.downloads += 1
 

@@ -26,6 +26,7 @@ import xxhash
 import zstandard
 
 from slimpack.shards import schema
+from slimpack.storage import write_atomic
 
 _SHAPE_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 _VALUE_DTYPES = {
@@ -233,7 +234,7 @@ class ShardWriter:
             data = compress(self.compression, raw)
             zip_info = {"basename": raw_name + ".zstd", "bytes": len(data),
                         "hashes": {a: hash_bytes(a, data) for a in self.hashes}}
-        _write_atomic(self.out_dir / (zip_info or raw_info)["basename"], data)
+        write_atomic(self.out_dir / (zip_info or raw_info)["basename"], data)
         self.shards.append({"raw_data": raw_info, "samples": n, "zip_data": zip_info, **self.config})
         self._samples = []
         self._pending = 8 + len(self._config_bytes)
@@ -243,19 +244,12 @@ class ShardWriter:
         if self._samples:
             self._flush()
         index = {"shards": self.shards, "version": schema.MDS_VERSION}
-        _write_atomic(self.out_dir / schema.INDEX_FILENAME, dumps_index(index))
+        write_atomic(self.out_dir / schema.INDEX_FILENAME, dumps_index(index))
         return index
 
 
 def dumps_index(index: dict[str, Any]) -> bytes:
     return json.dumps(index, sort_keys=True).encode("utf-8")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- reader

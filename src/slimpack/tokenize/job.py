@@ -358,7 +358,10 @@ def run_tokenize(
             report.parts_skipped_complete.append(item.part)
         else:
             todo.append(item)
-    total_bytes = sum(input_bytes(i) for i in todo)
+    # Largest first: the last part to finish is a small one, so workers finish together.
+    sizes = {i.part: input_bytes(i) for i in todo}
+    todo.sort(key=lambda i: (-sizes[i.part], i.part))
+    total_bytes = sum(sizes.values())
     results = _run_parts(todo, cfg, root.url, workers, total_bytes, progress, staging_dir)
     skipped: Counter[str] = Counter()
     for res in results:

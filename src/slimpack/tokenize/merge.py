@@ -11,15 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slimpack import __version__
+from slimpack.provenance import git_sha
 from slimpack.shards import schema
 from slimpack.storage import Root
 from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
@@ -27,15 +26,6 @@ from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
 
 class MergeError(RuntimeError):
     pass
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def fingerprint(shards: list[dict[str, Any]], tokenizer_sha256: str) -> str:
@@ -122,7 +112,7 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
         "slimpack_version": __version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "tokenizer": tok,
         "bos_id": tok["bos_id"],
         "eos_id": tok["eos_id"],

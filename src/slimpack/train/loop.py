@@ -20,7 +20,6 @@ import json
 import os
 import resource
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slimpack import __version__
+from slimpack.provenance import git_sha
 from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import TrainConfig
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
@@ -164,15 +164,6 @@ def build_val_set(cfg: TrainConfig, d: Dist) -> list[dict[str, Any]]:
     return loader.micro_batches(0)
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _run_id(run_dir: Path) -> str:
     """Created once per run directory; a resumed run logs to the same wandb run."""
     path = run_dir / "run.json"
@@ -265,7 +256,7 @@ def train(cfg: TrainConfig) -> TrainReport:
                              "lr_next": lr_at(at_step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                               warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps)},
                 "world_size": d.world_size, "config": cfg.to_dict(), "model_config": dataclasses.asdict(mcfg),
-                "slimpack_version": __version__, "git_sha": _git_sha(), "saved_at": time.time()}
+                "slimpack_version": __version__, "git_sha": git_sha(), "saved_at": time.time()}
         return ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, meta,
                                     keep_last=cfg.checkpoint.keep_last)
 

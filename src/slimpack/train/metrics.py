@@ -45,7 +45,7 @@ class MetricsLogger:
                  wandb_mode: str, wandb_project: str, console_every: int, resume_step: int = 0) -> None:
         self.path = run_dir / "metrics.jsonl"
         _truncate_after(self.path, resume_step)
-        self.file = open(self.path, "a")  # noqa: SIM115 (open for the run's life; a resumed run appends)
+        self.file = open(self.path, "a")
         self.console_every = max(1, console_every)
         self.wandb = None
         if use_wandb:
