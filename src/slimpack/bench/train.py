@@ -43,9 +43,10 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from slimpack.train.metrics import H100_BF16_PEAK_FLOPS, model_flops_per_token
 
@@ -56,6 +57,8 @@ def synthetic_micro_batches(*, seq_len: int, micro_batch_size: int, vocab_size: 
                             seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless packed micro-batches with log-normal document lengths (median 600, sigma 1.2),
     documents cut at window edges the way the loader cuts them."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     while True:
         T = micro_batch_size * seq_len
@@ -119,6 +122,8 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
 def _dense_causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             cu_seqlens: torch.Tensor) -> torch.Tensor:
     """fp32 attention with an explicit block-diagonal causal mask over the whole packed batch."""
+    import torch
+
     T, H, D = q.shape
     doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
                                   (cu_seqlens[1:] - cu_seqlens[:-1]).long())
@@ -133,6 +138,8 @@ def _dense_causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def check_attention(device: torch.device) -> dict[str, Any]:
     """Fast path vs reference on a packed batch, forward and backward."""
+    import torch
+
     from slimpack.train.attention import attention
 
     g = torch.Generator().manual_seed(0)
@@ -174,6 +181,7 @@ def check_attention(device: torch.device) -> dict[str, Any]:
 
 
 def _hf_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> Any:
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from slimpack.train.export import hf_config
@@ -185,6 +193,8 @@ def _hf_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str = "s
 
 def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
     """Our logits on two packed documents vs HF LlamaForCausalLM on each document alone."""
+    import torch
+
     from slimpack.train.export import to_hf_state_dict
     from slimpack.train.model import Transformer
 
@@ -235,6 +245,8 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
 
 
 def _cleanup(device: torch.device) -> None:
+    import torch
+
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -245,6 +257,7 @@ def _cleanup(device: torch.device) -> None:
 
 def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, *, compile_blocks: bool,
            mixed_precision: bool) -> Any:
+    import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from slimpack.train.config import ParallelSection
@@ -273,6 +286,8 @@ def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, *, compile_bloc
 
 def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
              device: torch.device, seq_len: int) -> torch.Tensor:
+    import torch
+
     total = torch.zeros((), device=device)
     for mb in micro_batches:
         ids = mb["input_ids"].to(device, non_blocking=True).view(-1, seq_len)
@@ -286,6 +301,8 @@ def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[d
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -293,6 +310,8 @@ def _sync(device: torch.device) -> None:
 def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
                data: Any, device: torch.device, mesh: Any, grad_accum: int, warmup_steps: int,
                timed_steps: int, peak_flops: float) -> dict[str, Any]:
+    import torch
+
     from slimpack.train.config import OptimSection
     from slimpack.train.loop import train_step
     from slimpack.train.optim import build_optimizer
@@ -384,6 +403,8 @@ def _plan(quick: bool) -> list[dict[str, Any]]:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
     from slimpack.train.model import model_config
     from slimpack.train.parallel import init_distributed
 
