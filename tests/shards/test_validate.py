@@ -260,3 +260,27 @@ def test_cli_exit_statuses_and_json(copy: Path, tmp_path: Path, capsys: pytest.C
     (copy / schema.INDEX_FILENAME).unlink()
     assert main(["shards", "validate", str(copy), "--workers", "1"]) == 2
     assert "UNUSABLE INPUT" in capsys.readouterr().out
+
+
+def test_parts_whose_every_record_was_skipped_are_valid(tmp_path: Path) -> None:
+    """A part with no documents (empty file, or every record bad) has no shards; that is clean."""
+    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    (corpus / "validation").mkdir()
+    (corpus / "train" / "a.jsonl").write_text('{"text": "hello world"}\n{"text": 5}\n')
+    (corpus / "train" / "b.jsonl").write_text('{"x": 1}\nnot json\n')  # every record skipped
+    (corpus / "validation" / "c.jsonl").write_text("")  # a split holding only an empty part
+    report = run_tokenize([str(corpus)], str(tmp_path / "ds"), TokenizeConfig(), progress=False)
+    assert report.ok and report.merged, report.summary()
+    result = validate_dataset(tmp_path / "ds")
+    assert result.ok and result.exit_status == 0, result.summary()
+    assert result.documents == 1
+
+    # An empty part is still checked against its own stats.json.
+    stats = tmp_path / "ds" / "parts" / "train" / "b.jsonl" / "stats.json"
+    edit = json.loads(stats.read_text())
+    edit["documents"] = 3
+    stats.write_text(json.dumps(edit))
+    assert_found(tmp_path / "ds", "part", "parts/train/b.jsonl/stats.json says documents = 3")

@@ -631,6 +631,9 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
     on_disk = {p.parent.relative_to(parts_dir).as_posix()
                for name in (schema.INDEX_FILENAME, schema.PART_STATS_FILENAME)
                for p in parts_dir.rglob(name)} if parts_dir.is_dir() else set()
+    for part, rec in listed.items():  # a part with no documents has no shards: check it all the same
+        if isinstance(rec, dict) and rec.get("shards") == 0 and part in on_disk:
+            groups.setdefault(part, [])
     for part in sorted(set(listed) - set(groups)):
         where = "its directory is missing too" if part not in on_disk else "its directory exists"
         out.add("part", f"part {part} is in slimpack.json but no index.json entry lists its shards "
@@ -758,8 +761,10 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
             continue  # reported by _check_parts
         for key in ("documents", "tokens", "samples", "shards"):
             mismatch(f"part {part} {key}", rec.get(key), got[key], part=part)
-    for split, counter in per_split.items():
-        counter["parts"] = sum(1 for p in per_part if split_of.get(p) == split)
+    empty_parts = {p for p, v in parts.items() if isinstance(v, dict) and v.get("shards") == 0}
+    for part in set(per_part) | empty_parts:  # a part with no documents still counts in its split
+        if part in split_of:
+            per_split.setdefault(split_of[part], Counter())["parts"] += 1
     for split, rec in sorted((manifest.get("per_split") or {}).items()):
         got = per_split.get(split, Counter())
         for key in ("documents", "tokens", "parts"):
