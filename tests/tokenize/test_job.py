@@ -180,3 +180,18 @@ def test_node_rank_from_environment(monkeypatch):
     assert node_from_env(2, 3) == (2, 3)
     with pytest.raises(ValueError, match="outside"):
         node_from_env(3, 3)
+
+
+def test_out_that_is_an_existing_file_is_refused_up_front(tmp_path: Path, capsys):
+    from slimpack.cli import main
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "a.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt is an existing file"):
+        _run([inp], out)
+    assert main(["tokenize", str(inp), "--out", str(out), "--no-progress"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert out.read_text() == "keep me"

@@ -349,6 +349,9 @@ def run_tokenize(
     if not items:
         raise ValueError(f"no input files found in {list(inputs)}")
     root = Root(out)
+    if not root.remote and Path(root.path).exists() and not Path(root.path).is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a directory; pass a directory path "
+                         "(a new one, or the output of an earlier run to resume it)")
     mine = items[rank::count]
     report = TokenizeReport(out=root.url, node_rank=rank, num_nodes=count,
                             parts_total=len(items), parts_assigned=len(mine), ignored_files=ignored)
