@@ -195,3 +195,18 @@ def test_out_that_is_an_existing_file_is_refused_up_front(tmp_path: Path, capsys
     assert main(["tokenize", str(inp), "--out", str(out), "--no-progress"]) == 2
     assert "--out" in capsys.readouterr().err
     assert out.read_text() == "keep me"
+
+
+def test_rerun_redoes_a_complete_part_whose_shard_was_lost(demo_corpus: Path, tmp_path: Path, tree_digest):
+    out = tmp_path / "out"
+    first = _run([demo_corpus], out, workers=1)
+    before = tree_digest(out)
+    shards = sorted((out / "parts").rglob("shard.*.mds*"))
+    lost, cut = shards[0], shards[-1]
+    lost.unlink()  # deleted
+    cut.write_bytes(cut.read_bytes()[:-10])  # truncated
+    again = _run([demo_corpus], out, workers=1)
+    redone = {lost.parent.relative_to(out / "parts").as_posix(), cut.parent.relative_to(out / "parts").as_posix()}
+    assert again.ok and again.merged and set(again.parts_done) == redone
+    assert sorted(again.parts_skipped_complete + again.parts_done) == sorted(first.parts_done)
+    assert tree_digest(out) == before

@@ -357,7 +357,7 @@ def run_tokenize(
                             parts_total=len(items), parts_assigned=len(mine), ignored_files=ignored)
     todo = []
     for item in mine:
-        if root.exists(part_stats_name(item.part)):
+        if _part_complete(root, item.part):
             report.parts_skipped_complete.append(item.part)
         else:
             todo.append(item)
@@ -389,6 +389,27 @@ def run_tokenize(
     root.write_bytes(f"reports/tokenize.node-{rank:05d}-of-{count:05d}.json",
                      dumps_json(dataclasses.asdict(report)))
     return report
+
+
+def _part_complete(root: Root, part: str) -> bool:
+    """stats.json is in place and every shard its index.json lists is present at its full size.
+
+    A shard deleted or cut short after the part completed makes the part incomplete, so a
+    re-run redoes it instead of merging a dataset with a hole in it.
+    """
+    if not root.exists(part_stats_name(part)):
+        return False
+    try:
+        index = json.loads(root.read_bytes(f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"))
+        sizes = {Path(e["name"]).name: e["size"]
+                 for e in root.fs.ls(root.join(part_dir_name(part)), detail=True)}
+        for shard in index["shards"]:
+            stored = shard["zip_data"] or shard["raw_data"]
+            if sizes.get(stored["basename"]) != stored["bytes"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _run_parts(todo: list[InputFile], cfg: TokenizeConfig, root_url: str, workers: int,
