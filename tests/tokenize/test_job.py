@@ -210,3 +210,22 @@ def test_rerun_redoes_a_complete_part_whose_shard_was_lost(demo_corpus: Path, tm
     assert again.ok and again.merged and set(again.parts_done) == redone
     assert sorted(again.parts_skipped_complete + again.parts_done) == sorted(first.parts_done)
     assert tree_digest(out) == before
+
+
+def test_merge_names_the_config_key_that_differs_and_ignores_the_bad_record_policy(tmp_path: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "b", "c"):
+        (inp / f"{name}.jsonl").write_text(json.dumps({"text": f"text {name}"}) + "\n")
+    out = tmp_path / "out"
+    files = [inp / "a.jsonl", inp / "b.jsonl"]
+    # Nodes run with different bad-record policies: the parts' bytes do not depend on it.
+    assert not _run(files, out, node_rank=0, num_nodes=2).merged
+    strict = TokenizeConfig(block_tokens=SMALL.block_tokens, shard_size_limit=SMALL.shard_size_limit,
+                            on_bad_record="fail")
+    assert _run(files, out, cfg=strict, node_rank=1, num_nodes=2).merged
+    # A part tokenized with another block size is refused, naming the key and both values.
+    _run([inp / "c.jsonl"], tmp_path / "c", cfg=TokenizeConfig(block_tokens=123))
+    shutil.copytree(tmp_path / "c" / "parts" / "c.jsonl", out / "parts" / "c.jsonl")
+    with pytest.raises(MergeError, match=r"block_tokens: 4096 in part a\.jsonl, 123 in part c\.jsonl"):
+        merge_dataset(str(out))

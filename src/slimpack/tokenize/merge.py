@@ -28,6 +28,10 @@ class MergeError(RuntimeError):
     pass
 
 
+# Config keys that decide what happens to bad records, not the bytes of a completed part.
+_POLICY_KEYS = ("on_bad_record", "bad_examples")
+
+
 def fingerprint(shards: list[dict[str, Any]], tokenizer_sha256: str) -> str:
     """sha256 over the schema version, tokenizer and every shard's name, samples and hashes."""
     h = hashlib.sha256()
@@ -76,8 +80,16 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
         index = json.loads(root.read_bytes(f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"))
         first = first or stats
         for key in ("tokenizer", "config", "schema_version"):
-            if stats[key] != first[key]:
-                raise MergeError(f"part {part} has a different {key} from part {first['part']}: "
+            mine, theirs = stats[key], first[key]
+            if key == "config":  # the bad-record policy does not change a completed part's bytes
+                mine, theirs = ({k: v for k, v in c.items() if k not in _POLICY_KEYS} for c in (mine, theirs))
+            if mine != theirs:
+                what = ""
+                if isinstance(mine, dict) and isinstance(theirs, dict):
+                    what = " (" + "; ".join(
+                        f"{k}: {theirs.get(k)!r} in part {first['part']}, {mine.get(k)!r} in part {part}"
+                        for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)) + ")"
+                raise MergeError(f"part {part} has a different {key} from part {first['part']}{what}: "
                                  "re-tokenize it with the same tokenizer and config")
         if sum(s["samples"] for s in index["shards"]) != len(stats["sample_tokens"]):
             raise MergeError(f"part {part}: index.json and stats.json disagree on the sample "
