@@ -18,9 +18,13 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     then a rename."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or a failed rename leaves no stray file
+        raise
 
 
 def is_remote(url: str | os.PathLike) -> bool:
