@@ -137,3 +137,19 @@ def test_missing_and_unsupported_inputs(tmp_path: Path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="unsupported file type"):
         discover([tmp_path / "notes.txt"])
+
+
+def test_split_of_files_and_split_directories_passed_directly(tmp_path: Path):
+    """Passing SlimPajama's validation files (or its validation directory) must not make them train."""
+    layout = {"train/chunk1/example_train_0.jsonl": "train",
+              "validation/chunk1/example_holdout_0.jsonl": "validation",
+              "test/chunk1/example_holdout_1.jsonl": "test"}
+    for name in layout:
+        (tmp_path / name).parent.mkdir(parents=True)
+        (tmp_path / name).write_bytes(_jsonl([{"text": "x"}]))
+    items, _ = discover([tmp_path / name for name in layout])
+    assert {i.part: i.split for i in items} == {Path(n).name: s for n, s in layout.items()}
+    items, _ = discover([tmp_path / "validation"])
+    assert [(i.part, i.split) for i in items] == [("chunk1/example_holdout_0.jsonl", "validation")]
+    items, _ = discover([tmp_path / "train" / "chunk1"])  # no split name nearby: train, as before
+    assert [(i.part, i.split) for i in items] == [("example_train_0.jsonl", "train")]

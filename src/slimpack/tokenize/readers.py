@@ -79,13 +79,22 @@ def _split_of(rel: Path) -> str:
     return "train"
 
 
+def _near(path: Path) -> Path:
+    """`path`'s parent and grandparent names: where SlimPajama's layout puts the split
+    (`validation/chunk1/x.jsonl.zst`), for inputs given below the layout's root."""
+    path = path.absolute()
+    return Path(path.parent.parent.name, path.parent.name)
+
+
 def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list[str]]:
     """(every input file under the given files and directories sorted by part name, ignored files).
 
     A directory is searched recursively; part names are paths relative to it, so they are stable
     whatever the machine. A directory in SlimPajama's layout (it has `train/`, `validation/` or
     `test/`) contributes only the files under those split directories; other files there (a
-    README, a manifest) are returned as ignored so the caller can say so. A saved HF dataset
+    README, a manifest) are returned as ignored so the caller can say so. A file or directory
+    given below the layout's root (`validation/chunk1/x.jsonl.zst`, or `validation/`) takes its
+    split from its parent and grandparent names, so it never lands in train. A saved HF dataset
     (directory with `state.json`, or a `DatasetDict` with `dataset_dict.json`) becomes one part
     per split.
     """
@@ -116,9 +125,10 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list
                 if file.is_dir() and _is_hf_saved(file):
                     add_hf(file, rel.as_posix(), add)
                 elif file.is_file() and _kind(file) and not any(_is_hf_saved(p) for p in file.parents):
-                    add(InputFile(str(file), rel.as_posix(), _split_of(rel), _kind(file)))
+                    split = _split_of(rel if split_layout else _near(path / "x") / rel)
+                    add(InputFile(str(file), rel.as_posix(), split, _kind(file)))
         elif _kind(path):
-            add(InputFile(str(path), path.name, _split_of(Path(path.name)), _kind(path)))
+            add(InputFile(str(path), path.name, _split_of(_near(path) / path.name), _kind(path)))
         else:
             raise ValueError(
                 f"input {raw}: unsupported file type; expected {', '.join(JSONL_SUFFIXES)}, "
