@@ -153,3 +153,9 @@ def test_split_of_files_and_split_directories_passed_directly(tmp_path: Path):
     assert [(i.part, i.split) for i in items] == [("chunk1/example_holdout_0.jsonl", "validation")]
     items, _ = discover([tmp_path / "train" / "chunk1"])  # no split name nearby: train, as before
     assert [(i.part, i.split) for i in items] == [("example_train_0.jsonl", "train")]
+
+
+def test_utf8_byte_order_mark_does_not_cost_the_first_record(tmp_path: Path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl([{"text": "first"}, {"text": "second"}]))
+    recs = list(read_records(discover([tmp_path / "bom.jsonl"])[0][0]))
+    assert [(r.text, r.line) for r in recs] == [("first", 1), ("second", 2)]

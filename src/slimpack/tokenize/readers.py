@@ -266,6 +266,8 @@ def read_records(
         src = CountingFile(item.path, on_bytes)
         try:
             for line_no, raw in enumerate(_lines(src), 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte order mark (Windows tools write one) is not text
                 if _WS_LINE.fullmatch(raw):
                     continue  # blank lines (a trailing newline) are not records
                 try:
