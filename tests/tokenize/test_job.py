@@ -229,3 +229,18 @@ def test_merge_names_the_config_key_that_differs_and_ignores_the_bad_record_poli
     shutil.copytree(tmp_path / "c" / "parts" / "c.jsonl", out / "parts" / "c.jsonl")
     with pytest.raises(MergeError, match=r"block_tokens: 4096 in part a\.jsonl, 123 in part c\.jsonl"):
         merge_dataset(str(out))
+
+
+def test_rerun_without_an_input_does_not_merge_its_stale_part(tmp_path: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "b"):
+        (inp / f"{name}.jsonl").write_text(json.dumps({"text": f"text {name}"}) + "\n")
+    out = tmp_path / "out"
+    assert _run([inp], out).merged
+    (inp / "b.jsonl").unlink()  # the user drops an input and rebuilds
+    with pytest.raises(MergeError, match=r"b\.jsonl.*not among the inputs"):
+        _run([inp], out)
+    manifest = json.loads((out / schema.MANIFEST_FILENAME).read_text())
+    assert sorted(manifest["parts"]) == ["a.jsonl", "b.jsonl"]  # the old merge, untouched
+    merge_dataset(str(out))  # merging every part present stays possible, explicitly

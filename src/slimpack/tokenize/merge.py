@@ -54,7 +54,10 @@ def find_parts(root: Root) -> tuple[list[str], list[str]]:
 
 
 def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write the merged index, per-sample token counts and manifest; returns the manifest."""
+    """Write the merged index, per-sample token counts and manifest; returns the manifest.
+
+    `expected_parts` (the job's inputs): refuse unless exactly these parts are complete.
+    """
     root = Root(url)
     complete, incomplete = find_parts(root)
     if incomplete:
@@ -64,6 +67,13 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
         missing = sorted(set(expected_parts) - set(complete))
         if missing:
             raise MergeError(f"{root.url}: part(s) {missing[:5]} are not complete; re-run tokenize")
+        extra = sorted(set(complete) - set(expected_parts))
+        if extra:
+            raise MergeError(
+                f"{root.url}: part(s) {extra[:5]} are complete under {schema.PARTS_DIRNAME}/ but "
+                "not among the inputs (an input removed or renamed since an earlier run?); delete "
+                f"{schema.PARTS_DIRNAME}/<part> to drop one, or run `slimpack shards merge "
+                f"{root.url}` to merge every part present")
     if not complete:
         raise MergeError(f"{root.url}: no complete parts under {schema.PARTS_DIRNAME}/")
 
