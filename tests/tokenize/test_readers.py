@@ -159,3 +159,12 @@ def test_utf8_byte_order_mark_does_not_cost_the_first_record(tmp_path: Path):
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl([{"text": "first"}, {"text": "second"}]))
     recs = list(read_records(discover([tmp_path / "bom.jsonl"])[0][0]))
     assert [(r.text, r.line) for r in recs] == [("first", 1), ("second", 2)]
+
+
+def test_lone_surrogate_in_source_name_becomes_replacement_character(tmp_path: Path):
+    # JSON may escape a lone surrogate; as in the text, it becomes U+FFFD instead of failing the
+    # whole part when the source id (CRC-32 of the UTF-8 name) is computed.
+    (tmp_path / "s.jsonl").write_bytes(b'{"text": "hi", "meta": {"redpajama_set_name": "Web\\ud800"}}\n')
+    (rec,) = read_records(discover([tmp_path / "s.jsonl"])[0][0])
+    assert (rec.text, rec.source) == ("hi", "Web\ufffd")
+    rec.source.encode("utf-8")

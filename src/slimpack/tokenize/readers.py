@@ -246,6 +246,10 @@ def _to_record(obj: Any, line: int, text_path: Sequence[str], source_path: Seque
     if not text:
         return BadRecord("empty_text", line, "empty text")
     source = _get_path(obj, source_path)
+    if isinstance(source, str) and not source.isascii():
+        # Lone surrogates (JSON "\\ud800" escapes) cannot be UTF-8 encoded for the source id:
+        # U+FFFD, the same replacement the tokenizer applies to text.
+        source = source.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return Record(text, source if isinstance(source, str) and source else default_source, line)
 
 
