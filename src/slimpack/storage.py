@@ -6,11 +6,15 @@ Every write of a named file is a single put (atomic on object stores) or a local
 
 from __future__ import annotations
 
+import glob
+import itertools
 import os
+import re
 import threading
 from pathlib import Path
 
 import fsspec
+from fsspec.utils import glob_translate
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -69,10 +73,20 @@ class Root:
             self.write_bytes(name, Path(local).read_bytes())
 
     def glob(self, pattern: str) -> list[str]:
-        """Names (relative to the root) matching a glob pattern, sorted."""
+        """Names (relative to the root) matching a glob pattern, sorted.
+
+        Only `pattern` is a pattern: the root's own path is literal, though it may hold `[`, `]`,
+        `*` or `?` (fsspec's glob of the joined path would read those as wildcards).
+        """
+        parts = pattern.split("/")
+        fixed = list(itertools.takewhile(lambda p: not glob.has_magic(p), parts))
+        base = self.join(*fixed)
+        depth = None if "**" in pattern else len(parts) - len(fixed)
+        match = re.compile(glob_translate(pattern)).match
         prefix = self.path + "/"
-        return sorted(p[len(prefix):] if p.startswith(prefix) else p
-                      for p in self.fs.glob(self.join(pattern)))
+        names = (p[len(prefix):] if p.startswith(prefix) else p
+                 for p in self.fs.find(base, maxdepth=depth, withdirs=True))
+        return sorted(n for n in names if match(n))
 
     def remove_tree(self, name: str) -> None:
         path = self.join(name)
