@@ -36,3 +36,13 @@ def test_inspect_marks_documents_and_windows(dataset, capsys):
     segments = [line for line in out if line.startswith("  [")]
     assert any("<doc>" in s for s in segments) and any("</doc>" in s for s in segments)
     assert all(("<doc> '128000" in s) == ("<doc>" in s) for s in segments)  # a <doc> starts at its BOS
+
+
+def test_inspect_refuses_a_micro_step_or_step_outside_the_layout(dataset, capsys):
+    # grad_accum is 2 here: micro 2 would be step 3's micro 0, printed as step 2's.
+    for args, fragment in ((["--step", "2", "--micro", "2"], "outside [0, grad_accum=2)"),
+                           (["--step", "2", "--micro", "-1"], "outside [0, grad_accum=2)"),
+                           (["--step", "-1"], "step -1 is negative")):
+        assert main(["pipeline", "inspect", str(dataset), *ARGS, "--micro-batch-size", "4",
+                     "--no-decode", *args]) == 2
+        assert fragment in capsys.readouterr().err

@@ -99,6 +99,12 @@ def inspect_micro_batch(loader: PackedLoader, step: int, micro: int = 0, *,
                         decode: Callable[[Sequence[int]], str] | None = None,
                         bos_id: int | None = None) -> InspectReport:
     """Split one micro-batch at its cu_seqlens and decode each piece."""
+    if step < 0:
+        raise ValueError(f"step {step} is negative; steps count from 0")
+    if not 0 <= micro < loader.grad_accum:
+        # micro >= grad_accum would silently show another step's (or rank's) sequences.
+        raise ValueError(f"micro-step {micro} is outside [0, grad_accum={loader.grad_accum}) for this "
+                         "layout; pick --micro below grad_accum, or change --micro-batch-size")
     mb: dict[str, Any] = loader.stream.micro_batch(step, micro)
     ids, labels, cu = mb["input_ids"], mb["labels"], mb["cu_seqlens"].astype(np.int64)
     bos = loader.index.manifest.get("bos_id") if bos_id is None else bos_id
