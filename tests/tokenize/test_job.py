@@ -244,3 +244,16 @@ def test_rerun_without_an_input_does_not_merge_its_stale_part(tmp_path: Path):
     manifest = json.loads((out / schema.MANIFEST_FILENAME).read_text())
     assert sorted(manifest["parts"]) == ["a.jsonl", "b.jsonl"]  # the old merge, untouched
     merge_dataset(str(out))  # merging every part present stays possible, explicitly
+
+
+def test_num_nodes_without_a_rank_is_refused_not_rank_zero_everywhere(monkeypatch):
+    for var in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    # Every node would take rank 0's parts and write the same part directories at once.
+    with pytest.raises(ValueError, match="--node-rank"):
+        node_from_env(None, 4)
+    assert node_from_env(None, 1) == (0, 1)
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert node_from_env(None, 8) == (3, 8)  # the rank still comes from the environment
+    assert node_from_env(1, None) == (1, 8)

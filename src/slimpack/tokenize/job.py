@@ -265,18 +265,25 @@ def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str 
 
 
 def node_from_env(node_rank: int | None, num_nodes: int | None) -> tuple[int, int]:
-    """Flags win; else Slurm array, Slurm tasks, then torchrun-style RANK/WORLD_SIZE; else 0 of 1."""
-    if node_rank is not None or num_nodes is not None:
-        rank, count = node_rank or 0, num_nodes or 1
-    else:
-        env = os.environ
-        pairs = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("SLURM_PROCID", "SLURM_NTASKS"),
-                 ("RANK", "WORLD_SIZE")]
-        rank, count = 0, 1
-        for r, c in pairs:
-            if r in env and c in env:
-                rank, count = int(env[r]), int(env[c])
-                break
+    """Flags win; else Slurm array, Slurm tasks, then torchrun-style RANK/WORLD_SIZE; else 0 of 1.
+
+    A flag given alone is paired with the environment's other value; `--num-nodes N > 1` with
+    no rank anywhere is refused (every node would take rank 0's parts and write the same parts).
+    """
+    env = os.environ
+    pairs = [("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"), ("SLURM_PROCID", "SLURM_NTASKS"),
+             ("RANK", "WORLD_SIZE")]
+    env_rank, env_count = None, None
+    for r, c in pairs:
+        if r in env and c in env:
+            env_rank, env_count = int(env[r]), int(env[c])
+            break
+    rank = node_rank if node_rank is not None else env_rank
+    count = num_nodes if num_nodes is not None else env_count
+    if rank is None and count is not None and count > 1:
+        raise ValueError(f"--num-nodes {count} needs this node's rank: pass --node-rank (no Slurm or "
+                         "RANK/WORLD_SIZE variables give one)")
+    rank, count = rank or 0, count or 1
     if not 0 <= rank < count:
         raise ValueError(f"node rank {rank} is outside [0, {count}): check --node-rank/--num-nodes")
     return rank, count
