@@ -168,3 +168,11 @@ def test_lone_surrogate_in_source_name_becomes_replacement_character(tmp_path: P
     (rec,) = read_records(discover([tmp_path / "s.jsonl"])[0][0])
     assert (rec.text, rec.source) == ("hi", "Web\ufffd")
     rec.source.encode("utf-8")
+
+
+def test_deeply_nested_json_line_is_a_bad_record_not_a_crash(tmp_path: Path):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "d.jsonl").write_bytes(_jsonl([{"text": "before"}]) + deep + b"\n" + _jsonl([{"text": "after"}]))
+    recs = list(read_records(discover([tmp_path / "d.jsonl"])[0][0]))
+    assert [r.text for r in recs if isinstance(r, Record)] == ["before", "after"]
+    assert [(r.reason, r.line) for r in recs if isinstance(r, BadRecord)] == [("invalid_json", 2)]

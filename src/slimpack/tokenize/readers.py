@@ -281,7 +281,7 @@ def read_records(
                     continue
                 try:
                     obj = json.loads(line)
-                except json.JSONDecodeError as err:
+                except (json.JSONDecodeError, RecursionError) as err:  # RecursionError: nesting too deep
                     yield BadRecord("invalid_json", line_no, str(err))
                     continue
                 yield _to_record(obj, line_no, text_path, source_path, default_source)
