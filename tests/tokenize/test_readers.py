@@ -176,3 +176,11 @@ def test_deeply_nested_json_line_is_a_bad_record_not_a_crash(tmp_path: Path):
     recs = list(read_records(discover([tmp_path / "d.jsonl"])[0][0]))
     assert [r.text for r in recs if isinstance(r, Record)] == ["before", "after"]
     assert [(r.reason, r.line) for r in recs if isinstance(r, BadRecord)] == [("invalid_json", 2)]
+
+
+def test_broken_symlink_to_an_input_is_an_error_not_silently_skipped(tmp_path: Path):
+    # git-annex / DVC checkouts hold not-yet-fetched files as dangling links.
+    (tmp_path / "a.jsonl").write_bytes(_jsonl([{"text": "x"}]))
+    (tmp_path / "b.jsonl.zst").symlink_to(tmp_path / "store" / "missing-object")
+    with pytest.raises(FileNotFoundError, match=r"b\.jsonl\.zst is a broken symbolic link"):
+        discover([tmp_path])

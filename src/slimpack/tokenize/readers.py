@@ -118,6 +118,10 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list
             split_layout = any((path / split).is_dir() for split in _SPLITS)
             for file in sorted(path.rglob("*")):
                 rel = file.relative_to(path)
+                if file.is_symlink() and not file.exists() and _kind(file):
+                    raise FileNotFoundError(
+                        f"input {file} is a broken symbolic link (to {os.readlink(file)}): fetch the "
+                        "file it points to (e.g. `git annex get`, `dvc pull`) or remove the link")
                 if split_layout and rel.parts[0] not in _SPLITS:
                     if file.is_file():
                         ignored.append(str(file))
