@@ -184,3 +184,17 @@ def test_broken_symlink_to_an_input_is_an_error_not_silently_skipped(tmp_path: P
     (tmp_path / "b.jsonl.zst").symlink_to(tmp_path / "store" / "missing-object")
     with pytest.raises(FileNotFoundError, match=r"b\.jsonl\.zst is a broken symbolic link"):
         discover([tmp_path])
+
+
+def test_unsupported_files_among_the_inputs_are_reported_as_ignored(tmp_path: Path):
+    # e.g. .jsonl.xz or .json files next to supported ones: not read, so they must be named.
+    split = tmp_path / "train" / "chunk1"
+    split.mkdir(parents=True)
+    (split / "a.jsonl").write_bytes(_jsonl([{"text": "x"}]))
+    (split / "b.jsonl.xz").write_bytes(b"xz")
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "c.jsonl").write_bytes(_jsonl([{"text": "y"}]))
+    (tmp_path / "flat" / "d.json").write_bytes(_jsonl([{"text": "z"}]))
+    items, ignored = discover([tmp_path / "train", tmp_path / "flat"])
+    assert [i.part for i in items] == ["c.jsonl", "chunk1/a.jsonl"]
+    assert sorted(Path(f).name for f in ignored) == ["b.jsonl.xz", "d.json"]

@@ -32,6 +32,7 @@ from slimpack import __version__
 from slimpack.shards import mds, schema
 from slimpack.storage import Root
 from slimpack.tokenize.readers import (
+    JSONL_SUFFIXES,
     BadRecord,
     CorruptInputError,
     InputFile,
@@ -328,7 +329,8 @@ class TokenizeReport:
             lines += [f"    e.g. {e['file']}:{e['line']}: {e['reason']} ({e['detail']})"
                       for e in self.bad_examples[:5]]
         if self.ignored_files:
-            lines.append(f"  ignored {len(self.ignored_files)} file(s) outside train/validation/test: "
+            lines.append(f"  ignored {len(self.ignored_files)} file(s) (not a supported input, or "
+                         "outside train/validation/test): "
                          + ", ".join(Path(f).name for f in self.ignored_files[:3]))
         for part, err in sorted(self.parts_failed.items()):
             lines.append(f"  FAILED part {part}: {err}")
@@ -354,7 +356,9 @@ def run_tokenize(
     rank, count = node_from_env(node_rank, num_nodes)
     items, ignored = discover(inputs)
     if not items:
-        raise ValueError(f"no input files found in {list(inputs)}")
+        seen = f" ({len(ignored)} other file(s), e.g. {ignored[0]})" if ignored else ""
+        raise ValueError(f"no input files found in {list(inputs)}{seen}; inputs are "
+                         f"{', '.join(JSONL_SUFFIXES)}, .parquet or save_to_disk directories")
     root = Root(out)
     if not root.remote and Path(root.path).exists() and not Path(root.path).is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; pass a directory path "

@@ -128,7 +128,10 @@ def discover(inputs: Sequence[str | os.PathLike]) -> tuple[list[InputFile], list
                     continue
                 if file.is_dir() and _is_hf_saved(file):
                     add_hf(file, rel.as_posix(), add)
-                elif file.is_file() and _kind(file) and not any(_is_hf_saved(p) for p in file.parents):
+                elif file.is_file() and not any(_is_hf_saved(p) for p in file.parents):
+                    if not _kind(file):
+                        ignored.append(str(file))  # named in the report: never dropped unseen
+                        continue
                     split = _split_of(rel if split_layout else _near(path / "x") / rel)
                     add(InputFile(str(file), rel.as_posix(), split, _kind(file)))
         elif _kind(path):
