@@ -21,7 +21,7 @@ from slimpack.shards import schema
 from slimpack.shards.invariants import sample_problems
 from slimpack.shards.mds import MDSDataset
 from slimpack.tokenize.job import TokenizeConfig, node_from_env, run_tokenize
-from slimpack.tokenize.merge import MergeError, merge_dataset
+from slimpack.tokenize.merge import MergeError, fingerprint, merge_dataset
 
 SMALL = TokenizeConfig(block_tokens=4096, shard_size_limit=1 << 17)
 
@@ -257,3 +257,22 @@ def test_num_nodes_without_a_rank_is_refused_not_rank_zero_everywhere(monkeypatc
     monkeypatch.setenv("SLURM_NTASKS", "8")
     assert node_from_env(None, 8) == (3, 8)  # the rank still comes from the environment
     assert node_from_env(1, None) == (1, 8)
+
+
+
+def test_fingerprint_covers_each_parts_split(tmp_path: Path):
+    inp = tmp_path / "in"
+    for split in ("train", "validation"):
+        (inp / split).mkdir(parents=True)
+        (inp / split / "a.jsonl").write_text(json.dumps({"text": f"a {split} document"}) + "\n")
+    out = tmp_path / "out"
+    assert _run([inp], out, workers=1).merged
+    index = json.loads((out / schema.INDEX_FILENAME).read_text())
+    manifest = json.loads((out / schema.MANIFEST_FILENAME).read_text())
+    splits = {p: v["split"] for p, v in manifest["parts"].items()}
+    assert splits == {"train/a.jsonl": "train", "validation/a.jsonl": "validation"}
+    sha = manifest["tokenizer"]["sha256"]
+    assert fingerprint(index["shards"], sha, splits) == manifest["fingerprint"]
+    # The same shard bytes with the held-out part moved into train: another dataset for the loader.
+    moved = {**splits, "validation/a.jsonl": "train"}
+    assert fingerprint(index["shards"], sha, moved) != manifest["fingerprint"]

@@ -708,7 +708,8 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
             out.add("manifest", f"{what}: slimpack.json says {recorded}, the shards hold {counted}", **where)
 
     try:
-        fp = fingerprint(entries, manifest["tokenizer"]["sha256"])
+        splits = {p: v["split"] for p, v in manifest["parts"].items()}
+        fp = fingerprint(entries, manifest["tokenizer"]["sha256"], splits)
     except (KeyError, TypeError, AttributeError) as err:
         out.add("manifest", f"cannot recompute the fingerprint ({err!r})")
     else:

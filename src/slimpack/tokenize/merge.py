@@ -32,10 +32,13 @@ class MergeError(RuntimeError):
 _POLICY_KEYS = ("on_bad_record", "bad_examples")
 
 
-def fingerprint(shards: list[dict[str, Any]], tokenizer_sha256: str) -> str:
-    """sha256 over the schema version, tokenizer and every shard's name, samples and hashes."""
+def fingerprint(shards: list[dict[str, Any]], tokenizer_sha256: str, part_splits: dict[str, str]) -> str:
+    """sha256 over the schema version, tokenizer, each part's split and every shard's name, samples
+    and hashes. The splits count because the loader streams one split: moving a part between
+    splits changes the data a run sees even when no shard byte changes."""
     h = hashlib.sha256()
     h.update(f"slimpack-schema-{schema.SCHEMA_VERSION}\n{tokenizer_sha256}\n".encode())
+    h.update(json.dumps(sorted(part_splits.items())).encode())
     for s in shards:
         stored = s["zip_data"] or s["raw_data"]
         h.update(json.dumps([stored["basename"], s["samples"], stored["hashes"],
@@ -139,7 +142,7 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
         "bos_id": tok["bos_id"],
         "eos_id": tok["eos_id"],
         "vocab_size": tok["vocab_size"],
-        "fingerprint": fingerprint(shards, tok["sha256"]),
+        "fingerprint": fingerprint(shards, tok["sha256"], {p: v["split"] for p, v in parts.items()}),
         "documents": sum(p["documents"] for p in parts.values()),
         "tokens": int(tokens.sum()),
         "samples": len(tokens),
