@@ -276,3 +276,13 @@ def test_fingerprint_covers_each_parts_split(tmp_path: Path):
     # The same shard bytes with the held-out part moved into train: another dataset for the loader.
     moved = {**splits, "validation/a.jsonl": "train"}
     assert fingerprint(index["shards"], sha, moved) != manifest["fingerprint"]
+
+
+def test_a_reader_library_error_fails_only_its_part(tmp_path: Path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "good.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
+    (inp / "broken.parquet").write_bytes(b"PAR1 this is not a parquet file PAR1")
+    report = _run([inp], tmp_path / "out", workers=1)
+    assert report.parts_done == ["good.jsonl"] and list(report.parts_failed) == ["broken.parquet"]
+    assert not report.ok and "FAILED part broken.parquet" in report.summary()

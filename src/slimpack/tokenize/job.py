@@ -34,7 +34,6 @@ from slimpack.storage import Root
 from slimpack.tokenize.readers import (
     JSONL_SUFFIXES,
     BadRecord,
-    CorruptInputError,
     InputFile,
     discover,
     input_bytes,
@@ -252,7 +251,9 @@ def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str 
                 root.upload(file, f"{name}/{file.name}")
         root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
         return stats
-    except (CorruptInputError, BadRecordError, OSError, ValueError) as err:
+    except Exception as err:  # one part's failure (a reader library's own error
+        # on a malformed parquet file, say) must not stop the other parts: it is reported by name
+        # and makes the exit status non-zero.
         root.remove_tree(name)
         return {"part": item.part, "error": f"{type(err).__name__}: {err}"}
     finally:
