@@ -85,3 +85,16 @@ def test_interrupted_saves_are_never_listed_and_keep_last_prunes(dist1, tmp_path
     ckpt.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=2)
     assert not broken.exists()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_saved(dist1, tmp_path):
+    # A run resumed from an older checkpoint (--resume step_00000002) saves steps below ones already
+    # there; the save it just made must survive pruning, with the newest keep_last - 1 others.
+    model, opt = _trained(dist1, seed=0)
+    for step in (2, 5, 6):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    saved = ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=2)
+    assert (saved / "meta.json").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
+    ckpt.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004"]

@@ -90,7 +90,10 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        # Keep the one just written whatever its step (a run resumed from an older checkpoint saves
+        # steps below ones already there) plus the newest keep_last - 1 others.
+        others = [p for p in list_checkpoints(root) if p != final]
+        for old in others[:len(others) - (keep_last - 1)] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
