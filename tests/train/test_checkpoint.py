@@ -98,3 +98,28 @@ def test_keep_last_never_deletes_the_checkpoint_just_saved(dist1, tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
     ckpt.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_a_kill_while_pruning_never_leaves_a_listed_half_deleted_checkpoint(dist1, tmp_path, monkeypatch):
+    model, opt = _trained(dist1, seed=0)
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        # What SIGKILL during the delete leaves: data files gone, meta.json not reached yet.
+        path = tmp_path / path
+        if not path.exists():
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        for f in path.iterdir():
+            if f.name != "meta.json":
+                f.unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model, opt)
+    ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=1)  # cleans up the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]

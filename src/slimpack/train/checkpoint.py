@@ -8,6 +8,7 @@ Layout under `RUN_DIR/checkpoints/`:
                             model config, provenance: written last, before the rename
     step_00002000.tmp/      a save in progress, or one that was interrupted: never loaded,
                             removed by the next save
+    step_00000500.old/      a pruned checkpoint being deleted (renamed first): never loaded
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).
@@ -87,18 +88,27 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         # Keep the one just written whatever its step (a run resumed from an older checkpoint saves
         # steps below ones already there) plus the newest keep_last - 1 others.
         others = [p for p in list_checkpoints(root) if p != final]
         for old in others[:len(others) - (keep_last - 1)] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step_*.tmp"):
+            _remove(old)
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory. Renamed out of the step_N namespace first (atomic), so a kill
+    during the slow delete never leaves a step_N holding meta.json but only part of its data files."""
+    trash = path.with_name(f"{path.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
