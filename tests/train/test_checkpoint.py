@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -123,3 +124,16 @@ def test_a_kill_while_pruning_never_leaves_a_listed_half_deleted_checkpoint(dist
     ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model, opt)
     ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=1)  # cleans up the leftover
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
+def test_unfinished_save_is_refused_by_resume_and_export(dist1, tmp_path):
+    # Rank 0 writes meta.json into step_N.tmp before the rename; killed in between (or while
+    # meta.json is half-written), the .tmp directory must still never load.
+    model, opt = _trained(dist1, seed=0)
+    done = ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=2)
+    tmp = tmp_path / "step_00000002.tmp"
+    shutil.copytree(done, tmp)
+    with pytest.raises(FileNotFoundError, match="unfinished save"):
+        ckpt.load_checkpoint(tmp, model, opt)
+    with pytest.raises(FileNotFoundError, match="unfinished save"):
+        ckpt.load_model_state_dict(tmp)

@@ -121,6 +121,9 @@ def _fsync_dir(path: Path) -> None:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.name.endswith((".tmp", ".old")):  # a save in progress or interrupted, or a deletion
+        raise FileNotFoundError(f"{path} is an unfinished save or a checkpoint being deleted, never "
+                                f"loaded; pass a complete step_NNNNNNNN directory under RUN_DIR/checkpoints")
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path} is not a complete slimpack checkpoint (no {META}); "
                                 f"pass a step_NNNNNNNN directory under RUN_DIR/checkpoints")
