@@ -1,10 +1,11 @@
-"""Metrics: the JSONL log across a crash and resume."""
+"""Metrics: the MFU formula on the paper model, and the JSONL log across a crash and resume."""
 
 from __future__ import annotations
 
 import json
 
-from slimpack.train.metrics import MetricsLogger
+from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
+from slimpack.train.model import model_config
 
 
 def _logger(run_dir, resume_step: int) -> MetricsLogger:
@@ -28,3 +29,12 @@ def test_resume_drops_a_torn_last_record_and_the_steps_to_redo(tmp_path, capsys)
     _logger(tmp_path, resume_step=3).close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
+
+def test_mfu_formula_on_the_paper_model():
+    cfg = model_config("tinyllama-1.3b")
+    n = cfg.num_params()
+    assert n == 1_494_312_960
+    per_token = model_flops_per_token(cfg, n, seq_len=2048)
+    non_embedding = n - 128_256 * 2048
+    assert per_token == 6 * non_embedding + 12 * 22 * 32 * 64 * 2048
+    assert abs(mfu(10_000, per_token) - 10_000 * per_token / 989e12) < 1e-15
