@@ -93,3 +93,12 @@ def test_debug_cpu_preset_and_overrides():
         load_train_config(CONFIGS / "debug-cpu.toml", ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="min_lr"):
         load_train_config(None, ["optim.min_lr=1.0"])
+
+
+def test_misspelt_device_or_optimizer_implementation_is_refused_not_silently_replaced():
+    # init_distributed treats anything but "cuda"/"auto" as CPU, build_optimizer anything but
+    # "fused"/"foreach" as the slow for-loop AdamW: a typo must fail, not train on the wrong path.
+    for key, bad, hint in (("device", "gpu", "auto, cuda or cpu"), ("device", "cuda:0", "auto, cuda or cpu"),
+                           ("optim.implementation", "fuse", "auto, fused, foreach")):
+        with pytest.raises(ValueError, match=hint):
+            load_train_config(None, [f"{key}={bad!r}".replace("'", '"')])

@@ -65,6 +65,9 @@ class OptimSection:
             raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if self.implementation not in ("auto", "fused", "foreach", "for_loop"):
+            raise ValueError(f"optim.implementation={self.implementation!r}: choose auto, fused, foreach "
+                             f"or for_loop")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,9 @@ class TrainConfig:
     debug_sigterm_after_step: int | None = None
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: choose auto, cuda or cpu (torchrun's LOCAL_RANK "
+                             f"picks the GPU)")
         if self.steps <= 0:
             raise ValueError(f"training has {self.steps} steps; raise total_tokens or max_steps")
         if self.steps < self.optim.warmup_steps:
