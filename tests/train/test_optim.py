@@ -102,3 +102,15 @@ def test_misspelt_device_or_optimizer_implementation_is_refused_not_silently_rep
                            ("optim.implementation", "fuse", "auto, fused, foreach")):
         with pytest.raises(ValueError, match=hint):
             load_train_config(None, [f"{key}={bad!r}".replace("'", '"')])
+
+
+def test_slurm_script_gives_ranks_time_to_save_after_sigterm():
+    # torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30) after forwarding
+    # SIGTERM; the pre-emption save must fit in that, and that within Slurm's --signal lead time.
+    import re
+
+    script = (CONFIGS / "slurm_multinode.sh").read_text()
+    lead_s = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", script, re.M).group(1))
+    grace = re.search(r"^export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)$", script, re.M)
+    assert grace is not None, "torchrun's 30 s default kills a 1.3B checkpoint save"
+    assert 120 <= int(grace.group(1)) < lead_s
