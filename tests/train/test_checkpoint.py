@@ -137,3 +137,27 @@ def test_unfinished_save_is_refused_by_resume_and_export(dist1, tmp_path):
         ckpt.load_checkpoint(tmp, model, opt)
     with pytest.raises(FileNotFoundError, match="unfinished save"):
         ckpt.load_model_state_dict(tmp)
+
+
+def test_train_step_gradient_is_that_of_the_mean_over_all_micro_batch_tokens(dist1):
+    # Micro-batches with different numbers of valid labels: each token weighs 1/total, not each
+    # micro-batch 1/grad_accum. AdamW hides a constant factor, so compare the gradient norm itself.
+    from slimpack.train.loss import count_valid, cross_entropy_sum
+
+    torch.manual_seed(0)
+    ref = Transformer(model_config("tiny"))
+    model = Transformer(model_config("tiny"))
+    model.load_state_dict(ref.state_dict())
+    parallelize(model, dist1.mesh, ParallelSection(mixed_precision=False), dist1.device)
+    opt = build_optimizer(model, OptimSection(), dist1.device)
+    a, b = _batch(0), _batch(1, T=32)
+    b["labels"][:20] = -100
+    total = sum(cross_entropy_sum(ref(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"]),
+                                  ref.output.weight, mb["labels"]) for mb in (a, b))
+    (total / (count_valid(a["labels"]) + count_valid(b["labels"]))).backward()
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    loss_sum, n_valid, got = train_step(model, opt, [a, b], device=dist1.device, world_size=1,
+                                        grad_clip_norm=1e9)
+    assert n_valid.item() == 62 + 11
+    torch.testing.assert_close(loss_sum, total.detach())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
