@@ -114,3 +114,11 @@ def test_slurm_script_gives_ranks_time_to_save_after_sigterm():
     grace = re.search(r"^export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)$", script, re.M)
     assert grace is not None, "torchrun's 30 s default kills a 1.3B checkpoint save"
     assert 120 <= int(grace.group(1)) < lead_s
+
+
+def test_non_positive_global_batch_tokens_is_a_clear_config_error():
+    # 0 passed the divisibility check and then divided total_tokens by zero (a bare
+    # ZeroDivisionError traceback from `slimpack train`); a negative one blamed max_steps.
+    for bad in (0, -8192):
+        with pytest.raises(ValueError, match=r"global_batch_tokens=-?\d+ must be positive"):
+            load_train_config(None, [f"data.global_batch_tokens={bad}"])

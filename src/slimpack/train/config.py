@@ -36,6 +36,9 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.seq_len <= 0 or self.micro_batch_size <= 0:
             raise ValueError("data.seq_len and data.micro_batch_size must be positive")
+        if self.global_batch_tokens <= 0:
+            raise ValueError(f"data.global_batch_tokens={self.global_batch_tokens} must be positive "
+                             f"(tokens per optimiser step, all ranks together, e.g. 4194304)")
         if self.global_batch_tokens % (self.micro_batch_size * self.seq_len):
             raise ValueError(
                 f"data.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
