@@ -149,6 +149,10 @@ def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
                                          "data.micro_batch_size": 1}))
     hsdp = [r["loss"] for r in _records(run, "train")]
     assert hsdp == pytest.approx([r["loss"] for r in _records(uninterrupted, "train")], rel=2e-5)
+    # AdamW is blind to a constant gradient factor, so equal losses alone would not catch a wrong
+    # loss scale (e.g. world_size missing from it); the gradient norm does.
+    assert [r["grad_norm"] for r in _records(run, "train")] == pytest.approx(
+        [r["grad_norm"] for r in _records(uninterrupted, "train")], rel=2e-5)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
         _records(run, "train")[0]["tokens_per_s"] / 4)
 
