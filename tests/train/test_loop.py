@@ -175,3 +175,15 @@ def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
         got = hf(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     shutil.rmtree(out)
+
+
+def test_resume_with_another_model_preset_is_a_clear_error(tmp_path, dataset, uninterrupted):
+    run = tmp_path / "other-preset"
+    shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
+    args = [*_overrides(run, dataset, **{"model.preset": "small", "max_steps": 8}), "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "slimpack.train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "holds a different model" in proc.stderr and "resume with the preset" in proc.stderr
+    assert "Traceback" not in proc.stderr
