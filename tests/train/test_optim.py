@@ -122,3 +122,16 @@ def test_non_positive_global_batch_tokens_is_a_clear_config_error():
     for bad in (0, -8192):
         with pytest.raises(ValueError, match=r"global_batch_tokens=-?\d+ must be positive"):
             load_train_config(None, [f"data.global_batch_tokens={bad}"])
+
+
+def test_grad_clip_norm_zero_is_refused_since_it_would_zero_every_gradient():
+    # Many trainers read 0 as "no clipping"; clip_grad_norm_(max_norm=0) instead multiplies every
+    # gradient by 0, and the run would train nothing without a word.
+    model = Transformer(model_config("tiny"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0)
+    assert all(not p.grad.any() for p in model.parameters())
+    for bad in ("0", "-1.0"):
+        with pytest.raises(ValueError, match=r"grad_clip_norm=\S+ must be positive"):
+            load_train_config(None, [f"optim.grad_clip_norm={bad}"])

@@ -68,6 +68,9 @@ class OptimSection:
             raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if not self.grad_clip_norm > 0:  # clip_grad_norm_(max_norm=0) zeroes every gradient
+            raise ValueError(f"optim.grad_clip_norm={self.grad_clip_norm} must be positive (0 does not "
+                             f"disable clipping, it zeroes the gradients; use e.g. 1e9 for no clipping)")
         if self.implementation not in ("auto", "fused", "foreach", "for_loop"):
             raise ValueError(f"optim.implementation={self.implementation!r}: choose auto, fused, foreach "
                              f"or for_loop")
