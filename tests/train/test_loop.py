@@ -187,3 +187,16 @@ def test_resume_with_another_model_preset_is_a_clear_error(tmp_path, dataset, un
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "holds a different model" in proc.stderr and "resume with the preset" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset):
+    run = tmp_path / "rollback"
+    _train(1, _overrides(run, dataset, **{"max_steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0}))
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    # Roll back to step 2 and stop at 3 (as a pre-empted job would): a requeued `--resume auto` must
+    # continue this trajectory (step 3), not jump to the abandoned step 4.
+    _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),
+               "--resume", str(ckpts / "step_00000002")])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
+    assert (ckpts / "step_00000004.abandoned" / "meta.json").is_file()

@@ -9,6 +9,8 @@ Layout under `RUN_DIR/checkpoints/`:
     step_00002000.tmp/      a save in progress, or one that was interrupted: never loaded,
                             removed by the next save
     step_00000500.old/      a pruned checkpoint being deleted (renamed first): never loaded
+    step_00003000.abandoned/  newer than the checkpoint a run was rolled back to (set aside by
+                            the trainer so --resume auto never returns to it); kept for the user
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).

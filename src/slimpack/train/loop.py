@@ -243,6 +243,15 @@ def train(cfg: TrainConfig) -> TrainReport:
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
         if is_main:
+            # Resumed from an older checkpoint (a rollback): newer ones here belong to the abandoned
+            # trajectory, and a later --resume auto (a requeued job) would jump back onto it. Set
+            # them aside, out of the step_N name space, rather than delete them.
+            for newer in [p for p in ckpt.list_checkpoints(ckpt_root) if int(p.name[5:]) > step]:
+                newer.rename(newer.with_name(f"{newer.name}.abandoned"))
+                print(f"set aside {newer} (newer than the resumed step {step}) as {newer.name}.abandoned",
+                      flush=True)
+        dist.barrier()
+        if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
 
