@@ -200,3 +200,9 @@ def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset
                "--resume", str(ckpts / "step_00000002")])
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
     assert (ckpts / "step_00000004.abandoned" / "meta.json").is_file()
+    # Rolled back past step 3 again, with step 3 already set aside once before: a second name.
+    shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000003.abandoned")
+    _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),
+               "--resume", str(ckpts / "step_00000002")])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
+    assert (ckpts / "step_00000003.abandoned1" / "meta.json").is_file()

@@ -247,9 +247,12 @@ def train(cfg: TrainConfig) -> TrainReport:
             # trajectory, and a later --resume auto (a requeued job) would jump back onto it. Set
             # them aside, out of the step_N name space, rather than delete them.
             for newer in [p for p in ckpt.list_checkpoints(ckpt_root) if int(p.name[5:]) > step]:
-                newer.rename(newer.with_name(f"{newer.name}.abandoned"))
-                print(f"set aside {newer} (newer than the resumed step {step}) as {newer.name}.abandoned",
-                      flush=True)
+                aside = newer.with_name(f"{newer.name}.abandoned")
+                n = 1
+                while aside.exists():  # rolled back past this step before
+                    aside, n = newer.with_name(f"{newer.name}.abandoned{n}"), n + 1
+                newer.rename(aside)
+                print(f"set aside {newer} (newer than the resumed step {step}) as {aside.name}", flush=True)
         dist.barrier()
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
