@@ -20,7 +20,10 @@ shift
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=8
 
-# srun forwards SIGTERM to torchrun, which forwards it to every rank.
+# srun forwards SIGTERM to torchrun, which forwards it to every rank, then SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default: too short to finish a step and write the
+# 1.3B model's ~18 GB checkpoint). Allow most of the 300 s that --signal gives before the time limit.
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240
 srun --kill-on-bad-exit=1 torchrun \
   --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node 8 \
   --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:29500" --rdzv-id "$SLURM_JOB_ID" \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -85,3 +86,78 @@ def test_interrupted_saves_are_never_listed_and_keep_last_prunes(dist1, tmp_path
     ckpt.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=2)
     assert not broken.exists()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+
+
+def test_keep_last_never_deletes_the_checkpoint_just_saved(dist1, tmp_path):
+    # A run resumed from an older checkpoint (--resume step_00000002) saves steps below ones already
+    # there; the save it just made must survive pruning, with the newest keep_last - 1 others.
+    model, opt = _trained(dist1, seed=0)
+    for step in (2, 5, 6):
+        ckpt.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=2)
+    saved = ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=2)
+    assert (saved / "meta.json").is_file()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000003", "step_00000006"]
+    ckpt.save_checkpoint(tmp_path, 4, model, opt, {}, keep_last=1)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004"]
+
+
+def test_a_kill_while_pruning_never_leaves_a_listed_half_deleted_checkpoint(dist1, tmp_path, monkeypatch):
+    model, opt = _trained(dist1, seed=0)
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=1)
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        # What SIGKILL during the delete leaves: data files gone, meta.json not reached yet.
+        path = tmp_path / path
+        if not path.exists():
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        for f in path.iterdir():
+            if f.name != "meta.json":
+                f.unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=1)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002"]
+    ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model, opt)
+    ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep_last=1)  # cleans up the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
+def test_unfinished_save_is_refused_by_resume_and_export(dist1, tmp_path):
+    # Rank 0 writes meta.json into step_N.tmp before the rename; killed in between (or while
+    # meta.json is half-written), the .tmp directory must still never load.
+    model, opt = _trained(dist1, seed=0)
+    done = ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=2)
+    tmp = tmp_path / "step_00000002.tmp"
+    shutil.copytree(done, tmp)
+    with pytest.raises(FileNotFoundError, match="unfinished save"):
+        ckpt.load_checkpoint(tmp, model, opt)
+    with pytest.raises(FileNotFoundError, match="unfinished save"):
+        ckpt.load_model_state_dict(tmp)
+
+
+def test_train_step_gradient_is_that_of_the_mean_over_all_micro_batch_tokens(dist1):
+    # Micro-batches with different numbers of valid labels: each token weighs 1/total, not each
+    # micro-batch 1/grad_accum. AdamW hides a constant factor, so compare the gradient norm itself.
+    from slimpack.train.loss import count_valid, cross_entropy_sum
+
+    torch.manual_seed(0)
+    ref = Transformer(model_config("tiny"))
+    model = Transformer(model_config("tiny"))
+    model.load_state_dict(ref.state_dict())
+    parallelize(model, dist1.mesh, ParallelSection(mixed_precision=False), dist1.device)
+    opt = build_optimizer(model, OptimSection(), dist1.device)
+    a, b = _batch(0), _batch(1, T=32)
+    b["labels"][:20] = -100
+    total = sum(cross_entropy_sum(ref(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"]),
+                                  ref.output.weight, mb["labels"]) for mb in (a, b))
+    (total / (count_valid(a["labels"]) + count_valid(b["labels"]))).backward()
+    want = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ref.parameters()]))
+    loss_sum, n_valid, got = train_step(model, opt, [a, b], device=dist1.device, world_size=1,
+                                        grad_clip_norm=1e9)
+    assert n_valid.item() == 62 + 11
+    torch.testing.assert_close(loss_sum, total.detach())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

@@ -149,6 +149,10 @@ def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
                                          "data.micro_batch_size": 1}))
     hsdp = [r["loss"] for r in _records(run, "train")]
     assert hsdp == pytest.approx([r["loss"] for r in _records(uninterrupted, "train")], rel=2e-5)
+    # AdamW is blind to a constant gradient factor, so equal losses alone would not catch a wrong
+    # loss scale (e.g. world_size missing from it); the gradient norm does.
+    assert [r["grad_norm"] for r in _records(run, "train")] == pytest.approx(
+        [r["grad_norm"] for r in _records(uninterrupted, "train")], rel=2e-5)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
         _records(run, "train")[0]["tokens_per_s"] / 4)
 
@@ -171,3 +175,34 @@ def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
         got = hf(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     shutil.rmtree(out)
+
+
+def test_resume_with_another_model_preset_is_a_clear_error(tmp_path, dataset, uninterrupted):
+    run = tmp_path / "other-preset"
+    shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")
+    args = [*_overrides(run, dataset, **{"model.preset": "small", "max_steps": 8}), "--resume", "auto"]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "slimpack.train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "holds a different model" in proc.stderr and "resume with the preset" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset):
+    run = tmp_path / "rollback"
+    _train(1, _overrides(run, dataset, **{"max_steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 0}))
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    # Roll back to step 2 and stop at 3 (as a pre-empted job would): a requeued `--resume auto` must
+    # continue this trajectory (step 3), not jump to the abandoned step 4.
+    _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),
+               "--resume", str(ckpts / "step_00000002")])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
+    assert (ckpts / "step_00000004.abandoned" / "meta.json").is_file()
+    # Rolled back past step 3 again, with step 3 already set aside once before: a second name.
+    shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000003.abandoned")
+    _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),
+               "--resume", str(ckpts / "step_00000002")])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
+    assert (ckpts / "step_00000003.abandoned1" / "meta.json").is_file()

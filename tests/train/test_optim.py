@@ -93,3 +93,45 @@ def test_debug_cpu_preset_and_overrides():
         load_train_config(CONFIGS / "debug-cpu.toml", ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="min_lr"):
         load_train_config(None, ["optim.min_lr=1.0"])
+
+
+def test_misspelt_device_or_optimizer_implementation_is_refused_not_silently_replaced():
+    # init_distributed treats anything but "cuda"/"auto" as CPU, build_optimizer anything but
+    # "fused"/"foreach" as the slow for-loop AdamW: a typo must fail, not train on the wrong path.
+    for key, bad, hint in (("device", "gpu", "auto, cuda or cpu"), ("device", "cuda:0", "auto, cuda or cpu"),
+                           ("optim.implementation", "fuse", "auto, fused, foreach")):
+        with pytest.raises(ValueError, match=hint):
+            load_train_config(None, [f"{key}={bad!r}".replace("'", '"')])
+
+
+def test_slurm_script_gives_ranks_time_to_save_after_sigterm():
+    # torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30) after forwarding
+    # SIGTERM; the pre-emption save must fit in that, and that within Slurm's --signal lead time.
+    import re
+
+    script = (CONFIGS / "slurm_multinode.sh").read_text()
+    lead_s = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", script, re.M).group(1))
+    grace = re.search(r"^export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)$", script, re.M)
+    assert grace is not None, "torchrun's 30 s default kills a 1.3B checkpoint save"
+    assert 120 <= int(grace.group(1)) < lead_s
+
+
+def test_non_positive_global_batch_tokens_is_a_clear_config_error():
+    # 0 passed the divisibility check and then divided total_tokens by zero (a bare
+    # ZeroDivisionError traceback from `slimpack train`); a negative one blamed max_steps.
+    for bad in (0, -8192):
+        with pytest.raises(ValueError, match=r"global_batch_tokens=-?\d+ must be positive"):
+            load_train_config(None, [f"data.global_batch_tokens={bad}"])
+
+
+def test_grad_clip_norm_zero_is_refused_since_it_would_zero_every_gradient():
+    # Many trainers read 0 as "no clipping"; clip_grad_norm_(max_norm=0) instead multiplies every
+    # gradient by 0, and the run would train nothing without a word.
+    model = Transformer(model_config("tiny"))
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.0)
+    assert all(not p.grad.any() for p in model.parameters())
+    for bad in ("0", "-1.0"):
+        with pytest.raises(ValueError, match=r"grad_clip_norm=\S+ must be positive"):
+            load_train_config(None, [f"optim.grad_clip_norm={bad}"])

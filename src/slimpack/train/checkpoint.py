@@ -8,6 +8,9 @@ Layout under `RUN_DIR/checkpoints/`:
                             model config, provenance: written last, before the rename
     step_00002000.tmp/      a save in progress, or one that was interrupted: never loaded,
                             removed by the next save
+    step_00000500.old/      a pruned checkpoint being deleted (renamed first): never loaded
+    step_00003000.abandoned/  newer than the checkpoint a run was rolled back to (set aside by
+                            the trainer so --resume auto never returns to it); kept for the user
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).
@@ -87,15 +90,27 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             f.flush()
             os.fsync(f.fileno())
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step_*.tmp"):
+        # Keep the one just written whatever its step (a run resumed from an older checkpoint saves
+        # steps below ones already there) plus the newest keep_last - 1 others.
+        others = [p for p in list_checkpoints(root) if p != final]
+        for old in others[:len(others) - (keep_last - 1)] if keep_last > 0 else []:
+            _remove(old)
+        for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory. Renamed out of the step_N namespace first (atomic), so a kill
+    during the slow delete never leaves a step_N holding meta.json but only part of its data files."""
+    trash = path.with_name(f"{path.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,6 +123,9 @@ def _fsync_dir(path: Path) -> None:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.name.endswith((".tmp", ".old")):  # a save in progress or interrupted, or a deletion
+        raise FileNotFoundError(f"{path} is an unfinished save or a checkpoint being deleted, never "
+                                f"loaded; pass a complete step_NNNNNNNN directory under RUN_DIR/checkpoints")
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path} is not a complete slimpack checkpoint (no {META}); "
                                 f"pass a step_NNNNNNNN directory under RUN_DIR/checkpoints")

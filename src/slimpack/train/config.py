@@ -36,6 +36,9 @@ class DataSection:
     def __post_init__(self) -> None:
         if self.seq_len <= 0 or self.micro_batch_size <= 0:
             raise ValueError("data.seq_len and data.micro_batch_size must be positive")
+        if self.global_batch_tokens <= 0:
+            raise ValueError(f"data.global_batch_tokens={self.global_batch_tokens} must be positive "
+                             f"(tokens per optimiser step, all ranks together, e.g. 4194304)")
         if self.global_batch_tokens % (self.micro_batch_size * self.seq_len):
             raise ValueError(
                 f"data.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
@@ -65,6 +68,12 @@ class OptimSection:
             raise ValueError(f"optim.min_lr={self.min_lr} must lie in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:
             raise ValueError("optim.warmup_steps must be >= 0")
+        if not self.grad_clip_norm > 0:  # clip_grad_norm_(max_norm=0) zeroes every gradient
+            raise ValueError(f"optim.grad_clip_norm={self.grad_clip_norm} must be positive (0 does not "
+                             f"disable clipping, it zeroes the gradients; use e.g. 1e9 for no clipping)")
+        if self.implementation not in ("auto", "fused", "foreach", "for_loop"):
+            raise ValueError(f"optim.implementation={self.implementation!r}: choose auto, fused, foreach "
+                             f"or for_loop")
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,9 @@ class TrainConfig:
     debug_sigterm_after_step: int | None = None
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device={self.device!r}: choose auto, cuda or cpu (torchrun's LOCAL_RANK "
+                             f"picks the GPU)")
         if self.steps <= 0:
             raise ValueError(f"training has {self.steps} steps; raise total_tokens or max_steps")
         if self.steps < self.optim.warmup_steps:

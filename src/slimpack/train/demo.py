@@ -10,6 +10,7 @@ step) because every step pays for the 128,256-token vocabulary on two CPU cores.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ def _train(overrides: list[str]) -> Any:
 
 def step_train(ctx: dict[str, Any]) -> None:
     run_dir = ctx["out"] / "train"
+    if run_dir.exists():  # the demo's own run from an earlier `slimpack demo --out` into this directory:
+        shutil.rmtree(run_dir)  # the first leg starts fresh (resume=none refuses existing checkpoints)
     overrides = demo_overrides(ctx["shards"], run_dir)
     print(f"-- train {DEMO_STEPS // 2} of {DEMO_STEPS} steps, then SIGTERM (pre-emption)", flush=True)
     first = _train([*overrides, "checkpoint.resume=none", f"debug_sigterm_after_step={DEMO_STEPS // 2}"])

@@ -233,10 +233,27 @@ def train(cfg: TrainConfig) -> TrainReport:
     step, tokens_seen = 0, 0
     resume = _resume_path(cfg, ckpt_root)
     if resume is not None:
+        saved_model = ckpt.read_meta(resume).get("model_config")
+        if saved_model is not None and saved_model != dataclasses.asdict(mcfg):
+            raise ValueError(f"{resume} holds a different model ({saved_model}) than model.preset="
+                             f"{cfg.model.preset!r} builds ({dataclasses.asdict(mcfg)}); resume with the "
+                             f"preset it was trained with, or start a new run_dir")
         meta = ckpt.load_checkpoint(resume, model, optimizer)
         loader.load_state_dict(meta["loader"])
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
+        if is_main:
+            # Resumed from an older checkpoint (a rollback): newer ones here belong to the abandoned
+            # trajectory, and a later --resume auto (a requeued job) would jump back onto it. Set
+            # them aside, out of the step_N name space, rather than delete them.
+            for newer in [p for p in ckpt.list_checkpoints(ckpt_root) if int(p.name[5:]) > step]:
+                aside = newer.with_name(f"{newer.name}.abandoned")
+                n = 1
+                while aside.exists():  # rolled back past this step before
+                    aside, n = newer.with_name(f"{newer.name}.abandoned{n}"), n + 1
+                newer.rename(aside)
+                print(f"set aside {newer} (newer than the resumed step {step}) as {aside.name}", flush=True)
+        dist.barrier()
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []

@@ -77,8 +77,18 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
+    keep = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the line a kill cut short (without its newline)
+            print(f"{path}:{number}: dropping a torn record {line.strip()[:80]!r}", file=sys.stderr)
+            continue
+        if record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)
