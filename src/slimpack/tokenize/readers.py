@@ -20,6 +20,8 @@ from typing import Any
 
 import zstandard
 
+from slimpack.tokenize.tokenizer import replace_lone_surrogates
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 _SPLITS = ("train", "validation", "test")
@@ -256,7 +258,7 @@ def _to_record(obj: Any, line: int, text_path: Sequence[str], source_path: Seque
     if isinstance(source, str) and not source.isascii():
         # Lone surrogates (JSON "\\ud800" escapes) cannot be UTF-8 encoded for the source id:
         # U+FFFD, the same replacement the tokenizer applies to text.
-        source = source.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        source = replace_lone_surrogates(source)
     return Record(text, source if isinstance(source, str) and source else default_source, line)
 
 

@@ -93,6 +93,11 @@ def needs_split(text: str) -> bool:
     return _may_have_long_run(text) and _LONG_RUN.search(text) is not None
 
 
+def replace_lone_surrogates(text: str) -> str:
+    """U+FFFD for each lone surrogate (from JSON ``\\ud800`` escapes): tiktoken's own repair."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 class Llama3Tokenizer:
     """Llama 3 tokenizer: 128,000 BPE ranks + 256 special tokens = 128,256 ids."""
 
@@ -160,8 +165,7 @@ class Llama3Tokenizer:
             return self.encoding.encode_to_numpy(text, disallowed_special=()), False
         except UnicodeEncodeError:
             # Lone surrogates: the same U+FFFD replacement tiktoken's encode applies.
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return self.encoding.encode_to_numpy(text, disallowed_special=()), True
+            return self.encoding.encode_to_numpy(replace_lone_surrogates(text), disallowed_special=()), True
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.encoding.decode(list(map(int, ids)))
