@@ -56,6 +56,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def set_aside_newer(root: str | Path, step: int) -> list[Path]:
+    """Rename complete checkpoints newer than `step` to `step_N.abandoned[K]`; returns the new paths.
+
+    After a resume from an older checkpoint (a rollback) the newer ones belong to the abandoned
+    trajectory, and a later `--resume auto` (a requeued job) would jump back onto it. They are
+    kept, out of the `step_N` name space, rather than deleted.
+    """
+    moved = []
+    for newer in list_checkpoints(root):
+        if int(_NAME.match(newer.name).group(1)) <= step:
+            continue
+        aside, n = newer.with_name(f"{newer.name}.abandoned"), 1
+        while aside.exists():  # rolled back past this step before
+            aside, n = newer.with_name(f"{newer.name}.abandoned{n}"), n + 1
+        newer.rename(aside)
+        moved.append(aside)
+    return moved
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -243,16 +243,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
         if is_main:
-            # Resumed from an older checkpoint (a rollback): newer ones here belong to the abandoned
-            # trajectory, and a later --resume auto (a requeued job) would jump back onto it. Set
-            # them aside, out of the step_N name space, rather than delete them.
-            for newer in [p for p in ckpt.list_checkpoints(ckpt_root) if int(p.name[5:]) > step]:
-                aside = newer.with_name(f"{newer.name}.abandoned")
-                n = 1
-                while aside.exists():  # rolled back past this step before
-                    aside, n = newer.with_name(f"{newer.name}.abandoned{n}"), n + 1
-                newer.rename(aside)
-                print(f"set aside {newer} (newer than the resumed step {step}) as {aside.name}", flush=True)
+            for aside in ckpt.set_aside_newer(ckpt_root, step):  # a rollback: see set_aside_newer
+                print(f"set aside {aside} (newer than the resumed step {step})", flush=True)
         dist.barrier()
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
