@@ -251,9 +251,9 @@ def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str 
                 root.upload(file, f"{name}/{file.name}")
         root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
         return stats
-    except Exception as err:  # one part's failure (a reader library's own error
-        # on a malformed parquet file, say) must not stop the other parts: it is reported by name
-        # and makes the exit status non-zero.
+    except Exception as err:
+        # Any failure inside one part, a reader library's own exception included, fails that part
+        # only: it is reported by name, the exit status is non-zero, and the other parts go on.
         root.remove_tree(name)
         return {"part": item.part, "error": f"{type(err).__name__}: {err}"}
     finally:
