@@ -24,10 +24,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import zstandard
 
 from slimpack.pipeline.index import DatasetIndex
-from slimpack.shards.mds import Shard, ShardFormatError, decompress, hash_bytes
+from slimpack.shards.mds import Shard, ShardFormatError, decode_shard, hash_bytes
 from slimpack.storage import Root, write_atomic
 
 
@@ -209,15 +208,10 @@ class ShardStore:
         # xxh3_64 runs at memory speed, far faster than the decompression that follows.
         verify_shard_bytes(self.index, i, data, str(path))
         if info.compression:
-            try:
-                raw = decompress(info.compression, data)
-            except zstandard.ZstdError as err:
-                raise ShardFormatError(f"{path}: zstd decompression failed ({err}): the file is "
-                                       "corrupt or truncated; re-copy or re-tokenize it") from err
-            size = len(raw)
-        else:
-            raw, size = data, 0  # mapped: page cache, not our memory
-        shard = Shard(raw, info, str(path))
+            shard = decode_shard(data, info, str(path))
+            size = len(shard.raw)
+        else:  # mapped: page cache, not our memory
+            shard, size = Shard(data, info, str(path)), 0
         self.decodes += 1
         self._decoded[i] = (shard, size)
         self._decoded_bytes += size

@@ -344,17 +344,21 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(f.read())
 
 
+def decode_shard(data: bytes, info: ShardInfo, where: str) -> Shard:
+    """Decompress (if the index says so) and parse one stored shard file's bytes."""
+    try:
+        raw = decompress(info.compression, data)
+    except zstandard.ZstdError as err:
+        raise ShardFormatError(f"{where}: zstd decompression failed ({err}): the file is corrupt "
+                               "or truncated; re-copy or re-tokenize it") from err
+    return Shard(raw, info, where)
+
+
 def load_shard(root: str | os.PathLike, info: ShardInfo) -> Shard:
     """Read, decompress and parse one shard from a local dataset root."""
     path = Path(root) / info.basename
     with open(path, "rb") as f:
-        data = f.read()
-    try:
-        raw = decompress(info.compression, data)
-    except zstandard.ZstdError as err:
-        raise ShardFormatError(f"{path}: zstd decompression failed ({err}): the file is corrupt "
-                               "or truncated; re-copy or re-tokenize it") from err
-    return Shard(raw, info, str(path))
+        return decode_shard(f.read(), info, str(path))
 
 
 class MDSDataset:
