@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from slimpack.shards import mds, schema
-from slimpack.shards.validate import part_of
+from slimpack.shards.schema import part_of
 from slimpack.tokenize.merge import merge_dataset
 
 

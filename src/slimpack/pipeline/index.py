@@ -87,12 +87,12 @@ class DatasetIndex:
 
 
 def part_of(basename: str) -> str:
-    """``parts/<part>/shard.00000.mds.zstd`` -> ``<part>``."""
-    prefix = schema.PARTS_DIRNAME + "/"
-    if not basename.startswith(prefix) or "/" not in basename[len(prefix):]:
-        raise DatasetError(f"shard {basename!r} is not under {prefix}<part>/: not a slimpack dataset "
-                           "(merge writes one; re-run `slimpack shards merge`)")
-    return basename[len(prefix):basename.rindex("/")]
+    """``schema.part_of``, refusing a shard outside ``parts/<part>/``."""
+    part = schema.part_of(basename)
+    if part is None:
+        raise DatasetError(f"shard {basename!r} is not under {schema.PARTS_DIRNAME}/<part>/: not a "
+                           "slimpack dataset (merge writes one; re-run `slimpack shards merge`)")
+    return part
 
 
 class _ShardEntries:

@@ -55,6 +55,15 @@ def is_safe_encoding(encoding: str) -> bool:
     return encoding in SAFE_ENCODINGS or encoding.split(":")[0] == "ndarray"
 
 
+def part_of(basename: str) -> str | None:
+    """The part a shard belongs to (``parts/<part>/shard.00000.mds.zstd`` -> ``<part>``), or None
+    for a basename outside ``parts/``."""
+    pieces = basename.split("/")
+    if len(pieces) > 2 and pieces[0] == PARTS_DIRNAME:
+        return "/".join(pieces[1:-1])
+    return None
+
+
 def source_id(name: str) -> int:
     """Stable 32-bit id of a source name (CRC-32 of its UTF-8 bytes).
 

@@ -40,7 +40,6 @@ import numpy as np
 
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
-from slimpack.shards.validate import part_of
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
 
@@ -135,7 +134,7 @@ def _count_shard(args: tuple) -> _ShardCounts:
         ids, docs, toks = (np.zeros(0, np.int64),) * 3
     segments = {L: segment_length_counts(lengths_all, seq_len=L, stream_start=stream_start,
                                          stream_end=end) for L, end in cuts.items()}
-    return _ShardCounts(index, part_of(info.basename), int(n_tok.sum()), len(lengths_all),
+    return _ShardCounts(index, schema.part_of(info.basename), int(n_tok.sum()), len(lengths_all),
                         values, counts, ids, docs, toks, segments)
 
 

@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,14 +141,6 @@ class ShardResult:
     source_ids: np.ndarray | None = None  # uint32, unique
     source_docs: np.ndarray | None = None  # int64, per source id
     source_tokens: np.ndarray | None = None  # int64, per source id
-
-
-def part_of(basename: str) -> str | None:
-    """The part a shard belongs to (`parts/<part>/shard...`), None outside `parts/`."""
-    path = PurePosixPath(basename)
-    if len(path.parts) > 2 and path.parts[0] == schema.PARTS_DIRNAME:
-        return "/".join(path.parts[1:-1])
-    return None
 
 
 def pick_hashes(recorded: dict[str, str], all_hashes: bool) -> list[str]:
@@ -260,7 +252,7 @@ def check_shard(root: str, index: int, entry: dict[str, Any], *, bos_id: int, eo
     """Every per-shard check on one index entry; never raises on bad data."""
     name = _stored_name(entry)
     start = time.perf_counter()
-    res = ShardResult(index, name, part_of(name))
+    res = ShardResult(index, name, schema.part_of(name))
     out = _Collector()
     try:
         res.decoded = _check_shard(Path(root), index, entry, res, out, bos_id=bos_id, eos_id=eos_id,
@@ -612,13 +604,13 @@ def _check_files(root: Path, entries: list[dict[str, Any]], out: _Collector) -> 
         name = path.relative_to(root).as_posix()
         if path.is_file() and name not in listed and ".tmp" not in path.name:
             out.add("unlisted_shard", f"{name} is on disk but in no index entry", shard=name,
-                    part=part_of(name))
+                    part=schema.part_of(name))
 
 
 def _group_by_part(entries: list[dict[str, Any]]) -> dict[str | None, list[int]]:
     groups: dict[str | None, list[int]] = {}
     for i, e in enumerate(entries):
-        groups.setdefault(part_of(_stored_name(e)), []).append(i)
+        groups.setdefault(schema.part_of(_stored_name(e)), []).append(i)
     return groups
 
 
