@@ -65,16 +65,17 @@ def test_fused_backend_matches_reference_forward_and_backward(backend, H, Hkv, D
         assert _rel_err(f, r32) < budget, (name, _rel_err(f, r32), _rel_err(r16, r32))
 
 
-def test_varlen_never_attends_across_documents():
+@pytest.mark.parametrize("backend", _backends())
+def test_fused_backend_never_attends_across_documents(backend):
     torch.manual_seed(1)
     T, cu = sum(LENGTHS), _cu(LENGTHS)
     q, k, v = (torch.randn(T, h, 64, device="cuda", dtype=torch.bfloat16) for h in (32, 4, 4))
-    base = attention(q, k, v, cu, max(LENGTHS), backend="varlen")
+    base = attention(q, k, v, cu, max(LENGTHS), backend=backend)
     k2, v2 = k.clone(), v.clone()
     s, e = 447, 447 + 999  # the 999-token document
     k2[s:e] += 1.0
     v2[s:e] -= 1.0
-    out = attention(q, k2, v2, cu, max(LENGTHS), backend="varlen")
+    out = attention(q, k2, v2, cu, max(LENGTHS), backend=backend)
     assert torch.equal(out[:s], base[:s]) and torch.equal(out[e:], base[e:])
     assert not torch.equal(out[s:e], base[s:e])
 
@@ -120,11 +121,14 @@ def test_model_logits_equal_hugging_face_on_gpu(tmp_path):
         _rel_err(ours16, hf32), _rel_err(hf16, hf32))
 
 
-def test_upper_bound_max_seqlen_and_torch_compile_agree_with_eager():
+@pytest.mark.parametrize("backend", _backends())
+def test_upper_bound_max_seqlen_and_torch_compile_agree_with_eager(backend):
     """The trainer may pass seq_len as max_seqlen (a constant, so torch.compile need not specialise
     on every batch's longest document), and compile the model: both must give eager's numbers."""
     cfg = ModelConfig(hidden_size=256, intermediate_size=704, num_layers=2, num_heads=8, num_kv_heads=2)
     model = _model(cfg).to(torch.bfloat16)
+    for layer in model.layers:
+        layer.attention.backend = backend
     lengths = [3, 700, 321]
     T = sum(lengths)
     ids = torch.randint(0, cfg.vocab_size, (T,), device="cuda")

@@ -5,10 +5,11 @@
   left lying around is ignored.
 - world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
   x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
-  tokens per step and give the same losses (up to float summation
-  order): the loss normalisation and FSDP's gradient reduction, output projection included, are
-  right. (The one-process launch, `python -m slimpack.train` without torchrun, runs in the demo
-  and in tests/bench/test_bench_train_quick.py.)
+  tokens per step and give the same losses (up to float summation order): the loss normalisation
+  and FSDP's gradient reduction, output projection included, are right. FSDP2's communication
+  cadence (`parallel.reshard`: once per step, the default, or every micro-batch) changes neither
+  losses nor gradient norms. (The one-process launch, `python -m slimpack.train` without torchrun,
+  runs in the demo and in tests/bench/test_bench_train_quick.py.)
 - export: `slimpack export-hf` on the final checkpoint loads in transformers with our logits.
 """
 
@@ -140,19 +141,34 @@ def test_metrics_record_what_the_brief_lists(uninterrupted):
     assert meta["world_size"] == 2 and meta["loader"]["step"] == 6 and meta["tokens"] == 6 * 512
 
 
+def _assert_same_training(run: Path, reference: Path) -> None:
+    losses = [r["loss"] for r in _records(run, "train")]
+    assert losses == pytest.approx([r["loss"] for r in _records(reference, "train")], rel=2e-5)
+    # AdamW is blind to a constant gradient factor, so equal losses alone would not catch a wrong
+    # gradient scale (e.g. a micro-batch's gradient reduced twice, or world_size missing from the
+    # loss scale); the gradient norm does.
+    assert [r["grad_norm"] for r in _records(run, "train")] == pytest.approx(
+        [r["grad_norm"] for r in _records(reference, "train")], rel=2e-5)
+
+
+@pytest.mark.slow
+def test_reshard_every_micro_batch_matches_once_per_step(tmp_path, dataset, uninterrupted):
+    """parallel.reshard="forward" (gather and reduce-scatter every micro-batch) trains exactly as the
+    default "step" (gradients accumulated unreduced over the step's 2 micro-batches, one reduce-scatter)."""
+    run = tmp_path / "reshard-forward"
+    _train(2, _overrides(run, dataset, **{"parallel.reshard": "forward", "eval.every_steps": 0}))
+    _assert_same_training(run, uninterrupted)
+
+
 @pytest.mark.slow
 def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
     """4 processes as 2 replicas x 2 shards (HSDP's 2-D mesh) == 2 processes plain FSDP."""
     run = tmp_path / "hsdp"
-    # micro_batch_size 1: grad_accum 2, so the cross-replica all-reduce is deferred to the last micro-batch.
+    # micro_batch_size 1: grad_accum 2, so the cross-replica all-reduce is deferred to the last
+    # micro-batch; reshard="backward" reduce-scatters within a replica every micro-batch.
     _train(4, _overrides(run, dataset, **{"parallel.dp_replicate": 2, "eval.every_steps": 0,
-                                         "data.micro_batch_size": 1}))
-    hsdp = [r["loss"] for r in _records(run, "train")]
-    assert hsdp == pytest.approx([r["loss"] for r in _records(uninterrupted, "train")], rel=2e-5)
-    # AdamW is blind to a constant gradient factor, so equal losses alone would not catch a wrong
-    # loss scale (e.g. world_size missing from it); the gradient norm does.
-    assert [r["grad_norm"] for r in _records(run, "train")] == pytest.approx(
-        [r["grad_norm"] for r in _records(uninterrupted, "train")], rel=2e-5)
+                                         "data.micro_batch_size": 1, "parallel.reshard": "backward"}))
+    _assert_same_training(run, uninterrupted)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
         _records(run, "train")[0]["tokens_per_s"] / 4)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -88,18 +89,22 @@ class _DemoData:
 
         t0 = time.perf_counter()
         build_corpus(scratch / "corpus")
+        # One node of one: under torchrun, RANK/WORLD_SIZE would otherwise split the job over ranks.
         report = run_tokenize([str(scratch / "corpus")], str(scratch / "shards"), TokenizeConfig(),
-                              workers=4, progress=False)
+                              workers=4, node_rank=0, num_nodes=1, progress=False)
         if not report.ok:
             raise RuntimeError(f"tokenizing the demo corpus failed: {report.summary()}")
         self.path = str(scratch / "shards")
         self.tokens = report.tokens
         self.seconds = time.perf_counter() - t0
 
-    def micro_batches(self, *, seq_len: int, micro_batch_size: int) -> Iterator[dict[str, Any]]:
+    def micro_batches(self, *, seq_len: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                      num_workers: int = 0) -> Iterator[dict[str, Any]]:
         from slimpack.pipeline import LoaderConfig, PackedLoader
 
-        loader = PackedLoader(LoaderConfig(self.path, seq_len, micro_batch_size * seq_len, micro_batch_size))
+        loader = PackedLoader(LoaderConfig(self.path, seq_len, world_size * micro_batch_size * seq_len,
+                                           micro_batch_size, rank=rank, world_size=world_size,
+                                           num_workers=num_workers))
         for step in loader:
             yield from step
 
@@ -147,7 +152,7 @@ def check_attention(device: torch.device) -> dict[str, Any]:
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     T, H, Hkv, D = sum(lengths), 32, 4, 64
     # CPU (--quick) walks the same path in bf16 with the reference as its "fast" backend.
-    fast = "varlen" if device.type == "cuda" else "sdpa_ref"
+    fast = ["varlen"] if device.type == "cuda" else ["sdpa_ref"]
     dtype = torch.bfloat16
     base = [torch.randn(T, h, D, generator=g).to(device) for h in (H, Hkv, Hkv)]
     grad_out = torch.randn(T, H, D, generator=g).to(device)
@@ -166,17 +171,18 @@ def check_attention(device: torch.device) -> dict[str, Any]:
     result: dict[str, Any] = {"lengths": lengths, "heads": H, "kv_heads": Hkv, "head_dim": D,
                               "dtype": str(dtype), "backends": {},
                               "ref_abs_max": {k: v.abs().max().item() for k, v in refs.items()}}
-    for backend in dict.fromkeys([fast, "sdpa_ref"]):
+    for backend in dict.fromkeys([*fast, "sdpa_ref"]):
         out, grads = run(backend, dtype)
         got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
         result["backends"][backend] = {f"{k}_max_err": _err(got[k], refs[k]) for k in refs}
-    ours, ref = result["backends"][fast], result["backends"]["sdpa_ref"]
+    ref = result["backends"]["sdpa_ref"]
     # Pass: within 2x the reference path's own error in the same dtype, or within the dtype's
     # resolution of the largest value (bf16 keeps ~3 significant digits: 1% of the max).
     rel = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    result["fast_backend"] = fast
-    result["ok"] = all(ours[f"{k}_max_err"] <= max(2 * ref[f"{k}_max_err"], rel * result["ref_abs_max"][k])
-                       for k in refs)
+    result["fast_backends"] = fast
+    result["ok"] = all(result["backends"][b][f"{k}_max_err"] <= max(2 * ref[f"{k}_max_err"],
+                                                                    rel * result["ref_abs_max"][k])
+                       for b in fast for k in refs)
     return result
 
 
@@ -255,41 +261,34 @@ def _cleanup(device: torch.device) -> None:
         torch._dynamo.reset()
 
 
-def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, *, compile_blocks: bool,
-           mixed_precision: bool) -> Any:
+def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, attention: str) -> Any:
+    """Our Transformer or a Hugging Face LlamaForCausalLM of the same shape, both wrapped by
+    `parallelize` (compile, FSDP2 units, mixed precision, reshard mode), so only the model differs."""
     import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from slimpack.train.config import ParallelSection
     from slimpack.train.model import Transformer
     from slimpack.train.parallel import parallelize
 
     torch.manual_seed(0)
     if kind == "ours":
         with torch.device(device):
-            model = Transformer(cfg)
-        parallel = ParallelSection(mixed_precision=mixed_precision, compile=compile_blocks)
+            model = Transformer(cfg, attention_backend=attention)
         return parallelize(model, mesh, parallel, device)
-    # The same FSDP2 policy around HF's decoder layers, so only the model implementation differs.
     model = _hf_model(cfg, device, torch.float32)
     model.config.use_cache = False
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if mixed_precision and device.type == "cuda" else MixedPrecisionPolicy())
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        if compile_blocks:
-            layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
+    return parallelize(model, mesh, parallel, device, blocks=model.model.layers)
 
 
 def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
-             device: torch.device, seq_len: int) -> torch.Tensor:
+             device: torch.device, seq_len: int, reshard: str) -> torch.Tensor:
+    """The usual Hugging Face step: unpacked causal windows, its own mean loss per micro-batch."""
     import torch
 
+    from slimpack.train.parallel import begin_micro_batch
+
     total = torch.zeros((), device=device)
-    for mb in micro_batches:
+    for i, mb in enumerate(micro_batches):
+        begin_micro_batch(model, last=i == len(micro_batches) - 1, reshard=reshard)
         ids = mb["input_ids"].to(device, non_blocking=True).view(-1, seq_len)
         loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
         loss.backward()
@@ -307,63 +306,155 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
-               data: Any, device: torch.device, mesh: Any, grad_accum: int, warmup_steps: int,
-               timed_steps: int, peak_flops: float) -> dict[str, Any]:
+def _max_over_ranks(value: float, device: torch.device) -> float:
     import torch
 
-    from slimpack.train.config import OptimSection
+    from slimpack.train.parallel import all_reduce_max
+
+    return all_reduce_max(torch.tensor(value, dtype=torch.float64, device=device)).item()
+
+
+# Kernel families for the profile's breakdown, first match wins (names from cuBLAS/CUTLASS, PyTorch's
+# FlashAttention, Inductor's Triton kernels, NCCL and the fused optimiser).
+_KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "attention")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")),
+    ("nccl", ("nccl",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "norm_kernel", "lpnorm")),
+    ("triton (fused elementwise)", ("triton",)),
+    ("copy/cast", ("memcpy", "memset", "copy", "cast", "fill")),
+)
+
+
+def profile_step(step: Any, device: torch.device, out_dir: Path, name: str) -> dict[str, Any]:
+    """One step under torch.profiler: a Chrome trace (gzip) and the GPU time per kernel family."""
+    import gzip
+    import shutil
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    wall = time.perf_counter() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / f"{name}.trace.json"
+    prof.export_chrome_trace(str(raw))
+    with raw.open("rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    families: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total
+        if us <= 0 or evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        low = evt.key.lower()
+        family = next((f for f, keys in _KERNEL_FAMILIES if any(k in low for k in keys)), "other")
+        families[family] = families.get(family, 0.0) + us / 1e3
+        kernels[evt.key[:120]] = kernels.get(evt.key[:120], 0.0) + us / 1e3
+    busy = sum(families.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:25]
+    (out_dir / f"{name}.kernels.txt").write_text(
+        prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda"
+                                  else "self_cpu_time_total", row_limit=60))
+    return {"wall_ms": wall * 1e3, "gpu_busy_ms": busy, "gpu_idle_fraction": 1 - busy / (wall * 1e3),
+            "family_ms": dict(sorted(families.items(), key=lambda kv: -kv[1])),
+            "top_kernels_ms": dict(top), "trace": f"{raw.name}.gz"}
+
+
+def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
+               data: Any, d: Any, grad_accum: int | None, tokens_per_gpu_step: int, warmup_steps: int,
+               timed_steps: int, peak_flops: float, reshard: str, attention: str = "auto",
+               profile_dir: Path | None = None) -> dict[str, Any]:
+    """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
+    import torch
+
+    from slimpack.train.config import OptimSection, ParallelSection
     from slimpack.train.loop import train_step
     from slimpack.train.optim import build_optimizer
+    from slimpack.train.parallel import all_reduce_sum
 
-    mixed = device.type == "cuda"
+    device = d.device
+    parallel = ParallelSection(mixed_precision=device.type == "cuda", compile=compile_blocks, reshard=reshard)
     attempts: list[dict[str, Any]] = []
     mbs = micro_batch_size
     while mbs >= 1:
         _cleanup(device)
         model = optimizer = batches = step = None
+        accum = grad_accum or max(1, tokens_per_gpu_step // (mbs * seq_len))
+        data_wait = [0.0]
         try:
-            model = _build(kind, cfg, device, mesh, compile_blocks=compile_blocks, mixed_precision=mixed)
+            model = _build(kind, cfg, device, d.mesh, parallel, attention)
             n_params = sum(p.numel() for p in model.parameters())
             optimizer = build_optimizer(model, OptimSection(), device)
-            batches = data(seq_len=seq_len, micro_batch_size=mbs)
+            batches = data(seq_len=seq_len, micro_batch_size=mbs, rank=d.rank, world_size=d.world_size)
 
-            def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches) -> torch.Tensor:
-                micro = [next(batches) for _ in range(grad_accum)]
+            def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches,
+                     accum: int = accum, data_wait: list[float] = data_wait) -> torch.Tensor:
+                t = time.perf_counter()
+                micro = [next(batches) for _ in range(accum)]
+                data_wait[0] += time.perf_counter() - t
                 if kind == "ours":
-                    loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device, world_size=1,
-                                                      grad_clip_norm=1.0,
-                                                      max_seqlen=seq_len if compile_blocks else None)
-                    return loss_sum / n_valid
-                return _hf_step(model, optimizer, micro, device=device, seq_len=seq_len)
+                    loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device,
+                                                      world_size=d.world_size, grad_clip_norm=1.0,
+                                                      max_seqlen=seq_len if compile_blocks else None,
+                                                      reshard=reshard)
+                    return all_reduce_sum(loss_sum) / n_valid  # the global mean token loss
+                mean = _hf_step(model, optimizer, micro, device=device, seq_len=seq_len, reshard=reshard)
+                return all_reduce_sum(mean) / d.world_size
 
             _sync(device)
             t0 = time.perf_counter()
-            for _ in range(warmup_steps):
+            step()  # compile happens here
+            _sync(device)
+            first = time.perf_counter() - t0
+            for _ in range(warmup_steps - 1):
                 step()
             _sync(device)
             warm = time.perf_counter() - t0
+            data_wait[0] = 0.0
             t0 = time.perf_counter()
             last = None
             for _ in range(timed_steps):
                 last = step()
             _sync(device)
-            elapsed = time.perf_counter() - t0
-            tokens = timed_steps * grad_accum * mbs * seq_len
-            tps = tokens / elapsed
+            elapsed = _max_over_ranks(time.perf_counter() - t0, device)  # the slowest rank sets the pace
+            wait = _max_over_ranks(data_wait[0], device)
+            tokens_per_gpu = timed_steps * accum * mbs * seq_len
+            tps = tokens_per_gpu / elapsed
             flops_tok = model_flops_per_token(cfg, n_params, seq_len)
             result = {
-                "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs,
-                "grad_accum": grad_accum,
+                "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs, "grad_accum": accum,
+                "world_size": d.world_size, "reshard": reshard,
+                "attention": attention if kind == "ours" else "sdpa (HF, causal over the window)",
                 "compile": compile_blocks, "params": n_params, "warmup_steps": warmup_steps,
-                "warmup_seconds": warm, "timed_steps": timed_steps, "timed_seconds": elapsed,
-                "tokens_per_s": tps, "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
+                "warmup_seconds": warm, "first_step_seconds": first, "timed_steps": timed_steps,
+                "timed_seconds": elapsed, "step_seconds": elapsed / timed_steps,
+                # Compile and autotuning: the first step's time beyond a steady step's.
+                "compile_seconds_est": max(0.0, first - elapsed / timed_steps),
+                "tokens_per_s": tps, "tokens_per_s_all_gpus": tps * d.world_size,
+                "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
+                "data_wait_seconds": wait, "data_wait_fraction": wait / elapsed,
                 "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                                     else None),
                 "peak_reserved_gib": (torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda"
                                       else None),
                 "last_loss": float(last.item()) if last is not None else None, "oom_retries": attempts,
                 "document_masking": kind == "ours"}
+            if profile_dir is not None:
+                # Two micro-batches (one accumulating, one reducing) show both kinds of backward.
+                def short_step(step: Any = step) -> torch.Tensor:
+                    return step(accum=2)
+
+                if d.rank == 0:
+                    result["profile"] = profile_step(short_step, device, profile_dir, f"{name}-w{d.world_size}")
+                else:  # the other ranks join its collectives
+                    short_step()
             return result
         except torch.OutOfMemoryError as err:
             attempts.append({"micro_batch_size": mbs, "error": str(err).splitlines()[0]})
@@ -390,8 +481,10 @@ _QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile
 _GPU_PLAN = (
     ("ours-2k-compile", "ours", 2048, 4, True),
     ("hf-2k-compile", "hf", 2048, 4, True),
-    ("ours-4k-compile", "ours", 4096, 2, True),
-    ("hf-4k-compile", "hf", 4096, 2, True),
+    ("ours-4k-compile", "ours", 4096, 4, True),
+    ("hf-4k-compile", "hf", 4096, 4, True),
+    ("ours-2k-compile-mb8", "ours", 2048, 8, True),
+    ("hf-2k-compile-mb8", "hf", 2048, 8, True),
     ("hf-2k-eager", "hf", 2048, 4, False),
     ("ours-2k-eager", "ours", 2048, 4, False),
 )
@@ -402,8 +495,44 @@ def _plan(quick: bool) -> list[dict[str, Any]]:
             for n, k, s, m, c in (_QUICK_PLAN if quick else _GPU_PLAN)]
 
 
+def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: int,
+                  result: dict[str, Any]) -> Any:
+    """The micro-batch source: the demo corpus through the real loader (tokenized once, by rank 0,
+    into `scratch`, which every rank of this host reads), else synthetic documents."""
+    import torch.distributed as dist
+
+    source = args.data
+    if source == "demo" and not _loader_available():
+        print("slimpack.pipeline.PackedLoader is not available; using synthetic documents", flush=True)
+        source = "synthetic"
+    if source == "demo":
+        shared: list[Any] = [None]
+        if d.rank == 0:
+            try:
+                shared[0] = _DemoData(scratch)
+            except Exception as err:  # e.g. no llama-models tokenizer on the GPU machine
+                shared[0] = f"{type(err).__name__}: {err}"
+        if d.world_size > 1:
+            dist.broadcast_object_list(shared, src=0)
+        demo = shared[0]
+        if isinstance(demo, _DemoData):
+            result["data"] = {"source": f"demo corpus via PackedLoader ({args.num_workers} workers)",
+                              "tokens": demo.tokens, "prepare_seconds": demo.seconds}
+            return functools.partial(demo.micro_batches, num_workers=args.num_workers)
+        print(f"demo data unavailable ({demo}); using synthetic documents", flush=True)
+        result["data_error"] = demo
+    result["data"] = {"source": "synthetic: log-normal document lengths (median 600, sigma 1.2)"}
+
+    def synthetic(*, seq_len: int, micro_batch_size: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[dict[str, Any]]:
+        return synthetic_micro_batches(seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                       vocab_size=vocab_size, seed=rank)
+    return synthetic
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+    import torch.distributed as dist
 
     from slimpack.train.model import model_config
     from slimpack.train.parallel import init_distributed
@@ -424,15 +553,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
-        "torch": torch.__version__, "transformers": transformers.__version__, "model_preset":
-        "tiny" if quick else "tinyllama-1.3b", "model_params": cfg.num_params(),
-        "peak_flops": args.peak_tflops * 1e12, "checks": {}, "runs": []}
+        "world_size": d.world_size, "torch": torch.__version__, "transformers": transformers.__version__,
+        "model_preset": "tiny" if quick else "tinyllama-1.3b", "model_params": cfg.num_params(),
+        "peak_flops": args.peak_tflops * 1e12, "reshard": args.reshard, "attention": args.attention,
+        "checks": {}, "runs": []}
 
     # 1-2. correctness first: a fast wrong kernel is not a result.
     # The logits check uses 4 of the 22 layers on GPU: same shapes and code, a few seconds.
     logits_cfg = cfg if quick else replace(cfg, num_layers=4)
-    for name, fn in (("attention", lambda: check_attention(device)),
-                     ("logits_vs_hf", lambda: check_logits(logits_cfg, device))):
+    checks = (("attention", lambda: check_attention(device)),
+              ("logits_vs_hf", lambda: check_logits(logits_cfg, device)))
+    for name, fn in checks if not args.no_checks else ():
         t0 = time.perf_counter()
         try:
             result["checks"][name] = fn()
@@ -441,60 +572,50 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                       "traceback": traceback.format_exc()}
         result["checks"][name]["seconds"] = time.perf_counter() - t0
         shown = {k: v for k, v in result["checks"][name].items() if k != "traceback"}
-        print(f"check {name}: {'ok' if shown['ok'] else 'FAILED'} {json.dumps(shown)}", flush=True)
+        if d.rank == 0:
+            print(f"check {name}: {'ok' if shown['ok'] else 'FAILED'} {json.dumps(shown)}", flush=True)
         _cleanup(device)
 
     # 3. throughput
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-train-") as tmp:
-        source = args.data
-        if source == "demo" and not _loader_available():
-            print("slimpack.pipeline.PackedLoader is not available; using synthetic documents", flush=True)
-            source = "synthetic"
-        data = None
-        if source == "demo":
-            try:
-                demo = _DemoData(Path(tmp))
-                result["data"] = {"source": "demo corpus via PackedLoader", "tokens": demo.tokens,
-                                  "prepare_seconds": demo.seconds}
-                data = demo.micro_batches
-            except Exception as err:  # e.g. no llama-models tokenizer on the GPU machine
-                print(f"demo data unavailable ({type(err).__name__}: {err}); using synthetic documents",
-                      flush=True)
-                result["data_error"] = f"{type(err).__name__}: {err}"
-        if data is None:
-            result["data"] = {"source": "synthetic: log-normal document lengths (median 600, sigma 1.2)"}
-
-            def data(*, seq_len: int, micro_batch_size: int) -> Iterator[dict[str, Any]]:
-                return synthetic_micro_batches(seq_len=seq_len, micro_batch_size=micro_batch_size,
-                                               vocab_size=cfg.vocab_size)
+        data = _prepare_data(args, d, Path(tmp), cfg.vocab_size, result)
         plan = _plan(quick)
         if args.only:
             plan = [p for p in plan if p["name"] in args.only.split(",")]
         for item in plan:
-            spent = time.perf_counter() - started
+            # Rank 0's clock decides for everyone, so all ranks run the same configurations.
+            spent = _max_over_ranks(time.perf_counter() - started, device)
             if spent > args.time_budget_s:
-                print(f"skip {item['name']}: {spent:.0f} s spent of the {args.time_budget_s:.0f} s budget",
-                      flush=True)
+                if d.rank == 0:
+                    print(f"skip {item['name']}: {spent:.0f} s spent of the {args.time_budget_s:.0f} s "
+                          f"budget", flush=True)
                 result["runs"].append({"name": item["name"], "skipped": "time budget"})
                 continue
-            print(f"run {item['name']} ...", flush=True)
+            if d.rank == 0:
+                print(f"run {item['name']} ...", flush=True)
             try:
-                r = run_config(**item, cfg=cfg, data=data, device=device, mesh=d.mesh,
-                               grad_accum=args.grad_accum, warmup_steps=args.warmup_steps,
-                               timed_steps=args.timed_steps, peak_flops=args.peak_tflops * 1e12)
+                r = run_config(**item, cfg=cfg, data=data, d=d, grad_accum=args.grad_accum,
+                               tokens_per_gpu_step=args.tokens_per_gpu_step, warmup_steps=args.warmup_steps,
+                               timed_steps=args.timed_steps, peak_flops=args.peak_tflops * 1e12,
+                               reshard=args.reshard, attention=args.attention,
+                               profile_dir=Path(args.profile) if args.profile else None)
             except Exception as err:
                 r = {"name": item["name"], "error": f"{type(err).__name__}: {err}",
                      "traceback": traceback.format_exc()}
                 print(r["traceback"], flush=True)
             result["runs"].append(r)
-            if args.json:  # after every configuration: a run killed later still leaves its figures
+            if args.json and d.rank == 0:  # after every configuration: a run killed later leaves its figures
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=1))
-            if "tokens_per_s" in r:
-                print(f"  {r['tokens_per_s']:,.0f} tok/s, MFU {100 * r['mfu']:.1f}%, "
-                      f"warm-up {r['warmup_seconds']:.1f} s", flush=True)
+            if "tokens_per_s" in r and d.rank == 0:
+                print(f"  {r['tokens_per_s']:,.0f} tok/s per GPU, MFU {100 * r['mfu']:.1f}%, "
+                      f"{r['step_seconds']:.2f} s/step, data wait {100 * r['data_wait_fraction']:.2f}%, "
+                      f"first step {r['first_step_seconds']:.1f} s", flush=True)
+        if d.world_size > 1:
+            dist.barrier()  # rank 0's scratch directory (the demo shards) outlives every reader
     by_name = {r["name"]: r for r in result["runs"] if "tokens_per_s" in r}
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
+                     ("ours-2k-compile-mb8", "hf-2k-compile-mb8"), ("ours-2k-eager", "hf-2k-eager"),
                      ("ours-128", "hf-128-eager")):
         if ours in by_name and hf in by_name:
             result.setdefault("speedup_vs_hf", {})[f"{ours}/{hf}"] = (
@@ -506,26 +627,26 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"bench train on {result['device']} (torch {result['torch']}, transformers "
-             f"{result['transformers']}), {result['model_preset']} ({result['model_params']:,} params), "
-             f"data: {result['data']['source']}",
-             f"{'config':18s} {'seq':>5s} {'mbs':>3s} {'tok/s':>10s} {'MFU':>6s} {'peak GiB':>8s} "
-             f"{'warm-up s':>9s}"]
+    lines = [f"bench train on {result['world_size']} x {result['device']} (torch {result['torch']}, "
+             f"transformers {result['transformers']}), {result['model_preset']} ({result['model_params']:,} "
+             f"params), reshard={result['reshard']}, data: {result['data']['source']}",
+             f"{'config':20s} {'seq':>5s} {'mbs':>3s} {'accum':>5s} {'tok/s/GPU':>10s} {'MFU':>6s} "
+             f"{'peak GiB':>8s} {'wait':>6s} {'1st step s':>10s}"]
     for r in result["runs"]:
         if "skipped" in r:
-            lines.append(f"{r['name']:18s} skipped ({r['skipped']})")
+            lines.append(f"{r['name']:20s} skipped ({r['skipped']})")
             continue
         if "tokens_per_s" not in r:
-            lines.append(f"{r['name']:18s} ERROR {r.get('error', '')[:80]}")
+            lines.append(f"{r['name']:20s} ERROR {r.get('error', '')[:80]}")
             continue
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-        lines.append(f"{r['name']:18s} {r['seq_len']:5d} {r['micro_batch_size']:3d} "
-                     f"{r['tokens_per_s']:10,.0f} "
-                     f"{100 * r['mfu']:5.1f}% {mem:>8s} {r['warmup_seconds']:9.1f}")
+        lines.append(f"{r['name']:20s} {r['seq_len']:5d} {r['micro_batch_size']:3d} {r['grad_accum']:5d} "
+                     f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {mem:>8s} "
+                     f"{100 * r['data_wait_fraction']:5.2f}% {r['first_step_seconds']:10.1f}")
     for k, v in result.get("speedup_vs_hf", {}).items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     checks = ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in result["checks"].items())
-    lines.append(f"checks: {checks}; total {result['seconds']:.0f} s")
+    lines.append(f"checks: {checks or 'not run'}; total {result['seconds']:.0f} s")
     return "\n".join(lines)
 
 
@@ -539,7 +660,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "synthetic documents (--quick default)")
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (compile happens here)")
     p.add_argument("--timed-steps", type=int, default=None, help="timed optimiser steps per configuration")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimiser step (default: --tokens-per-gpu-step worth)")
+    p.add_argument("--tokens-per-gpu-step", type=int, default=4_194_304 // 16,
+                   help="tokens per GPU per optimiser step when --grad-accum is not given (default 262144: "
+                        "the paper's 4M-token batch over 16 GPUs)")
+    p.add_argument("--reshard", choices=("step", "backward", "forward"), default="step",
+                   help="FSDP2 gather/reduce cadence (parallel.reshard), the same for both models")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after timing, profile one 2-micro-batch step per configuration: Chrome trace "
+                        "and kernel table in DIR, GPU time per kernel family in the JSON")
+    p.add_argument("--num-workers", type=int, default=4,
+                   help="loader worker processes for the demo data (the paper configs use 4)")
+    p.add_argument("--attention", default="auto", help="our model's attention backend (train.attention)")
+    p.add_argument("--no-checks", action="store_true", help="skip the correctness checks (scaling runs)")
     p.add_argument("--only", help="comma-separated configuration names to run")
     p.add_argument("--time-budget-s", type=float, default=330,
                    help="start no configuration after this many seconds (default 330: the whole run then "
@@ -550,18 +684,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    defaults = {"data": ("synthetic", "demo"), "warmup_steps": (1, 3), "timed_steps": (2, 10),
-                "grad_accum": (1, 2)}
+    defaults = {"data": ("synthetic", "demo"), "warmup_steps": (1, 2), "timed_steps": (2, 3),
+                "grad_accum": (2, None)}
     for key, (quick, gpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else gpu)
-    result = run_bench(args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
     import torch.distributed as dist
 
+    result = run_bench(args)
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():
         dist.destroy_process_group()
-    print(table(result), flush=True)
+    if rank == 0:  # under torchrun every rank measured; rank 0 reports (times are the slowest rank's)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        print(table(result), flush=True)
     return 0 if result["ok"] else 1

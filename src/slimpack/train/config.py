@@ -85,6 +85,9 @@ class CheckpointSection:
     save_final: bool = True
 
 
+RESHARD_MODES = ("step", "backward", "forward")
+
+
 @dataclass(frozen=True)
 class ParallelSection:
     dp_replicate: int = 1        # >1: hybrid sharding, shard within groups of world/dp_replicate
@@ -92,7 +95,18 @@ class ParallelSection:
     mixed_precision: bool = True  # bf16 compute params, fp32 reduction, fp32 master (CUDA only)
     activation_checkpointing: bool = False
     compile: bool = False        # torch.compile each block
-    reshard_after_forward: bool = True
+    # When FSDP2 gathers parameters and reduce-scatters gradients (slimpack.train.parallel):
+    #   "step":     once per optimiser step: parameters stay gathered and gradients accumulate
+    #               unreduced (fp32) across the step's micro-batches; costs the whole model's
+    #               unsharded bf16 parameters + fp32 gradients per GPU (9 GB for the 1.3B model)
+    #   "backward": gather once per micro-batch, reduce-scatter every micro-batch
+    #   "forward":  also free each block after forward and gather it again in backward (least memory)
+    reshard: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.reshard not in RESHARD_MODES:
+            raise ValueError(f"parallel.reshard={self.reshard!r}: choose one of {', '.join(RESHARD_MODES)} "
+                             f"(step: fastest, most memory; forward: least memory)")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import TrainConfig
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
 from slimpack.train.optim import build_optimizer, lr_at, set_lr
-from slimpack.train.parallel import Dist, all_reduce_sum, init_distributed, parallelize
+from slimpack.train.parallel import Dist, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
 
 
 @dataclass
@@ -78,9 +78,11 @@ def micro_step_loss(model: nn.Module, mb: dict[str, Any], *, max_seqlen: int | N
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
                device: torch.device, world_size: int, grad_clip_norm: float,
-               max_seqlen: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               max_seqlen: int | None = None,
+               reshard: str = "step") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward/backward over this rank's micro-batches, clip, step. Returns device tensors
-    (this rank's loss sum, the global valid-label count, the total gradient norm); no host sync."""
+    (this rank's loss sum, the global valid-label count, the total gradient norm); no host sync.
+    `reshard` is the model's `parallel.reshard` (see `parallel.begin_micro_batch`)."""
     from slimpack.train.loss import count_valid
 
     local_valid = sum(count_valid(mb["labels"]) for mb in micro_batches)
@@ -88,11 +90,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     scale = world_size / n_valid.clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, mb in enumerate(micro_batches):
-        if hasattr(model, "set_requires_all_reduce"):
-            # Hybrid sharding: reduce-scatter within the node every micro-batch (frees the unsharded
-            # gradients), but all-reduce across nodes only once per step, on the sum of them all.
-            # A no-op for plain FSDP.
-            model.set_requires_all_reduce(i == len(micro_batches) - 1)
+        begin_micro_batch(model, last=i == len(micro_batches) - 1, reshard=reshard)
         loss = micro_step_loss(model, to_device(mb, device), max_seqlen=max_seqlen)
         (loss * scale).backward()
         loss_sum += loss.detach()
@@ -286,7 +284,7 @@ def train(cfg: TrainConfig) -> TrainReport:
             set_lr(optimizer, lr)
             loss_sum, n_valid, grad_norm = train_step(
                 model, optimizer, micro_batches, device=d.device, world_size=d.world_size,
-                grad_clip_norm=cfg.optim.grad_clip_norm, max_seqlen=max_seqlen)
+                grad_clip_norm=cfg.optim.grad_clip_norm, max_seqlen=max_seqlen, reshard=cfg.parallel.reshard)
             step += 1
             tokens_seen += cfg.data.global_batch_tokens
             if cfg.debug_sigterm_after_step == step and is_main:

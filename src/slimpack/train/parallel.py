@@ -3,7 +3,8 @@
 `init_distributed()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...) or,
 without it, makes a one-process group, so one code path serves `slimpack train` and `torchrun`.
 `parallelize(model, ...)` applies, in this order: activation checkpointing and torch.compile per
-block, then `fully_shard` per block and at the root.
+block, then `fully_shard` per block and at the root; `begin_micro_batch(...)` sets, before each
+micro-batch, when FSDP2 communicates (`parallel.reshard`).
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ def init_distributed(device: str = "auto", *, dp_replicate: int = 1) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=dev, mesh=mesh)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device) -> nn.Module:
-    """Wrap `model` (a Transformer with `.layers`) in place and return it."""
+def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device, *,
+                blocks: nn.ModuleList | None = None) -> nn.Module:
+    """Wrap `model` in place and return it. `blocks` are its repeated decoder blocks (default
+    `model.layers`; the benchmark passes Hugging Face's `model.model.layers` to wrap its Llama the
+    same way)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    for i, block in enumerate(model.layers):
+    blocks = model.layers if blocks is None else blocks
+    for i, block in enumerate(blocks):
         if cfg.activation_checkpointing:
             # Whole-block recomputation: saves only each block's input, ~1/3 more compute. Non-
             # reentrant, so it composes with compile and FSDP2's hooks; RNG state is not preserved
@@ -79,7 +84,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device
             # breaks at FSDP's hooks between blocks are harmless, and compile time stays short.
             # nn.Module.compile() keeps parameter names unchanged (no `_orig_mod.` prefix).
             block.compile()
-        model.layers[i] = block
+        blocks[i] = block
 
     # bf16 parameters for compute (all-gathered in bf16: half the bytes), gradients reduced in fp32
     # (summing up to 16K ranks' bf16 gradients would lose bits), master weights and optimiser state
@@ -87,14 +92,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device
     # turns it off and everything stays fp32.
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if cfg.mixed_precision and device.type == "cuda" else MixedPrecisionPolicy())
-    for i, block in enumerate(model.layers):
-        # Each block is one all-gather/reduce-scatter unit: peak memory holds ~2 unsharded blocks
-        # (the one computing and the one prefetched), not the whole model. Resharding after
-        # forward frees the block until backward re-gathers it: memory for one extra all-gather.
-        # The last block is used again first in backward, so keeping it unsharded saves a gather.
-        last = i == len(model.layers) - 1
-        fully_shard(block, mesh=mesh, mp_policy=mp,
-                    reshard_after_forward=cfg.reshard_after_forward and not last)
+    for i, block in enumerate(blocks):
+        # Each block is one all-gather/reduce-scatter unit, prefetched one block ahead. With
+        # reshard="forward" a block is freed after forward and gathered again in backward (peak
+        # memory ~2 unsharded blocks); the last block is used again first in backward, so it stays.
+        last = i == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard == "forward" and not last)
     # The root unit holds the embedding, final norm and output projection. It must stay unsharded
     # after forward (explicitly: newer torch only does so by default under reshard_after_forward=None):
     # the chunked loss then uses `model.output.weight`, the unsharded (bf16) parameter, right after
@@ -103,7 +106,33 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device
     return model
 
 
+def begin_micro_batch(model: nn.Module, *, last: bool, reshard: str) -> None:
+    """Set FSDP2's communication for the micro-batch about to run (the `last` of its optimiser step).
+
+    reshard="step": gradient accumulation without communication. Before the last micro-batch no
+    reduce-scatter (nor HSDP all-reduce) runs; FSDP2 accumulates each block's unsharded gradient in
+    fp32 (the reduce dtype) and keeps the gathered bf16 parameters, so a step costs one all-gather and
+    one reduce-scatter per block however many micro-batches it has. After the last backward the
+    parameters are freed: the optimiser changes the shards and the next step gathers them afresh.
+    Other modes reduce-scatter every micro-batch (freeing the unsharded gradients) and, with hybrid
+    sharding, all-reduce across nodes only after the last one, on the sum of them all.
+    """
+    if not hasattr(model, "set_requires_gradient_sync"):  # not an FSDP2 module
+        return
+    if reshard == "step":
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last)
+    else:
+        model.set_requires_all_reduce(last)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
