@@ -22,8 +22,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "slimpack", "bench", "train", "--quick", "--json", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
+    prof = tmp_path / "profile"
+    proc = subprocess.run([sys.executable, "-m", "slimpack", "bench", "train", "--quick", "--json", str(out),
+                           "--profile", str(prof)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["ok"] and result["checks"]["attention"]["ok"] and result["checks"]["logits_vs_hf"]["ok"]
@@ -37,4 +38,30 @@ def test_bench_train_quick(tmp_path):
     for r in result["runs"]:
         assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["mfu"] > 0
         assert r["last_loss"] == pytest.approx(11.76, abs=0.5)  # ln(128256) at init: a real loss
+        # Two micro-batches per step under the default reshard="step": the accumulating path runs.
+        assert r["grad_accum"] == 2 and r["reshard"] == "step" and r["world_size"] == 1
+        assert 0 <= r["data_wait_seconds"] < r["timed_seconds"] and r["first_step_seconds"] > 0
+        # One profiled step per configuration: a Chrome trace and the kernel table.
+        assert (prof / r["profile"]["trace"]).stat().st_size > 0
+        assert (prof / f"{r['name']}-w1.kernels.txt").read_text().strip()
     assert proc.stdout.splitlines()[-1].startswith("checks: attention ok, logits_vs_hf ok")
+
+
+@pytest.mark.slow
+def test_bench_train_under_torchrun_reports_per_gpu_figures(tmp_path):
+    """Two gloo ranks on CPU, demo data through the real loader: rank 0 tokenizes once and the other
+    rank reads its shards, each rank gets its own share, and only rank 0 writes the report."""
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "slimpack", "bench", "train", "--quick", "--data", "demo", "--num-workers", "0",
+                           "--no-checks", "--only", "ours-128", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["checks"] == {}
+    assert result["data"]["source"].startswith("demo corpus via PackedLoader")
+    (run,) = result["runs"]
+    assert run["world_size"] == 2 and run["tokens_per_s_all_gpus"] == pytest.approx(2 * run["tokens_per_s"])
+    assert run["last_loss"] == pytest.approx(11.76, abs=0.5)  # the global mean, not one rank's share
+    assert proc.stdout.count("bench train on 2 x CPU") == 1  # one table, from rank 0

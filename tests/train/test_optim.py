@@ -72,7 +72,7 @@ def test_grad_accum_is_derived_and_refuses_what_does_not_divide():
         cfg.grad_accum(3)
 
 
-def test_paper_presets_4k_doubles_grad_accum_at_the_same_gpu_count():
+def test_paper_presets_keep_16k_token_micro_batches_and_gather_once_per_step():
     two = load_train_config(CONFIGS / "paper-2k.toml")
     four = load_train_config(CONFIGS / "paper-4k.toml")
     for cfg, seq in ((two, 2048), (four, 4096)):
@@ -80,8 +80,12 @@ def test_paper_presets_4k_doubles_grad_accum_at_the_same_gpu_count():
         assert cfg.total_tokens == 10**12 and cfg.steps == 238_418
         assert cfg.optim.lr == 4e-4 and cfg.optim.min_lr == 4e-5 and cfg.optim.warmup_steps == 2000
         assert cfg.model.preset == "tinyllama-1.3b"
+        # 16,384-token micro-batches (8 x 2K, 4 x 4K: both fit 80 GB without activation
+        # checkpointing), FSDP2 communicating once per optimiser step.
+        assert cfg.data.micro_batch_size * seq == 16_384 and not cfg.parallel.activation_checkpointing
+        assert cfg.parallel.reshard == "step" and cfg.parallel.compile
     for gpus in (8, 16, 32):
-        assert four.grad_accum(gpus) == 2 * two.grad_accum(gpus)
+        assert four.grad_accum(gpus) == two.grad_accum(gpus)
     assert two.grad_accum(16) == 16
 
 
@@ -99,7 +103,8 @@ def test_misspelt_device_or_optimizer_implementation_is_refused_not_silently_rep
     # init_distributed treats anything but "cuda"/"auto" as CPU, build_optimizer anything but
     # "fused"/"foreach" as the slow for-loop AdamW: a typo must fail, not train on the wrong path.
     for key, bad, hint in (("device", "gpu", "auto, cuda or cpu"), ("device", "cuda:0", "auto, cuda or cpu"),
-                           ("optim.implementation", "fuse", "auto, fused, foreach")):
+                           ("optim.implementation", "fuse", "auto, fused, foreach"),
+                           ("parallel.reshard", "after_forward", "step, backward, forward")):
         with pytest.raises(ValueError, match=hint):
             load_train_config(None, [f"{key}={bad!r}".replace("'", '"')])
 

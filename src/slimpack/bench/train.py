@@ -1,6 +1,7 @@
-"""`slimpack bench train`: one-GPU training throughput and the GPU correctness checks, in one run.
+"""`slimpack bench train`: training throughput and the GPU correctness checks, in one run.
 
-    slimpack bench train --json OUT.json            # GPU: ~6 minutes on one H100, compile included
+    slimpack bench train --json OUT.json            # one GPU: ~3 minutes on an H100, compile included
+    torchrun --nproc-per-node 4 -m slimpack bench train --no-checks --only ours-2k-compile --json OUT.json
     slimpack bench train --quick --json OUT.json    # CPU smoke run: tiny model, seconds
 
 First the correctness checks, then the timings:
@@ -10,21 +11,26 @@ First the correctness checks, then the timings:
 2. logits: our Transformer vs a Hugging Face LlamaForCausalLM holding the same weights
    (`export.to_hf_state_dict`), two documents packed for us, run one by one for Hugging Face:
    fp32 reference attention (tight) and bf16 varlen vs bf16 SDPA (each against the fp32 logits).
-3. throughput, one process, FSDP2 (bf16 params, fp32 reduction, fp32 master weights, fused AdamW):
-   our `tinyllama-1.3b` with varlen document masking and per-block torch.compile at 2K and 4K (and
-   eager at 2K), and a
-   Hugging Face LlamaForCausalLM of the same shape (SDPA, plain causal over the whole window, no
-   document masking: the usual HF set-up) eager and compiled, wrapped by the same FSDP2 policy and
-   optimiser, so only the model implementation differs. Configurations run in order of importance
-   (ours and HF compiled at 2K, then 4K, then the eager ones) and none starts after
-   `--time-budget-s`; the JSON is rewritten after each. Each configuration runs `--warmup-steps`
-   (compile happens here; reported separately) then `--timed-steps` optimiser steps of
-   `--grad-accum` micro-batches; tokens/s is steady-state over the timed steps only. A micro-batch
-   that does not fit is halved and retried, and the retry is recorded.
+3. throughput, FSDP2 (bf16 params, fp32 reduction, fp32 master weights, `--reshard` cadence, fused
+   AdamW, clipping) on every rank of the launch: our `tinyllama-1.3b` with varlen document masking and
+   per-block torch.compile at 2K and 4K, and a Hugging Face LlamaForCausalLM of the same shape (SDPA,
+   plain causal over the whole window, no document masking: the usual HF set-up) wrapped by the same
+   `parallelize` and optimiser, so only the model implementation differs. An optimiser step holds
+   `--tokens-per-gpu-step` tokens per GPU (default: the paper's 4M-token batch over 16 GPUs, 32
+   micro-batches of 4 x 2048), so the optimiser and the once-per-step communication weigh what they
+   weigh in the real run. Configurations run in order of importance and none starts after
+   `--time-budget-s`; the JSON is rewritten after each. Each runs `--warmup-steps` (the first holds
+   the compile: its time is reported apart) then `--timed-steps` steps; tokens/s per GPU is steady
+   state over the timed steps, on the slowest rank's clock. Data wait is the time the step spends
+   taking its micro-batches from the loader, as a fraction of step time. A micro-batch that does not
+   fit is halved and retried, and the retry is recorded. `--profile DIR` then runs one 2-micro-batch
+   step under torch.profiler per configuration: a Chrome trace, the kernel table, and GPU time per
+   kernel family in the JSON.
 
-Data: packed micro-batches from the real loader over the demo corpus (Python's docs and source,
-tokenized here into a temporary directory, so no shards travel to the GPU machine); `--data
-synthetic` packs documents with log-normal lengths (median ~600 tokens) instead.
+Data: packed micro-batches from the real loader (`--num-workers` processes, 4 like the paper
+configs) over the demo corpus (Python's docs and source, tokenized once by rank 0 into a temporary
+directory that the host's ranks share, so no shards travel to the GPU machine); `--data synthetic`
+packs documents with log-normal lengths (median ~600 tokens) instead.
 """
 
 from __future__ import annotations
@@ -651,8 +657,8 @@ def table(result: dict[str, Any]) -> str:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="one-GPU training throughput (ours vs Hugging Face) and "
-                                     "GPU correctness checks")
+    p = sub.add_parser("train", help="training throughput per GPU (ours vs Hugging Face; torchrun for "
+                                     "several GPUs) and GPU correctness checks")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, a few steps")
     p.add_argument("--data", choices=("demo", "synthetic"), default=None,
@@ -677,7 +683,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", help="comma-separated configuration names to run")
     p.add_argument("--time-budget-s", type=float, default=330,
                    help="start no configuration after this many seconds (default 330: the whole run then "
-                        "ends within ~6 minutes on an H100)")
+                        "ends within ~7 minutes on an H100)")
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12,
                    help="dense bf16 peak for MFU (989 for H100/H200 SXM)")
     p.set_defaults(func=_run)
