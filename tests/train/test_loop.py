@@ -222,3 +222,30 @@ def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset
                "--resume", str(ckpts / "step_00000002")])
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
     assert (ckpts / "step_00000003.abandoned1" / "meta.json").is_file()
+
+
+
+def test_in_process_train_from_s3_leaves_no_loader_threads(tmp_path, dataset, s3_bucket):
+    """`train()` called from Python (as the demo does) on a remote dataset (a real S3 API server on
+    loopback) stops its loader's download threads and feeder when it returns."""
+    import threading
+
+    import fsspec
+    import torch.distributed as dist
+
+    from slimpack.train.config import load_train_config
+    from slimpack.train.loop import train
+
+    fsspec.filesystem("s3").put(str(dataset), f"{s3_bucket}/shards", recursive=True)
+    sets = _overrides(tmp_path / "run", f"s3://{s3_bucket}/shards",
+                      **{"max_steps": 2, "eval.every_steps": 0, "data.cache_dir": str(tmp_path / "cache")})
+    cfg = load_train_config(None, sets[1::2])
+    try:
+        report = train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert report.end_step == 2 and len(report.losses) == 2
+    assert any((tmp_path / "cache").rglob("*.mds*"))  # the shards did come through the S3 cache
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["run_id"]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("slimpack-fetch", "slimpack-loader"))]

@@ -33,6 +33,7 @@ from torch import nn
 
 from slimpack import __version__
 from slimpack.provenance import git_sha
+from slimpack.storage import write_atomic
 from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import TrainConfig
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
@@ -168,7 +169,7 @@ def _run_id(run_dir: Path) -> str:
     if path.exists():
         return json.loads(path.read_text())["run_id"]
     run_id = uuid.uuid4().hex[:12]
-    path.write_text(json.dumps({"run_id": run_id}) + "\n")
+    write_atomic(path, (json.dumps({"run_id": run_id}) + "\n").encode())  # never a torn run.json
     return run_id
 
 
@@ -273,6 +274,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     val_loss: float | None = None
     start_step = step
     stopping = False
+    batches = None
     try:
         batches = iter(loader)
         while step < max_steps:
@@ -293,7 +295,8 @@ def train(cfg: TrainConfig) -> TrainReport:
             stats = torch.stack([loss_sum.double(), torch.tensor(float(stop.set), dtype=torch.float64,
                                                                  device=d.device)])
             all_reduce_sum(stats)
-            loss = (stats[0] / n_valid.double()).item()
+            # A step whose micro-batches hold no label (possible only with tiny windows) logs 0, not NaN.
+            loss = (stats[0] / n_valid.double().clamp(min=1.0)).item()
             stopping = stats[1].item() > 0
             dt = time.perf_counter() - t0
             losses.append(loss)
@@ -318,6 +321,11 @@ def train(cfg: TrainConfig) -> TrainReport:
                 break
     finally:
         stop.restore()
+        # Stop the loader's feeder thread, workers and a remote root's downloads now, not whenever
+        # garbage collection gets to them (an exception's traceback keeps this frame alive).
+        if batches is not None:
+            batches.close()
+        loader.close()
         if logger is not None:
             logger.close()
     return TrainReport(run_dir=str(run_dir), start_step=start_step, end_step=step, max_steps=max_steps,
