@@ -511,6 +511,9 @@ def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: i
     if source == "demo" and not _loader_available():
         print("slimpack.pipeline.PackedLoader is not available; using synthetic documents", flush=True)
         source = "synthetic"
+    if source == "demo" and int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size)) != d.world_size:
+        raise RuntimeError("bench train --data demo shares rank 0's shards through its local disk, so it "
+                           "runs on one host; across nodes use --data synthetic")
     if source == "demo":
         shared: list[Any] = [None]
         if d.rank == 0:
