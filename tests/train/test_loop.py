@@ -224,7 +224,6 @@ def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset
     assert (ckpts / "step_00000003.abandoned1" / "meta.json").is_file()
 
 
-
 def test_in_process_train_from_s3_leaves_no_loader_threads(tmp_path, dataset, s3_bucket):
     """`train()` called from Python (as the demo does) on a remote dataset (a real S3 API server on
     loopback) stops its loader's download threads and feeder when it returns."""
