@@ -227,6 +227,16 @@ def test_uncompressed_shards_are_memory_mapped_and_equal(tmp_path):
     stream, _ = split_stream(plain, "train", order)
     inputs = torch.cat([mb["input_ids"] for step in loader for mb in step]).numpy()
     assert np.array_equal(inputs, stream[:len(inputs)])
+    # Mappings count against decoded_cache_bytes like decoded shards: a small budget keeps few of
+    # them open however many shards the run reads, and the batches stay equal.
+    n_shards = len(loader.stream._store.index.shard_names)
+    small = PackedLoader(cfg(plain, epochs=1, decoded_cache_bytes=1))
+    held = []
+    for step in small:
+        held += [mb["input_ids"] for mb in step]
+        assert len(small.stream._store._decoded) == 1
+    assert small.stream._store.decodes > n_shards > 1
+    assert np.array_equal(torch.cat(held).numpy(), inputs)
 
 
 def test_corrupt_and_mismatched_data_fail_loudly(dataset, tmp_path):

@@ -105,7 +105,7 @@ class LoaderConfig:
     locality_shards: int | None = None  # bound on shards in use at once (see order.py)
     prefetch_factor: int = 4  # micro-batches each DataLoader worker builds ahead
     prefetch_steps: int = 2  # steps of shards the loader downloads ahead (remote roots)
-    decoded_cache_bytes: int = 1 << 30  # decoded shards kept in memory per process
+    decoded_cache_bytes: int = 1 << 30  # decoded (or memory-mapped) shards kept per process
 
     def __post_init__(self) -> None:
         check_layout(seq_len=self.seq_len, global_batch_tokens=self.global_batch_tokens,

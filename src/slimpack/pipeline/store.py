@@ -210,8 +210,12 @@ class ShardStore:
         if info.compression:
             shard = decode_shard(data, info, str(path))
             size = len(shard.raw)
-        else:  # mapped: page cache, not our memory
-            shard, size = Shard(data, info, str(path)), 0
+        else:
+            # Mapped: page cache rather than our heap, but charged to the same budget all the same,
+            # so a long run keeps a bounded number of open mappings (the kernel caps them per
+            # process, vm.max_map_count) instead of one per shard ever read. Re-mapping is cheap;
+            # an evicted mapping lives on while a batch still holds a view of it.
+            shard, size = Shard(data, info, str(path)), len(data)
         self.decodes += 1
         self._decoded[i] = (shard, size)
         self._decoded_bytes += size
