@@ -11,9 +11,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -41,6 +43,7 @@ def test_bench_train_quick(tmp_path):
         # Two micro-batches per step under the default reshard="step": the accumulating path runs.
         assert r["grad_accum"] == 2 and r["reshard"] == "step" and r["world_size"] == 1
         assert 0 <= r["data_wait_seconds"] < r["timed_seconds"] and r["first_step_seconds"] > 0
+        assert r["data_stall_seconds"] is None  # GPU idle time: measured on CUDA only
         # One profiled step per configuration: a Chrome trace and the kernel table.
         assert (prof / r["profile"]["trace"]).stat().st_size > 0
         assert (prof / f"{r['name']}-w1.kernels.txt").read_text().strip()
@@ -65,3 +68,25 @@ def test_bench_train_under_torchrun_reports_per_gpu_figures(tmp_path):
     assert run["world_size"] == 2 and run["tokens_per_s_all_gpus"] == pytest.approx(2 * run["tokens_per_s"])
     assert run["last_loss"] == pytest.approx(11.76, abs=0.5)  # the global mean, not one rank's share
     assert proc.stdout.count("bench train on 2 x CPU") == 1  # one table, from rank 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_data_stall_counts_only_the_wait_the_gpu_sat_idle():
+    """The events around a host-side wait time the GPU's idle part of it: nothing while queued work
+    covers the wait, all of it once the queue has drained."""
+    from slimpack.bench.train import _recorded_event
+
+    device = torch.device("cuda")
+
+    def stalled(busy_cycles: int) -> float:
+        torch.cuda.synchronize()
+        torch.cuda._sleep(busy_cycles)  # queued GPU work (a spin kernel)
+        before = _recorded_event(device)
+        time.sleep(0.05)  # the host waits 50 ms "for data"
+        after = _recorded_event(device)
+        torch.cuda.synchronize()
+        return before.elapsed_time(after) / 1e3
+
+    assert stalled(0) == pytest.approx(0.05, abs=0.02)  # an idle GPU waits the whole 50 ms
+    assert stalled(2_000_000_000) < 0.005  # ~1 s of queued work hides the wait

@@ -15,19 +15,22 @@ First the correctness checks, then the timings:
    AdamW, clipping) on every rank of the launch: our `tinyllama-1.3b` with varlen document masking and
    per-block torch.compile at 2K and 4K, and a Hugging Face LlamaForCausalLM of the same shape (SDPA,
    plain causal over the whole window, no document masking: the usual HF set-up) wrapped by the same
-   `parallelize` and optimiser, so only the model implementation differs. An optimiser step holds
+   `parallelize` and optimiser, so only the model implementation differs (one more Hugging Face run
+   uses FSDP2's default cadence, `--reshard forward`, for scale). An optimiser step holds
    `--tokens-per-gpu-step` tokens per GPU (default: the paper's 4M-token batch over 16 GPUs, 32
    micro-batches of 4 x 2048), so the optimiser and the once-per-step communication weigh what they
    weigh in the real run. Configurations run in order of importance and none starts after
    `--time-budget-s`; the JSON is rewritten after each. Each runs `--warmup-steps` (the first holds
    the compile: its time is reported apart) then `--timed-steps` steps; tokens/s per GPU is steady
    state over the timed steps, on the slowest rank's clock. Data wait is the time the step spends
-   taking its micro-batches from the loader, as a fraction of step time. A micro-batch that does not
-   fit is halved and retried, and the retry is recorded. `--profile DIR` then runs one 2-micro-batch
-   step under torch.profiler per configuration: a Chrome trace, the kernel table, and GPU time per
-   kernel family in the JSON.
+   taking its micro-batches from the loader, as a fraction of step time; data stall is the part of
+   that wait the GPU sat idle (CUDA events recorded around the take), what the loader really cost.
+   A micro-batch that does not fit is halved and retried, and the retry is recorded. `--profile DIR`
+   then runs one 2-micro-batch step under torch.profiler per configuration: a Chrome trace, the
+   kernel table, and GPU time per kernel family in the JSON.
 
-Data: packed micro-batches from the real loader (`--num-workers` processes, 4 like the paper
+Data: whole optimiser steps from the real loader, set up as in training (its global batch is the
+step, so its feeder keeps whole steps pinned ahead; `--num-workers` processes, 4 like the paper
 configs) over the demo corpus (Python's docs and source, tokenized once by rank 0 into a temporary
 directory that the host's ranks share, so no shards travel to the GPU machine); `--data synthetic`
 packs documents with log-normal lengths (median ~600 tokens) instead.
@@ -104,15 +107,15 @@ class _DemoData:
         self.tokens = report.tokens
         self.seconds = time.perf_counter() - t0
 
-    def micro_batches(self, *, seq_len: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                      num_workers: int = 0) -> Iterator[dict[str, Any]]:
+    def steps(self, *, seq_len: int, micro_batch_size: int, grad_accum: int, rank: int = 0,
+              world_size: int = 1, num_workers: int = 0) -> Iterator[list[dict[str, Any]]]:
+        """This rank's optimiser steps, configured as in a training run: the loader's global batch
+        is the whole step, so its feeder keeps whole steps built and pinned ahead."""
         from slimpack.pipeline import LoaderConfig, PackedLoader
 
-        loader = PackedLoader(LoaderConfig(self.path, seq_len, world_size * micro_batch_size * seq_len,
-                                           micro_batch_size, rank=rank, world_size=world_size,
-                                           num_workers=num_workers))
-        for step in loader:
-            yield from step
+        global_tokens = world_size * grad_accum * micro_batch_size * seq_len
+        yield from PackedLoader(LoaderConfig(self.path, seq_len, global_tokens, micro_batch_size, rank=rank,
+                                             world_size=world_size, num_workers=num_workers))
 
 
 def _loader_available() -> bool:
@@ -312,6 +315,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded on the current stream (None off CUDA). Between one recorded before a
+    host-side wait and one after, the GPU's clock runs only for the part of the wait it had nothing
+    queued: a busy GPU reaches the first event late and passes straight on to the second."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 def _max_over_ranks(value: float, device: torch.device) -> float:
     import torch
 
@@ -394,17 +410,22 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
         model = optimizer = batches = step = None
         accum = grad_accum or max(1, tokens_per_gpu_step // (mbs * seq_len))
         data_wait = [0.0]
+        stalls: list[tuple[Any, Any]] = []  # CUDA events recorded just before and after each take
         try:
             model = _build(kind, cfg, device, d.mesh, parallel, attention)
             n_params = sum(p.numel() for p in model.parameters())
             optimizer = build_optimizer(model, OptimSection(), device)
-            batches = data(seq_len=seq_len, micro_batch_size=mbs, rank=d.rank, world_size=d.world_size)
+            batches = data(seq_len=seq_len, micro_batch_size=mbs, grad_accum=accum, rank=d.rank,
+                           world_size=d.world_size)
 
             def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches,
                      accum: int = accum, data_wait: list[float] = data_wait) -> torch.Tensor:
+                before = _recorded_event(device)
                 t = time.perf_counter()
-                micro = [next(batches) for _ in range(accum)]
+                micro = next(batches)[:accum]
                 data_wait[0] += time.perf_counter() - t
+                if before is not None:
+                    stalls.append((before, _recorded_event(device)))
                 if kind == "ours":
                     loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device,
                                                       world_size=d.world_size, grad_clip_norm=1.0,
@@ -424,6 +445,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             _sync(device)
             warm = time.perf_counter() - t0
             data_wait[0] = 0.0
+            stalls.clear()
             t0 = time.perf_counter()
             last = None
             for _ in range(timed_steps):
@@ -431,6 +453,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             _sync(device)
             elapsed = _max_over_ranks(time.perf_counter() - t0, device)  # the slowest rank sets the pace
             wait = _max_over_ranks(data_wait[0], device)
+            stall = _max_over_ranks(sum(a.elapsed_time(b) for a, b in stalls) / 1e3, device)
             tokens_per_gpu = timed_steps * accum * mbs * seq_len
             tps = tokens_per_gpu / elapsed
             flops_tok = model_flops_per_token(cfg, n_params, seq_len)
@@ -446,6 +469,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 "tokens_per_s": tps, "tokens_per_s_all_gpus": tps * d.world_size,
                 "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
                 "data_wait_seconds": wait, "data_wait_fraction": wait / elapsed,
+                "data_stall_seconds": stall if device.type == "cuda" else None,
+                "data_stall_fraction": stall / elapsed if device.type == "cuda" else None,
                 "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
                                     else None),
                 "peak_reserved_gib": (torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda"
@@ -478,27 +503,29 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 # ----------------------------------------------------------------------------- driver
 
 
-_QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile
-    ("ours-128", "ours", 128, 2, False),
-    ("ours-256", "ours", 256, 1, False),
-    ("hf-128-eager", "hf", 128, 2, False),
+_QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile, reshard (None: --reshard)
+    ("ours-128", "ours", 128, 2, False, None),
+    ("ours-256", "ours", 256, 1, False, None),
+    ("hf-128-eager", "hf", 128, 2, False, None),
 )
 # In order of importance: when the time budget runs out the rest is skipped (and recorded so).
 _GPU_PLAN = (
-    ("ours-2k-compile", "ours", 2048, 4, True),
-    ("hf-2k-compile", "hf", 2048, 4, True),
-    ("ours-4k-compile", "ours", 4096, 4, True),
-    ("hf-4k-compile", "hf", 4096, 4, True),
-    ("ours-2k-compile-mb8", "ours", 2048, 8, True),
-    ("hf-2k-compile-mb8", "hf", 2048, 8, True),
-    ("hf-2k-eager", "hf", 2048, 4, False),
-    ("ours-2k-eager", "ours", 2048, 4, False),
+    ("ours-2k-compile", "ours", 2048, 4, True, None),
+    ("hf-2k-compile", "hf", 2048, 4, True, None),
+    ("ours-4k-compile", "ours", 4096, 4, True, None),
+    ("hf-4k-compile", "hf", 4096, 4, True, None),
+    ("ours-2k-compile-mb8", "ours", 2048, 8, True, None),
+    ("hf-2k-compile-mb8", "hf", 2048, 8, True, None),
+    # Hugging Face under FSDP2's default cadence (reshard after forward, reduce every micro-batch).
+    ("hf-2k-compile-fsdp-default", "hf", 2048, 4, True, "forward"),
+    ("hf-2k-eager", "hf", 2048, 4, False, None),
+    ("ours-2k-eager", "ours", 2048, 4, False, None),
 )
 
 
 def _plan(quick: bool) -> list[dict[str, Any]]:
-    return [{"name": n, "kind": k, "seq_len": s, "micro_batch_size": m, "compile_blocks": c}
-            for n, k, s, m, c in (_QUICK_PLAN if quick else _GPU_PLAN)]
+    return [{"name": n, "kind": k, "seq_len": s, "micro_batch_size": m, "compile_blocks": c, "reshard": r}
+            for n, k, s, m, c, r in (_QUICK_PLAN if quick else _GPU_PLAN)]
 
 
 def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: int,
@@ -527,15 +554,18 @@ def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: i
         if isinstance(demo, _DemoData):
             result["data"] = {"source": f"demo corpus via PackedLoader ({args.num_workers} workers)",
                               "tokens": demo.tokens, "prepare_seconds": demo.seconds}
-            return functools.partial(demo.micro_batches, num_workers=args.num_workers)
+            return functools.partial(demo.steps, num_workers=args.num_workers)
         print(f"demo data unavailable ({demo}); using synthetic documents", flush=True)
         result["data_error"] = demo
     result["data"] = {"source": "synthetic: log-normal document lengths (median 600, sigma 1.2)"}
 
-    def synthetic(*, seq_len: int, micro_batch_size: int, rank: int = 0,
-                  world_size: int = 1) -> Iterator[dict[str, Any]]:
-        return synthetic_micro_batches(seq_len=seq_len, micro_batch_size=micro_batch_size,
-                                       vocab_size=vocab_size, seed=rank)
+    def synthetic(*, seq_len: int, micro_batch_size: int, grad_accum: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[list[dict[str, Any]]]:
+        """Built on the training thread, unlike the loader's steps: its data wait is not the loader's."""
+        batches = synthetic_micro_batches(seq_len=seq_len, micro_batch_size=micro_batch_size,
+                                          vocab_size=vocab_size, seed=rank)
+        while True:
+            yield list(itertools.islice(batches, grad_accum))
     return synthetic
 
 
@@ -603,10 +633,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if d.rank == 0:
                 print(f"run {item['name']} ...", flush=True)
             try:
-                r = run_config(**item, cfg=cfg, data=data, d=d, grad_accum=args.grad_accum,
-                               tokens_per_gpu_step=args.tokens_per_gpu_step, warmup_steps=args.warmup_steps,
-                               timed_steps=args.timed_steps, peak_flops=args.peak_tflops * 1e12,
-                               reshard=args.reshard, attention=args.attention,
+                r = run_config(**{**item, "reshard": item["reshard"] or args.reshard}, cfg=cfg, data=data, d=d,
+                               grad_accum=args.grad_accum, tokens_per_gpu_step=args.tokens_per_gpu_step,
+                               warmup_steps=args.warmup_steps, timed_steps=args.timed_steps,
+                               peak_flops=args.peak_tflops * 1e12, attention=args.attention,
                                profile_dir=Path(args.profile) if args.profile else None)
             except Exception as err:
                 r = {"name": item["name"], "error": f"{type(err).__name__}: {err}",
@@ -618,12 +648,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 Path(args.json).write_text(json.dumps(result, indent=1))
             if "tokens_per_s" in r and d.rank == 0:
                 print(f"  {r['tokens_per_s']:,.0f} tok/s per GPU, MFU {100 * r['mfu']:.1f}%, "
-                      f"{r['step_seconds']:.2f} s/step, data wait {100 * r['data_wait_fraction']:.2f}%, "
+                      f"{r['step_seconds']:.2f} s/step, data wait {100 * r['data_wait_fraction']:.2f}%"
+                      f"{_stall_text(r)}, "
                       f"first step {r['first_step_seconds']:.1f} s", flush=True)
         if d.world_size > 1:
             dist.barrier()  # rank 0's scratch directory (the demo shards) outlives every reader
     by_name = {r["name"]: r for r in result["runs"] if "tokens_per_s" in r}
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
+                     ("ours-2k-compile", "hf-2k-compile-fsdp-default"),
                      ("ours-2k-compile-mb8", "hf-2k-compile-mb8"), ("ours-2k-eager", "hf-2k-eager"),
                      ("ours-128", "hf-128-eager")):
         if ours in by_name and hf in by_name:
@@ -635,12 +667,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def _stall_text(r: dict[str, Any]) -> str:
+    return "" if r["data_stall_fraction"] is None else f" (GPU idle {_percent(r['data_stall_fraction'])})"
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [f"bench train on {result['world_size']} x {result['device']} (torch {result['torch']}, "
              f"transformers {result['transformers']}), {result['model_preset']} ({result['model_params']:,} "
              f"params), reshard={result['reshard']}, data: {result['data']['source']}",
              f"{'config':20s} {'seq':>5s} {'mbs':>3s} {'accum':>5s} {'tok/s/GPU':>10s} {'MFU':>6s} "
-             f"{'peak GiB':>8s} {'wait':>6s} {'1st step s':>10s}"]
+             f"{'peak GiB':>8s} {'wait':>6s} {'stall':>6s} {'1st step s':>10s}"]
     for r in result["runs"]:
         if "skipped" in r:
             lines.append(f"{r['name']:20s} skipped ({r['skipped']})")
@@ -651,7 +691,8 @@ def table(result: dict[str, Any]) -> str:
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         lines.append(f"{r['name']:20s} {r['seq_len']:5d} {r['micro_batch_size']:3d} {r['grad_accum']:5d} "
                      f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {mem:>8s} "
-                     f"{100 * r['data_wait_fraction']:5.2f}% {r['first_step_seconds']:10.1f}")
+                     f"{100 * r['data_wait_fraction']:5.2f}% {_percent(r['data_stall_fraction']):>6s} "
+                     f"{r['first_step_seconds']:10.1f}")
     for k, v in result.get("speedup_vs_hf", {}).items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     checks = ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in result["checks"].items())
