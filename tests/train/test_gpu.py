@@ -34,12 +34,13 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _backends() -> list[str]:
     found = ["varlen"]
-    found += [b for b in ("flash_attn", "xformers") if importlib.util.find_spec(b) is not None]
+    found += [b for b in ("cudnn", "flash_attn", "xformers") if importlib.util.find_spec(b) is not None]
     return found
 
 
-def test_auto_picks_varlen_for_bf16_cuda():
-    assert resolve_backend("auto", torch.zeros(1, device="cuda", dtype=torch.bfloat16)) == "varlen"
+def test_auto_picks_a_fused_kernel_for_bf16_cuda():
+    want = "cudnn" if importlib.util.find_spec("cudnn") is not None else "varlen"
+    assert resolve_backend("auto", torch.zeros(1, device="cuda", dtype=torch.bfloat16)) == want
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -162,3 +163,16 @@ def test_chunked_loss_on_the_real_vocabulary():
     ph, pw = torch.autograd.grad(plain, (hidden, weight))
     torch.testing.assert_close(loss, plain, rtol=1e-5, atol=0)
     assert _rel_err(gh, ph) < 1e-2 and _rel_err(gw, pw) < 1e-2, (_rel_err(gh, ph), _rel_err(gw, pw))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cudnn") is None, reason="needs the cuDNN frontend")
+def test_cudnn_custom_op_passes_opcheck():
+    """Schema, fake implementation and autograd registration agree with the real kernel."""
+    from slimpack.train.cudnn_attention import cudnn_varlen_fwd
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = _cu([5, 300, 0, 211])
+    T = int(cu[-1])
+    q, k, v = (torch.randn(T, h, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+               for h in (8, 2, 2))
+    torch.library.opcheck(cudnn_varlen_fwd, (q, k, v, cu, 512))

@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib.util
 import itertools
 import json
 import math
@@ -161,7 +162,8 @@ def check_attention(device: torch.device) -> dict[str, Any]:
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     T, H, Hkv, D = sum(lengths), 32, 4, 64
     # CPU (--quick) walks the same path in bf16 with the reference as its "fast" backend.
-    fast = ["varlen"] if device.type == "cuda" else ["sdpa_ref"]
+    fast = (["varlen", *(["cudnn"] if importlib.util.find_spec("cudnn") else [])] if device.type == "cuda"
+            else ["sdpa_ref"])
     dtype = torch.bfloat16
     base = [torch.randn(T, h, D, generator=g).to(device) for h in (H, Hkv, Hkv)]
     grad_out = torch.randn(T, H, D, generator=g).to(device)
@@ -396,6 +398,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
     """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
     import torch
 
+    from slimpack.train.attention import resolve_backend
     from slimpack.train.config import OptimSection, ParallelSection
     from slimpack.train.loop import train_step
     from slimpack.train.optim import build_optimizer
@@ -403,6 +406,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 
     device = d.device
     parallel = ParallelSection(mixed_precision=device.type == "cuda", compile=compile_blocks, reshard=reshard)
+    compute_dtype = torch.bfloat16 if parallel.mixed_precision else torch.float32
     attempts: list[dict[str, Any]] = []
     mbs = micro_batch_size
     while mbs >= 1:
@@ -419,7 +423,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                            world_size=d.world_size)
 
             def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches,
-                     accum: int = accum, data_wait: list[float] = data_wait) -> torch.Tensor:
+                     accum: int = accum, data_wait: list[float] = data_wait,
+                     stalls: list[tuple[Any, Any]] = stalls) -> torch.Tensor:
                 before = _recorded_event(device)
                 t = time.perf_counter()
                 micro = next(batches)[:accum]
@@ -460,7 +465,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             result = {
                 "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs, "grad_accum": accum,
                 "world_size": d.world_size, "reshard": reshard,
-                "attention": attention if kind == "ours" else "sdpa (HF, causal over the window)",
+                "attention": (resolve_backend(attention, torch.empty(0, device=device, dtype=compute_dtype))
+                              if kind == "ours" else "sdpa (HF, causal over the window)"),
                 "compile": compile_blocks, "params": n_params, "warmup_steps": warmup_steps,
                 "warmup_seconds": warm, "first_step_seconds": first, "timed_steps": timed_steps,
                 "timed_seconds": elapsed, "step_seconds": elapsed / timed_steps,
@@ -503,29 +509,32 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 # ----------------------------------------------------------------------------- driver
 
 
-_QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile, reshard (None: --reshard)
-    ("ours-128", "ours", 128, 2, False, None),
-    ("ours-256", "ours", 256, 1, False, None),
-    ("hf-128-eager", "hf", 128, 2, False, None),
+_QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile, options over the command line's
+    ("ours-128", "ours", 128, 2, False, {}),
+    ("ours-256", "ours", 256, 1, False, {}),
+    ("hf-128-eager", "hf", 128, 2, False, {}),
 )
 # In order of importance: when the time budget runs out the rest is skipped (and recorded so).
 _GPU_PLAN = (
-    ("ours-2k-compile", "ours", 2048, 4, True, None),
-    ("hf-2k-compile", "hf", 2048, 4, True, None),
-    ("ours-4k-compile", "ours", 4096, 4, True, None),
-    ("hf-4k-compile", "hf", 4096, 4, True, None),
-    ("ours-2k-compile-mb8", "ours", 2048, 8, True, None),
-    ("hf-2k-compile-mb8", "hf", 2048, 8, True, None),
+    ("ours-2k-compile", "ours", 2048, 4, True, {}),
+    ("hf-2k-compile", "hf", 2048, 4, True, {}),
+    ("ours-4k-compile", "ours", 4096, 4, True, {}),
+    ("hf-4k-compile", "hf", 4096, 4, True, {}),
+    ("ours-2k-compile-mb8", "ours", 2048, 8, True, {}),
+    ("hf-2k-compile-mb8", "hf", 2048, 8, True, {}),
+    # Our model on PyTorch's FlashAttention-2, for the attention kernel's share.
+    ("ours-2k-compile-mb8-varlen", "ours", 2048, 8, True, {"attention": "varlen"}),
+    ("ours-4k-compile-varlen", "ours", 4096, 4, True, {"attention": "varlen"}),
     # Hugging Face under FSDP2's default cadence (reshard after forward, reduce every micro-batch).
-    ("hf-2k-compile-fsdp-default", "hf", 2048, 4, True, "forward"),
-    ("hf-2k-eager", "hf", 2048, 4, False, None),
-    ("ours-2k-eager", "ours", 2048, 4, False, None),
+    ("hf-2k-compile-fsdp-default", "hf", 2048, 4, True, {"reshard": "forward"}),
+    ("hf-2k-eager", "hf", 2048, 4, False, {}),
+    ("ours-2k-eager", "ours", 2048, 4, False, {}),
 )
 
 
 def _plan(quick: bool) -> list[dict[str, Any]]:
-    return [{"name": n, "kind": k, "seq_len": s, "micro_batch_size": m, "compile_blocks": c, "reshard": r}
-            for n, k, s, m, c, r in (_QUICK_PLAN if quick else _GPU_PLAN)]
+    return [{"name": n, "kind": k, "seq_len": s, "micro_batch_size": m, "compile_blocks": c, "options": o}
+            for n, k, s, m, c, o in (_QUICK_PLAN if quick else _GPU_PLAN)]
 
 
 def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: int,
@@ -633,10 +642,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if d.rank == 0:
                 print(f"run {item['name']} ...", flush=True)
             try:
-                r = run_config(**{**item, "reshard": item["reshard"] or args.reshard}, cfg=cfg, data=data, d=d,
-                               grad_accum=args.grad_accum, tokens_per_gpu_step=args.tokens_per_gpu_step,
-                               warmup_steps=args.warmup_steps, timed_steps=args.timed_steps,
-                               peak_flops=args.peak_tflops * 1e12, attention=args.attention,
+                options = {"reshard": args.reshard, "attention": args.attention, **item["options"]}
+                r = run_config(**{k: v for k, v in item.items() if k != "options"}, **options, cfg=cfg,
+                               data=data, d=d, grad_accum=args.grad_accum,
+                               tokens_per_gpu_step=args.tokens_per_gpu_step, warmup_steps=args.warmup_steps,
+                               timed_steps=args.timed_steps, peak_flops=args.peak_tflops * 1e12,
                                profile_dir=Path(args.profile) if args.profile else None)
             except Exception as err:
                 r = {"name": item["name"], "error": f"{type(err).__name__}: {err}",
@@ -656,6 +666,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     by_name = {r["name"]: r for r in result["runs"] if "tokens_per_s" in r}
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
                      ("ours-2k-compile", "hf-2k-compile-fsdp-default"),
+                     ("ours-2k-compile-mb8-varlen", "hf-2k-compile-mb8"), ("ours-4k-compile-varlen", "hf-4k-compile"),
                      ("ours-2k-compile-mb8", "hf-2k-compile-mb8"), ("ours-2k-eager", "hf-2k-eager"),
                      ("ours-128", "hf-128-eager")):
         if ours in by_name and hf in by_name:
