@@ -5,14 +5,17 @@
     slimpack bench train --quick --json OUT.json    # CPU smoke run: tiny model, seconds
 
 First the correctness checks, then the timings:
-1. attention: varlen (FlashAttention-2 through PyTorch) vs the per-document SDPA reference on a packed
-   bf16 batch, forward output and the q/k/v gradients, both against an fp32 reference; varlen's error
-   must be within 2x the bf16 reference path's own error, or within 1% of the largest value.
+1. attention: the fused backends (varlen, PyTorch's FlashAttention-2, and cudnn where the cuDNN
+   frontend is installed) vs the per-document SDPA reference on a packed bf16 batch, forward output
+   and the q/k/v gradients, both against an fp32 reference; each fused backend's error must be
+   within 2x the bf16 reference path's own error, or within 1% of the largest value.
 2. logits: our Transformer vs a Hugging Face LlamaForCausalLM holding the same weights
    (`export.to_hf_state_dict`), two documents packed for us, run one by one for Hugging Face:
-   fp32 reference attention (tight) and bf16 varlen vs bf16 SDPA (each against the fp32 logits).
+   fp32 reference attention (tight) and bf16 with our default fused backend vs bf16 SDPA (each
+   against the fp32 logits).
 3. throughput, FSDP2 (bf16 params, fp32 reduction, fp32 master weights, `--reshard` cadence, fused
-   AdamW, clipping) on every rank of the launch: our `tinyllama-1.3b` with varlen document masking and
+   AdamW, clipping) on every rank of the launch: our `tinyllama-1.3b` with document masking
+   (`--attention`, default auto: cudnn where installed, else varlen; the plan adds varlen rows) and
    per-block torch.compile at 2K and 4K, and a Hugging Face LlamaForCausalLM of the same shape (SDPA,
    plain causal over the whole window, no document masking: the usual HF set-up) wrapped by the same
    `parallelize` and optimiser, so only the model implementation differs (one more Hugging Face run
@@ -212,6 +215,7 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
     """Our logits on two packed documents vs HF LlamaForCausalLM on each document alone."""
     import torch
 
+    from slimpack.train.attention import resolve_backend
     from slimpack.train.export import to_hf_state_dict
     from slimpack.train.model import Transformer
 
@@ -243,8 +247,8 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
         scale = ref_hf.abs().max().item()
         result["fp32"] = {"max_abs_err": fp32_err, "logit_abs_max": scale}
         ok = fp32_err <= 1e-3 * max(1.0, scale)
-        # bf16 with the fast backend (varlen on CUDA; on CPU the same path with the reference).
-        fast = "varlen" if device.type == "cuda" else "sdpa_ref"
+        # bf16 with the default backend (a fused kernel on CUDA; on CPU the reference).
+        fast = resolve_backend("auto", torch.empty(0, device=device, dtype=torch.bfloat16))
         ours_bf = ours.to(torch.bfloat16)
         for layer in ours_bf.layers:
             layer.attention.backend = fast
