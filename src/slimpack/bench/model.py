@@ -3,9 +3,10 @@
 - loss:      chunked `cross_entropy_sum` (chunks of 1024, --chunk-tokens, 4096 tokens) vs plain
              `F.cross_entropy((h @ W.T).float())`, forward + backward, time and peak memory above
              the inputs (T tokens, the 128K vocabulary).
-- attention: the seam's "varlen" backend (FlashAttention-2 varlen) vs "sdpa_ref" (per-document SDPA
-             loop) on a packed batch with realistic document lengths, forward + backward, achieved
-             TFLOP/s counting only the causal in-document work.
+- attention: the seam's fused backends ("varlen", FlashAttention-2; "cudnn" where the cuDNN
+             frontend is installed) vs "sdpa_ref" (per-document SDPA loop) on a packed batch with
+             realistic document lengths, forward + backward, achieved TFLOP/s counting only the
+             causal in-document work.
 - step:      one forward + chunked loss + backward of a bf16 model (default tinyllama-1.3b,
              one GPU, no FSDP, no optimiser) on packed micro-batches, tokens/s and MFU by DESIGN.md's
              `6 (N - N_embedding) + 12 layers heads head_dim seq_len` FLOPs per token over 989 TFLOP/s;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import itertools
 import json
 import statistics
@@ -122,7 +124,9 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
     fwd_flops = 4 * heads * head_dim * sum(n * (n + 1) // 2 for n in lengths)
     out: dict[str, Any] = {"tokens": T, "documents": len(lengths), "max_doc_tokens": max(lengths),
                            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-    for backend in ("varlen", "sdpa_ref"):
+    fused = ["varlen", *(["cudnn"] if importlib.util.find_spec("cudnn") else [])]
+    out["backends"] = [*fused, "sdpa_ref"]
+    for backend in out["backends"]:
         def step(backend: str = backend) -> None:
             attention(q, k, v, cu, max(lengths), backend=backend).backward(grad)
             q.grad = k.grad = v.grad = None
@@ -236,9 +240,8 @@ def _run(args: argparse.Namespace) -> int:
         r = res["attention"] = bench_attention(
             micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, heads=cfg.num_heads,
             kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, mean_doc_tokens=args.mean_doc_tokens)
-        print(f"attention T={r['tokens']} docs={r['documents']}: varlen {r['varlen']['fwd_bwd_ms']:.2f} ms "
-              f"({r['varlen']['tflops']:.0f} TFLOP/s) | sdpa_ref {r['sdpa_ref']['fwd_bwd_ms']:.2f} ms "
-              f"({r['sdpa_ref']['tflops']:.0f} TFLOP/s)")
+        print(f"attention T={r['tokens']} docs={r['documents']}: " + " | ".join(
+            f"{b} {r[b]['fwd_bwd_ms']:.2f} ms ({r[b]['tflops']:.0f} TFLOP/s)" for b in r["backends"]))
     if "step" in parts:
         r = res["step"] = bench_step(preset=args.preset, micro_batch_size=args.micro_batch_size,
                                      seq_len=args.seq_len, mean_doc_tokens=args.mean_doc_tokens,
