@@ -6,7 +6,8 @@
 - attention: the seam's fused backends ("varlen", FlashAttention-2; "cudnn" where the cuDNN
              frontend is installed) vs "sdpa_ref" (per-document SDPA loop) on a packed batch with
              realistic document lengths, forward + backward, achieved TFLOP/s counting only the
-             causal in-document work.
+             causal in-document work; timed over calls queued back to back as in training (also
+             reported: one call from an idle GPU, which counts the host's launch overhead).
 - step:      one forward + chunked loss + backward of a bf16 model (default tinyllama-1.3b,
              one GPU, no FSDP, no optimiser) on packed micro-batches, tokens/s and MFU by DESIGN.md's
              `6 (N - N_embedding) + 12 layers heads head_dim seq_len` FLOPs per token over 989 TFLOP/s;
@@ -32,12 +33,23 @@ from typing import Any
 H100_BF16_FLOPS = 989e12
 
 
-def _timed_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10) -> float:
-    """Median wall time of fn in ms, measured with CUDA events around each call."""
+def _timed_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, queued: bool = False) -> float:
+    """Median wall time of fn in ms, measured with CUDA events around each call from an idle GPU;
+    `queued`: the mean over `iters` calls queued back to back, so the host's launch overhead hides
+    behind GPU work as it does in training (small kernels with Python around them)."""
     import torch
 
     for _ in range(warmup):
         fn()
+    if queued:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
     times = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -131,8 +143,9 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
             attention(q, k, v, cu, max(lengths), backend=backend).backward(grad)
             q.grad = k.grad = v.grad = None
 
-        ms = _timed_ms(step)
-        out[backend] = {"fwd_bwd_ms": ms, "tflops": 3.5 * fwd_flops / (ms / 1e3) / 1e12}
+        ms = _timed_ms(step, iters=20, queued=True)
+        out[backend] = {"fwd_bwd_ms": ms, "tflops": 3.5 * fwd_flops / (ms / 1e3) / 1e12,
+                        "fwd_bwd_ms_from_idle": _timed_ms(step)}
     return out
 
 
@@ -241,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
             micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, heads=cfg.num_heads,
             kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, mean_doc_tokens=args.mean_doc_tokens)
         print(f"attention T={r['tokens']} docs={r['documents']}: " + " | ".join(
-            f"{b} {r[b]['fwd_bwd_ms']:.2f} ms ({r[b]['tflops']:.0f} TFLOP/s)" for b in r["backends"]))
+            f"{b} {r[b]['fwd_bwd_ms']:.2f} ms ({r[b]['tflops']:.0f} TFLOP/s; from idle "
+            f"{r[b]['fwd_bwd_ms_from_idle']:.2f})" for b in r["backends"]))
     if "step" in parts:
         r = res["step"] = bench_step(preset=args.preset, micro_batch_size=args.micro_batch_size,
                                      seq_len=args.seq_len, mean_doc_tokens=args.mean_doc_tokens,
