@@ -24,10 +24,10 @@ Backends (all must agree; tests/train/test_attention.py and test_gpu.py prove it
 - "sdpa_ref":   pure-PyTorch reference, any device: per-document causal
                 F.scaled_dot_product_attention with enable_gqa. Syncs on cu_seqlens; for CPU and tests.
 - "auto":       for fp16/bf16 CUDA tensors "cudnn" where the cuDNN frontend is installed (the `cudnn`
-                extra: installing it is the opt-in; training ran 4.6% faster end to end than with
-                "varlen" at 2K and 6.5% at 4K on an H200, though per call it wins only on long
-                documents, BENCHMARKS.md), else "varlen"; "sdpa_ref" otherwise (no fused kernel
-                exists for fp32 or CPU; the result is the same function either way).
+                extra: installing it is the opt-in; its kernels ran 1.1-1.45x faster than
+                FlashAttention-2's on an H100 and training 5-9% faster end to end, BENCHMARKS.md),
+                else "varlen"; "sdpa_ref" otherwise (no fused kernel exists for fp32 or CPU; the
+                result is the same function either way).
 """
 
 from __future__ import annotations
