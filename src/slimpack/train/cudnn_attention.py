@@ -15,8 +15,9 @@ int32 and the padding mask bound each document. The softmax statistics kept for 
 ragged too, (T, H) fp32. Lengths and offsets are computed on the device: no host sync.
 
 Graphs. A cuDNN graph has fixed dims, so the document count is padded up to a multiple of
-`BUCKET` with empty trailing documents; a few graphs per (heads, head dim, max_seqlen, T) serve
-every batch. They are built on first use and cached per device.
+`BUCKET` with empty trailing documents and max_seqlen rounded up to a power of two (an upper bound
+gives the same result); a few graphs per (heads, head dim, T) serve every batch. They are built on
+first use and cached per device.
 
 The forward and backward are torch.library custom ops, so torch.compile traces them as opaque
 calls (fake implementations give the shapes).
@@ -162,7 +163,8 @@ def _execute(backward: bool, buffers: dict[str, torch.Tensor], cu_seqlens: torch
     q, k = buffers["q"], buffers["k"]
     (T, H, D), Hkv = q.shape, k.shape[1]
     b = _bucket(cu_seqlens.numel() - 1)
-    g, tensors, workspace_bytes = _graph(backward, b, H, Hkv, D, max_seqlen, T, q.dtype, q.device)
+    S = 1 << max(6, (max_seqlen - 1).bit_length())  # a power of two: eager callers pass the batch's own
+    g, tensors, workspace_bytes = _graph(backward, b, H, Hkv, D, S, T, q.dtype, q.device)
     seq, off_q, off_kv, off_stats = doc_meta(cu_seqlens, b, H, Hkv, D)
     buffers = {**buffers, "seq_q": seq, "seq_kv": seq, "off_q": off_q, "off_o": off_q, "off_k": off_kv,
                "off_v": off_kv, "off_stats": off_stats}
