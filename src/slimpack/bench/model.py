@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import itertools
 import json
 import statistics
@@ -122,7 +121,7 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
                     mean_doc_tokens: int) -> dict[str, Any]:
     import torch
 
-    from slimpack.train.attention import attention
+    from slimpack.train.attention import CUDNN_INSTALLED, attention
 
     bounds = synthetic_cu_seqlens(micro_batch_size, seq_len, mean_doc_tokens=mean_doc_tokens, seed=0)
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
@@ -136,8 +135,7 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
     fwd_flops = 4 * heads * head_dim * sum(n * (n + 1) // 2 for n in lengths)
     out: dict[str, Any] = {"tokens": T, "documents": len(lengths), "max_doc_tokens": max(lengths),
                            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
-    fused = ["varlen", *(["cudnn"] if importlib.util.find_spec("cudnn") else [])]
-    out["backends"] = [*fused, "sdpa_ref"]
+    out["backends"] = ["varlen", *(["cudnn"] if CUDNN_INSTALLED else []), "sdpa_ref"]
     for backend in out["backends"]:
         def step(backend: str = backend) -> None:
             attention(q, k, v, cu, max(lengths), backend=backend).backward(grad)

@@ -45,7 +45,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import importlib.util
 import itertools
 import json
 import math
@@ -158,15 +157,14 @@ def check_attention(device: torch.device) -> dict[str, Any]:
     """Fast path vs reference on a packed batch, forward and backward."""
     import torch
 
-    from slimpack.train.attention import attention
+    from slimpack.train.attention import CUDNN_INSTALLED, attention
 
     g = torch.Generator().manual_seed(0)
     lengths = [1, 7, 300, 1024, 513, 2] if device.type == "cuda" else [1, 7, 60, 33, 2]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     T, H, Hkv, D = sum(lengths), 32, 4, 64
     # CPU (--quick) walks the same path in bf16 with the reference as its "fast" backend.
-    fast = (["varlen", *(["cudnn"] if importlib.util.find_spec("cudnn") else [])] if device.type == "cuda"
-            else ["sdpa_ref"])
+    fast = ["varlen", *(["cudnn"] if CUDNN_INSTALLED else [])] if device.type == "cuda" else ["sdpa_ref"]
     dtype = torch.bfloat16
     base = [torch.randn(T, h, D, generator=g).to(device) for h in (H, Hkv, Hkv)]
     grad_out = torch.randn(T, H, D, generator=g).to(device)

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from slimpack.train.cudnn_attention import cudnn_varlen_attention
 
 BACKENDS = ("auto", "varlen", "cudnn", "flash_attn", "xformers", "sdpa_ref")
-_CUDNN_FRONTEND = importlib.util.find_spec("cudnn") is not None  # once: "auto" runs under torch.compile
+# Whether the cuDNN frontend is installed; looked up once, since "auto" runs under torch.compile.
+CUDNN_INSTALLED = importlib.util.find_spec("cudnn") is not None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -63,7 +64,7 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
         return backend
     if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
         return "sdpa_ref"
-    return "cudnn" if _CUDNN_FRONTEND else "varlen"
+    return "cudnn" if CUDNN_INSTALLED else "varlen"
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
