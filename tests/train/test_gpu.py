@@ -176,3 +176,12 @@ def test_cudnn_custom_op_passes_opcheck():
     q, k, v = (torch.randn(T, h, 64, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
                for h in (8, 2, 2))
     torch.library.opcheck(cudnn_varlen_fwd, (q, k, v, cu, 512))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cudnn") is None, reason="needs the cuDNN frontend")
+def test_cudnn_names_the_fallback_when_it_cannot_build_a_graph():
+    """A shape cuDNN's fused kernel does not take (a head dim not a multiple of 8) fails with the way out."""
+    cu = _cu([5, 11])
+    q = torch.randn(16, 2, 60, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"(?s)cannot build .* head dim 60.*attention_backend=varlen"):
+        attention(q, q[:, :1], q[:, :1], cu, 11, backend="cudnn")

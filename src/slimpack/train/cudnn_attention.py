@@ -149,11 +149,18 @@ def _graph(backward: bool, b: int, H: int, Hkv: int, D: int, S: int, T: int, dty
         output("dq", dq, H, "off_q")
         output("dk", dk, Hkv, "off_k")
         output("dv", dv, Hkv, "off_v")
-    g.validate()
-    g.build_operation_graph()
-    g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-    g.check_support()
-    g.build_plans()
+    try:
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+    except Exception as e:  # e.g. a GPU or cuDNN build without this fused kernel
+        raise RuntimeError(
+            f"cuDNN cannot build its ragged attention {'backward' if backward else 'forward'} for "
+            f"{torch.cuda.get_device_name(device)} (documents {b}, heads {H}/{Hkv}, head dim {D}, "
+            f"max_seqlen {S}): {e}; use --set model.attention_backend=varlen (or uninstall "
+            "nvidia-cudnn-frontend so that auto picks it)") from e
     _graphs[key] = (g, t, g.get_workspace_size())
     return _graphs[key]
 
