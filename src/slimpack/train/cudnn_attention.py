@@ -170,7 +170,7 @@ def _execute(backward: bool, buffers: dict[str, torch.Tensor], cu_seqlens: torch
     q, k = buffers["q"], buffers["k"]
     (T, H, D), Hkv = q.shape, k.shape[1]
     b = _bucket(cu_seqlens.numel() - 1)
-    S = 1 << max(6, (max_seqlen - 1).bit_length())  # a power of two: eager callers pass the batch's own
+    S = 1 << max(6, (max_seqlen - 1).bit_length())  # a power of two: eager max_seqlen varies per batch
     g, tensors, workspace_bytes = _graph(backward, b, H, Hkv, D, S, T, q.dtype, q.device)
     seq, off_q, off_kv, off_stats = doc_meta(cu_seqlens, b, H, Hkv, D)
     buffers = {**buffers, "seq_q": seq, "seq_kv": seq, "off_q": off_q, "off_o": off_q, "off_k": off_kv,
