@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "slimpack.shards.cli",
     "slimpack.pipeline.cli",
     "slimpack.train.cli",
+    "slimpack.eval.cli",
     "slimpack.bench.cli",
 )
 
