@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("path", help="local dataset directory")
     s.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096], metavar="L",
                    help="context lengths for the relative-position frequency (default 2048 4096)")
+    s.add_argument("--split", default="train",
+                   help="split whose epoch the position frequency counts, as the loader feeds it (default train)")
+    s.add_argument("--seed", type=int, default=0, help="the loader's seed (data.seed) fixing the epoch order")
     s.add_argument("--workers", type=int, default=_default_workers())
     s.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     s.add_argument("--json", metavar="FILE", help="write every figure here")
@@ -79,8 +82,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from slimpack.shards.stats import compute_stats, write_plots
 
-    report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers,
-                           progress=not args.no_progress and sys.stderr.isatty())
+    report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
+                           seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

@@ -1,14 +1,22 @@
 """Dataset statistics: tokens and documents per source and split, document lengths, and the
 relative-position frequency per context length.
 
-    slimpack shards stats DIR [--seq-len 2048 4096] [--plots DIR] [--json FILE] [--workers N]
+    slimpack shards stats DIR [--seq-len 2048 4096] [--split train] [--seed 0] [--plots DIR] [--json FILE]
 
-Relative-position frequency. The packing assumed is the loader's (issue 4, DESIGN.md stage 3)
-in index order: the token stream is every sample's tokens in index order; window g holds the
-input tokens [g*L, (g+1)*L) (the loader reads L+1 tokens per window, overlapping by one, for the
-labels; attention runs over the L inputs), and only complete windows count: G = (T - 1) // L for
-T tokens. With document masking a token at stream position p attends to positions
-[max(doc_start, g*L), p], so distances 0..p - max(doc_start, g*L); without it, 0..p - g*L.
+Tokens, documents, sources and document lengths cover every split. The relative-position
+frequency counts what the loader feeds: one epoch of one split (`--split`, default train) in the
+loader's epoch order for `--seed` (data.seed; epoch 0), exactly as `PackedLoader` streams it. The
+token stream is the split's samples in that order; window g holds the input tokens
+[g*L, (g+1)*L) (the loader reads L+1 tokens per window, overlapping by one, for the labels), and
+only complete windows count: G = (T - 1) // L for T tokens; the tail is dropped. With document
+masking a token at stream position p attends to positions [max(doc_start, g*L), p].
+
+Which pairs count: those whose query has a label, as the training ledger counts them
+(`train/ledger.py`, which says why): the loader masks the label of a document's EOS (it would
+predict the next BOS), so a document's label positions are its tokens but the EOS. Cut them at
+window boundaries into segments; a segment of m label positions adds m - d pairs at distance d.
+f(0) is then the number of tokens the loss is taken over. Without masking (plain packing, every
+position predicts the next token) every window is one segment of length L.
 
 Exactness in linear time: cut every document at window boundaries into segments (a document
 inside one window is one segment; one that spans windows is a head, some whole windows and a
@@ -19,11 +27,8 @@ tail: O(1) arithmetic per document). A segment of m tokens holds m - d pairs at 
 
 where c[m] counts segments of length m: two suffix sums over L + 1 bins. Without masking every
 window is one segment of length L: N(d) = G * (L - d). Work is O(documents + L) per L, never per
-token pair; shards are counted independently from their stream offset and summed, so the count
-runs in parallel and streams.
-
-The epoch order the loader uses is a permutation of samples, which moves only which documents
-meet window boundaries; the index order counted here gives the same figure up to those cuts.
+token pair; each sample's documents are placed at the sample's offset in the epoch stream and
+counted independently, so shards are counted in parallel and summed.
 """
 
 from __future__ import annotations
@@ -55,11 +60,27 @@ def segment_length_counts(doc_lengths: np.ndarray, *, seq_len: int, stream_start
     tokens at or past `stream_end` (a multiple of L: the end of the last complete window) are
     dropped.
     """
-    L = seq_len
     lengths = np.asarray(doc_lengths, np.int64)
     ends = stream_start + np.cumsum(lengths)
-    starts = ends - lengths
-    keep = (lengths > 0) & (starts < stream_end)
+    return interval_segment_counts(ends - lengths, ends, seq_len=seq_len, stream_end=stream_end)
+
+
+def label_segment_counts(doc_starts: np.ndarray, doc_lengths: np.ndarray, *, seq_len: int,
+                         stream_end: int) -> np.ndarray:
+    """c[m] for m in 0..L over label positions: each document's tokens but its EOS (whose label the
+    loader masks), cut at windows; documents at stream positions `doc_starts`."""
+    starts = np.asarray(doc_starts, np.int64)
+    return interval_segment_counts(starts, starts + np.asarray(doc_lengths, np.int64) - 1, seq_len=seq_len,
+                                   stream_end=stream_end)
+
+
+def interval_segment_counts(starts: np.ndarray, ends: np.ndarray, *, seq_len: int,
+                            stream_end: int) -> np.ndarray:
+    """c[m] for m in 0..L: stream intervals [start, end) cut at windows [g*L, (g+1)*L) into segments
+    of m positions; positions at or past `stream_end` (a multiple of L) are dropped."""
+    L = seq_len
+    starts, ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+    keep = (ends > starts) & (starts < stream_end)
     s, e = starts[keep], np.minimum(ends[keep], stream_end)
     first, last = s // L, (e - 1) // L  # windows holding a segment's first and last token
     one = first == last
@@ -117,7 +138,7 @@ class _ShardCounts:
 
 
 def _count_shard(args: tuple) -> _ShardCounts:
-    root, index, entry, stream_start, cuts = args
+    root, index, entry, sample_starts, cuts = args
     info = mds.parse_index({"version": schema.MDS_VERSION, "shards": [entry]})[0]
     shard = mds.load_shard(root, info)
     names = [n for n in ("tokens", "cu_seqlens", "doc_sources") if n in info.names]
@@ -132,8 +153,15 @@ def _count_shard(args: tuple) -> _ShardCounts:
         toks = np.bincount(inverse, weights=lengths_all, minlength=len(ids)).astype(np.int64)
     else:
         ids, docs, toks = (np.zeros(0, np.int64),) * 3
-    segments = {L: segment_length_counts(lengths_all, seq_len=L, stream_start=stream_start,
-                                         stream_end=end) for L, end in cuts.items()}
+    segments = {}
+    if sample_starts is not None:  # a shard of the counted split: place each document in the stream
+        sample_tokens = cols["tokens"][1].astype(np.int64)
+        doc_pos = np.cumsum(lengths_all) - lengths_all  # within the shard's concatenated tokens
+        first_token = np.cumsum(sample_tokens) - sample_tokens
+        sample_of = np.searchsorted(first_token, doc_pos, side="right") - 1
+        doc_starts = sample_starts[sample_of] + (doc_pos - first_token[sample_of])
+        segments = {L: label_segment_counts(doc_starts, lengths_all, seq_len=L, stream_end=end)
+                    for L, end in cuts.items()}
     return _ShardCounts(index, schema.part_of(info.basename), int(n_tok.sum()), len(lengths_all),
                         values, counts, ids, docs, toks, segments)
 
@@ -173,7 +201,8 @@ class StatsReport:
         for L, pf in self.position_frequency.items():
             seq_len = int(L)
             masked, unmasked = np.asarray(pf["masked"]), np.asarray(pf["unmasked"])
-            lines.append(f"  context {seq_len}: {pf['windows']:,} windows; query-key pairs per epoch at "
+            lines.append(f"  context {seq_len}, split {pf['split']!r} (one epoch in the loader's order, seed "
+                         f"{pf['seed']}): {pf['windows']:,} windows; query-key pairs with a label at "
                          "distance d, with document masking vs without:")
             for d in sorted({d for d in (0, 1, 64, 256, 1024, seq_len // 2, seq_len - 1) if d < seq_len}):
                 share = masked[d] / unmasked[d] if unmasked[d] else 0.0
@@ -193,9 +222,28 @@ def _stream_starts(root: Path, entries: list[dict[str, Any]], manifest: dict[str
     return token_starts[np.concatenate([[0], np.cumsum(per_shard)])]
 
 
+def _epoch_sample_starts(root: Path, split: str, seed: int) -> tuple[np.ndarray, int]:
+    """Stream offset of every global sample in epoch 0 of `split` as the loader orders it (-1: not in
+    the split), and the split's token count. The loader's own order and fingerprint functions."""
+    from slimpack.pipeline.index import load_index
+    from slimpack.pipeline.loader import loader_fingerprint
+    from slimpack.pipeline.order import epoch_order
+
+    index = load_index(str(root))
+    samples = index.split_samples(split)
+    order = epoch_order(len(samples), seed=seed, epoch=0,
+                        fingerprint=loader_fingerprint(index.fingerprint, split))
+    ids = samples[order]
+    lengths = index.sample_tokens[ids].astype(np.int64)
+    starts = np.full(index.num_samples, -1, np.int64)
+    starts[ids] = np.cumsum(lengths) - lengths
+    return starts, int(lengths.sum())
+
+
 def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4096), workers: int = 1,
-                  progress: bool = False) -> StatsReport:
-    """Every figure of the module docstring for a local (validated) dataset."""
+                  progress: bool = False, split: str = "train", seed: int = 0) -> StatsReport:
+    """Every figure of the module docstring for a local (validated) dataset; the position frequency
+    over one epoch of `split` in the loader's order for `seed`."""
     from tqdm import tqdm
 
     start = time.monotonic()
@@ -207,8 +255,13 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
         raise ValueError(f"--seq-len must be positive, got {list(seq_lens)}")
     starts = _stream_starts(root, entries, manifest)
     total = int(starts[-1])
-    cuts = {int(L): max(0, (total - 1) // int(L)) * int(L) for L in seq_lens}
-    tasks = [(str(root), i, e, int(starts[i]), cuts) for i, e in enumerate(entries)]
+    sample_starts, split_tokens = _epoch_sample_starts(root, split, seed)
+    cuts = {int(L): max(0, (split_tokens - 1) // int(L)) * int(L) for L in seq_lens}
+    first_sample = np.concatenate([[0], np.cumsum([int(e["samples"]) for e in entries])])
+    tasks = []
+    for i, e in enumerate(entries):
+        mine = sample_starts[first_sample[i]:first_sample[i + 1]]
+        tasks.append((str(root), i, e, mine if len(mine) and mine.min() >= 0 else None, cuts))
     bar = tqdm(total=len(tasks), unit="shard", desc="stats", disable=not progress, dynamic_ncols=True)
     results: list[_ShardCounts] = []
     if workers <= 1 or len(tasks) <= 1:
@@ -235,17 +288,17 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
     per_source: dict[str, list[int]] = {}
     per_split: dict[str, dict[str, Any]] = {}
     for r in results:
-        split = per_split.setdefault(split_of.get(r.part or "", "?"),
-                                     {"documents": 0, "tokens": 0, "per_source": {}})
-        split["documents"] += r.documents
-        split["tokens"] += r.tokens
+        of_split = per_split.setdefault(split_of.get(r.part or "", "?"),
+                                        {"documents": 0, "tokens": 0, "per_source": {}})
+        of_split["documents"] += r.documents
+        of_split["tokens"] += r.tokens
         for sid, d, t in zip(r.source_ids.tolist(), r.source_docs.tolist(), r.source_tokens.tolist(),
                              strict=True):
             name = names.get(sid, f"id:{sid}")
             agg = per_source.setdefault(name, [0, 0])
             agg[0] += d
             agg[1] += t
-            s = split["per_source"].setdefault(name, {"documents": 0, "tokens": 0})
+            s = of_split["per_source"].setdefault(name, {"documents": 0, "tokens": 0})
             s["documents"] += d
             s["tokens"] += t
     report.per_source = {
@@ -269,10 +322,12 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
                           "bins": "powers of two: [edges[i], edges[i+1]) tokens"},
         }
     for L, end in cuts.items():
-        segments = sum((r.segments[L] for r in results), np.zeros(L + 1, np.int64))
+        segments = sum((r.segments.get(L, 0) for r in results), np.zeros(L + 1, np.int64))
         windows = end // L
         report.position_frequency[str(L)] = {
-            "seq_len": L, "windows": windows, "tokens_in_windows": end, "tokens_dropped": total - end,
+            "seq_len": L, "split": split, "seed": seed, "epoch": 0,
+            "counts": "query-key pairs whose query has a label, one epoch in the loader's order",
+            "windows": windows, "tokens_in_windows": end, "tokens_dropped": split_tokens - end,
             "segments": int(segments.sum()),
             "masked": distance_frequency(segments).tolist(),
             "unmasked": unmasked_distance_frequency(windows, L).tolist(),
@@ -319,8 +374,8 @@ def write_plots(report: StatsReport, out_dir: str | os.PathLike) -> list[Path]:
             with np.errstate(divide="ignore", invalid="ignore"):
                 bottom.plot(d, np.where(unmasked > 0, masked / unmasked, np.nan), color=line.get_color(),
                             label=f"L={L}")
-        top.set(yscale="log", xlabel="attention distance d (tokens)", ylabel="query-key pairs per epoch",
-                title="Relative-position frequency")
+        top.set(yscale="log", xlabel="attention distance d (tokens)", ylabel="query-key pairs with a label, one epoch",
+                title="Relative-position frequency (what the loader feeds)")
         bottom.set(xlabel="attention distance d (tokens)", ylabel="masked / unmasked",
                    title="Share of the unmasked training signal kept by document masking")
         for ax in (top, bottom):
