@@ -1,8 +1,10 @@
 """The real trainer in real processes on CPU (gloo, FSDP2, tiny model, shards tokenized here).
 
 - resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, clean exit), `--resume auto`, 3 steps:
-  every loss bitwise, the validation losses, and the final parameters exactly; an interrupted save
-  left lying around is ignored.
+  every loss bitwise, the validation losses, the final parameters and the position-frequency
+  ledger exactly; an interrupted save left lying around is ignored.
+- ledger: the 2-process run's ledger (each rank counts its micro-batches, summed in the step's
+  all-reduce) equals the count over the same steps' micro-batches of a 1-rank loader.
 - world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
   x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
   tokens per step and give the same losses (up to float summation order): the loss normalisation
@@ -23,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,6 +131,14 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrup
     b, meta_b = load_model_state_dict(list_checkpoints(run / "checkpoints")[-1])
     assert meta_a["step"] == meta_b["step"] == 6 and meta_a["loader"] == meta_b["loader"]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # The ledger: restored from step 3's checkpoint and continued, equal to the uninterrupted one.
+    assert meta_a["position_frequency"] == meta_b["position_frequency"]  # same sha256, same steps
+    pf_a = np.load(list_checkpoints(uninterrupted / "checkpoints")[-1] / "position_frequency.npy")
+    pf_b = np.load(list_checkpoints(run / "checkpoints")[-1] / "position_frequency.npy")
+    assert pf_a.dtype == pf_b.dtype == np.int64 and pf_a.tolist() == pf_b.tolist()
+    assert [r["pf_last"] for r in got] == [r["pf_last"] for r in ref]
+    assert sorted(p.name for p in (run / "position_frequency").iterdir()) == ["step_00000003.npy",
+                                                                             "step_00000006.npy"]
 
 
 def test_metrics_record_what_the_brief_lists(uninterrupted):
@@ -139,6 +150,27 @@ def test_metrics_record_what_the_brief_lists(uninterrupted):
     meta = json.loads((list_checkpoints(uninterrupted / "checkpoints")[-1] / "meta.json").read_text())
     assert meta["config"]["data"]["seq_len"] == 64 and meta["model_config"]["hidden_size"] == 64
     assert meta["world_size"] == 2 and meta["loader"]["step"] == 6 and meta["tokens"] == 6 * 512
+
+
+def test_ledger_of_two_ranks_equals_one_rank_count(dataset, uninterrupted):
+    from slimpack.pipeline import LoaderConfig, PackedLoader
+    from slimpack.train.ledger import PositionLedger, step_segment_counts
+
+    # The same global layout on one rank: 8 sequences of 64 per step in 4 micro-batches of 2.
+    loader = PackedLoader(LoaderConfig(str(dataset), seq_len=64, global_batch_tokens=512, micro_batch_size=2))
+    want = PositionLedger(64)
+    for step in range(6):
+        want.add_segments(step_segment_counts(loader.micro_batches(step), 64))
+    final = list_checkpoints(uninterrupted / "checkpoints")[-1]
+    got = np.load(final / "position_frequency.npy", allow_pickle=False)
+    assert got.dtype == np.int64 and got.tolist() == want.frequency.tolist()
+    assert json.loads((final / "meta.json").read_text())["position_frequency"]["steps"] == 6
+    history = np.load(uninterrupted / "position_frequency" / "step_00000006.npy", allow_pickle=False)
+    assert history.tolist() == want.frequency.tolist()
+    last = _records(uninterrupted, "train")[-1]
+    assert {k: last[k] for k in want.summary()} == want.summary()
+    # f(0) counts the labels trained on: fewer than the tokens (each document's EOS label is masked).
+    assert 0 < want.frequency[0] < 6 * 512
 
 
 def _assert_same_training(run: Path, reference: Path) -> None:

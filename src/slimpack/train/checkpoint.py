@@ -4,6 +4,7 @@ Layout under `RUN_DIR/checkpoints/`:
 
     step_00001000/          a complete checkpoint (only complete ones carry this name)
       .metadata, __0_0.distcp, ...   DCP files: {"model": ..., "optim": ...}, each rank its shards
+      position_frequency.npy  the position-frequency ledger (train/ledger.py; sha256 in meta.json)
       meta.json             step, tokens, schedule, loader state, wandb id, resolved config,
                             model config, provenance: written last, before the rename
     step_00002000.tmp/      a save in progress, or one that was interrupted: never loaded,
@@ -89,8 +90,9 @@ def _json_default(obj: Any) -> Any:
 
 
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], *, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    meta: dict[str, Any], *, keep_last: int, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. Rank 0 writes `extra_files`
+    ({name: bytes}) into it before meta.json."""
     root = Path(root)
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}.tmp"
@@ -103,6 +105,11 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
+        for name, data in (extra_files or {}).items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
         text = json.dumps({"step": step, **meta}, indent=1, default=_json_default)
         with open(tmp / META, "w") as f:
             f.write(text)

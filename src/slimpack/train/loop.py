@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -36,6 +37,13 @@ from slimpack.provenance import git_sha
 from slimpack.storage import write_atomic
 from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import TrainConfig
+from slimpack.train.ledger import (
+    PositionLedger,
+    counts_to_device,
+    prune_history,
+    step_segment_counts,
+    write_position_frequency,
+)
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
 from slimpack.train.optim import build_optimizer, lr_at, set_lr
 from slimpack.train.parallel import Dist, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
@@ -230,6 +238,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     max_seqlen = cfg.data.seq_len if cfg.parallel.compile else None
 
     step, tokens_seen = 0, 0
+    ledger = PositionLedger(cfg.data.seq_len)  # f(i) of the trained tokens (train/ledger.py)
     resume = _resume_path(cfg, ckpt_root)
     if resume is not None:
         saved_model = ckpt.read_meta(resume).get("model_config")
@@ -239,11 +248,13 @@ def train(cfg: TrainConfig) -> TrainReport:
                              f"preset it was trained with, or start a new run_dir")
         meta = ckpt.load_checkpoint(resume, model, optimizer)
         loader.load_state_dict(meta["loader"])
+        ledger.load(resume, meta.get("position_frequency"))
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
         if is_main:
             for aside in ckpt.set_aside_newer(ckpt_root, step):  # a rollback: see set_aside_newer
                 print(f"set aside {aside} (newer than the resumed step {step})", flush=True)
+            prune_history(run_dir, step)
         dist.barrier()
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
@@ -265,8 +276,13 @@ def train(cfg: TrainConfig) -> TrainReport:
                                               warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps)},
                 "world_size": d.world_size, "config": cfg.to_dict(), "model_config": dataclasses.asdict(mcfg),
                 "slimpack_version": __version__, "git_sha": git_sha(), "saved_at": time.time()}
+        ledger_bytes = ledger.to_bytes()
+        meta["position_frequency"] = ledger.meta(ledger_bytes)
+        if is_main:  # the run's history of f, kept when old checkpoints are pruned (plot reads it)
+            write_position_frequency(run_dir, at_step, ledger_bytes)
         return ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, meta,
-                                    keep_last=cfg.checkpoint.keep_last)
+                                    keep_last=cfg.checkpoint.keep_last,
+                                    extra_files={meta["position_frequency"]["file"]: ledger_bytes})
 
     stop = _StopFlag()
     losses: list[float] = []
@@ -287,17 +303,22 @@ def train(cfg: TrainConfig) -> TrainReport:
             loss_sum, n_valid, grad_norm = train_step(
                 model, optimizer, micro_batches, device=d.device, world_size=d.world_size,
                 grad_clip_norm=cfg.optim.grad_clip_norm, max_seqlen=max_seqlen, reshard=cfg.parallel.reshard)
+            # Host numpy over the CPU micro-batches while the GPU runs the step just queued.
+            segments = step_segment_counts(micro_batches, cfg.data.seq_len)
             step += 1
             tokens_seen += cfg.data.global_batch_tokens
             if cfg.debug_sigterm_after_step == step and is_main:
                 os.kill(os.getpid(), signal.SIGTERM)
             # One all-reduce carries the loss and the stop flag: all ranks stop at the same step.
-            stats = torch.stack([loss_sum.double(), torch.tensor(float(stop.set), dtype=torch.float64,
-                                                                 device=d.device)])
+            # The step's ledger segment counts ride along (float64: exact for counts below 2**53).
+            stats = torch.cat([torch.stack([loss_sum.double(), torch.tensor(float(stop.set), dtype=torch.float64,
+                                                                            device=d.device)]),
+                               counts_to_device(segments, d.device)])
             all_reduce_sum(stats)
             # A step whose micro-batches hold no label (possible only with tiny windows) logs 0, not NaN.
             loss = (stats[0] / n_valid.double().clamp(min=1.0)).item()
             stopping = stats[1].item() > 0
+            ledger.add_segments(np.rint(stats[2:].cpu().numpy()).astype(np.int64))
             dt = time.perf_counter() - t0
             losses.append(loss)
             if logger is not None:
@@ -306,7 +327,8 @@ def train(cfg: TrainConfig) -> TrainReport:
                             "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tokens_per_s": tps,
                             "tokens_per_s_per_gpu": tps / d.world_size,
                             "mfu": mfu(tps / d.world_size, flops_tok), "data_wait_s": data_wait,
-                            "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device)})
+                            "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device),
+                            **ledger.summary()})
             if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
                 val_loss, val_tokens = evaluate(model, val_set, d.device, max_seqlen)
                 if logger is not None:
