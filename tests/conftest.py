@@ -1,13 +1,20 @@
 """Shared fixtures: the real-text corpora every test may use.
 
 `shared_data` is ../shared/data/slimpajama-mini beside the repository (skipped where absent, as in
-a bare checkout); `demo_corpus` is built from Python's own text and exists everywhere.
+a bare checkout); `demo_corpus` is built from Python's own text and exists everywhere;
+`train_data` is a tiny tokenized dataset and `tiny_run` a tiny model trained on it (run directory
+with checkpoints, ledger and loss-by-position records).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import random
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,3 +91,50 @@ def s3_bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     finally:
         fsspec.filesystem("s3").clear_instance_cache()
         server.stop()
+
+
+_WORDS = ["the", "model", "reads", "packed", "documents", "and", "learns", "which", "token", "follows",
+          "in", "every", "sequence", "of", "stream", "while", "gradients", "flow", "through", "shards"]
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~8K train tokens in documents of 6-121 tokens (the real tokenize job over word salad); a
+    validation split of 12 documents of which the first 8 hold at least 72 tokens."""
+    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+
+    root = tmp_path_factory.mktemp("train-data")
+    rng = random.Random(1)
+    for split, words in (("train", [rng.randrange(5, 120) for _ in range(120)]),
+                         ("validation", [rng.randrange(70, 150) for _ in range(8)] + [5, 9, 20, 30])):
+        lines = []
+        for n in words:
+            start = rng.randrange(len(_WORDS))
+            text = " ".join(_WORDS[(start + i) % len(_WORDS)] for i in range(n))
+            lines.append(json.dumps({"text": text, "meta": {"redpajama_set_name": "Synthetic"}}))
+        path = root / "corpus" / split / "chunk1" / f"example_{split}_0.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+    report = run_tokenize([str(root / "corpus")], str(root / "shards"), TokenizeConfig(block_tokens=512),
+                          workers=1, progress=False)
+    assert report.ok, report.summary()
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path) -> Path:
+    """`python -m slimpack.train` (one process, CPU): the tiny model, 64-token windows, 6 steps,
+    checkpoints and evaluations (with loss by position in 4 buckets) every 3 steps."""
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    sets = {"run_dir": f'"{run}"', "device": '"cpu"', "max_steps": 6, "model.preset": '"tiny"',
+            "model.attention_backend": '"sdpa_ref"', "parallel.mixed_precision": "false",
+            "data.path": f'"{train_data}"', "data.seq_len": 64, "data.global_batch_tokens": 256,
+            "data.micro_batch_size": 2, "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.warmup_steps": 2,
+            "checkpoint.every_steps": 3, "checkpoint.keep_last": 1, "eval.every_steps": 3,
+            "eval.sequences": 4, "eval.position_buckets": 4, "log.wandb": "false"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "slimpack.train", *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run

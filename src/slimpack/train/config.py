@@ -115,6 +115,7 @@ class EvalSection:
     path: str | None = None      # held-out shard dataset; default: data.path with split below
     split: str = "validation"
     sequences: int = 64          # a fixed set: the first N sequences of the held-out stream
+    position_buckets: int = 0    # >0: also the loss by position in N equal ranges (eval/positions.py)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,20 @@ def evaluate(model: nn.Module, micro_batches: list[dict[str, Any]], device: torc
     return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
 
+def _position_buckets(model: nn.Module, val_set: list[dict[str, Any]], d: Dist, cfg: TrainConfig,
+                      step: int, tokens: int) -> list[float | None]:
+    """Validation loss by position (eval/positions.py), summed over ranks; rank 0 writes
+    RUN_DIR/eval/positions/step_N.json. Returns the bucket means for metrics.jsonl."""
+    from slimpack.eval.positions import curve_record, position_loss_sums, write_curve
+
+    sums = all_reduce_sum(position_loss_sums(model, val_set, d.device, cfg.data.seq_len)).cpu().numpy()
+    record = curve_record(sums[0], sums[1], step=step, tokens=tokens, buckets=cfg.eval.position_buckets,
+                          source="training evaluation: packed validation windows, positions within documents")
+    if d.rank == 0:
+        write_curve(record, Path(cfg.run_dir) / "eval" / "positions")
+    return [b["loss"] for b in record["buckets"]]
+
+
 # ----------------------------------------------------------------------------- set-up
 
 
@@ -331,8 +345,11 @@ def train(cfg: TrainConfig) -> TrainReport:
                             **ledger.summary()})
             if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
                 val_loss, val_tokens = evaluate(model, val_set, d.device, max_seqlen)
+                record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_tokens": val_tokens}
+                if cfg.eval.position_buckets:
+                    record["val_loss_by_position"] = _position_buckets(model, val_set, d, cfg, step, tokens_seen)
                 if logger is not None:
-                    logger.log({"kind": "eval", "step": step, "val_loss": val_loss, "val_tokens": val_tokens})
+                    logger.log(record)
             periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             final = step == max_steps and cfg.checkpoint.save_final
             if periodic or final or stopping:

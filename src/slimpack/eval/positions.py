@@ -1,0 +1,271 @@
+"""Loss by position: the mean token loss at each position 0..L-1 of held-out documents.
+
+    slimpack eval positions CHECKPOINT --data DIR [--split validation] [--seq-len L] [--max-documents N]
+                            [--run-dir RUN_DIR | --out DIR] [--device auto]
+
+The paper (arXiv 2410.18745) asks how far into its context a model still uses what it has read;
+loss by position is the cheapest view of it. Only documents of at least L + 1 tokens are used
+(their first L tokens are the inputs, the next L the labels), so every position averages the same
+documents and a rise or fall along the curve is the model's, not a change in which documents
+reach that far. Documents are taken in index order from the split (deterministic), each alone in
+its own window starting at position 0: no packing, no truncated neighbour.
+
+Writes `step_NNNNNNNN.json` (the curve, the documents used, buckets) and a PNG beside it into
+`--out`, by default `RUN_DIR/eval/positions/` of the checkpoint's run (what `slimpack plot`
+reads). The training loop's evaluation writes the same file (`eval.position_buckets`), from its
+packed validation windows instead, where positions restart at every document (`source` says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # registering the command imports no torch
+    import torch
+    from torch import nn
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- the measurement
+
+
+def position_loss_sums(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
+                       seq_len: int, *, chunk_tokens: int = 1024) -> torch.Tensor:
+    """(2, L) float64 on `device`: summed token loss and token count at each position id.
+
+    Logits are made `chunk_tokens` rows at a time (a 128K vocabulary makes whole-window logits
+    large). Under FSDP the root stays unsharded after its forward, so `model.output.weight` is whole.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(2, seq_len, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        _add_position_losses(model, micro_batches, device, out, chunk_tokens)
+    model.train(was_training)
+    return out
+
+
+def _add_position_losses(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
+                         out: torch.Tensor, chunk_tokens: int) -> None:
+    import torch
+    from torch import nn
+
+    for mb in micro_batches:
+        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        hidden = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
+        weight = model.output.weight
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            labels = mb["labels"][start:start + chunk_tokens]
+            logits = (hidden[start:start + chunk_tokens] @ weight.T).float()
+            loss = nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+            valid = labels != IGNORE_INDEX
+            pos = mb["position_ids"][start:start + chunk_tokens][valid]
+            out[0].index_add_(0, pos, loss[valid].double())
+            out[1].index_add_(0, pos, torch.ones_like(pos, dtype=torch.float64))
+
+
+def bucket_means(sums: np.ndarray, counts: np.ndarray, buckets: int) -> list[dict[str, Any]]:
+    """Mean loss over equal position ranges [start, end) (token-weighted within a bucket)."""
+    L = len(sums)
+    edges = np.linspace(0, L, min(buckets, L) + 1).round().astype(int)
+    out = []
+    for a, b in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        n = float(counts[a:b].sum())
+        out.append({"start": a, "end": b, "tokens": int(n), "loss": float(sums[a:b].sum() / n) if n else None})
+    return out
+
+
+def curve_record(sums: np.ndarray, counts: np.ndarray, *, step: int, tokens: int, source: str,
+                 buckets: int = 16, **extra: Any) -> dict[str, Any]:
+    """The JSON both writers produce (`slimpack plot` reads it): mean loss per position, None where
+    no token."""
+    mean = [float(s / c) if c else None for s, c in zip(sums.tolist(), counts.tolist(), strict=True)]
+    return {"step": step, "tokens": tokens, "seq_len": len(sums), "source": source, **extra,
+            "mean_loss": mean, "count": [int(c) for c in counts.tolist()],
+            "buckets": bucket_means(sums, counts, buckets)}
+
+
+def write_curve(record: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """`step_NNNNNNNN.json` and `.png` under `out_dir`."""
+    from slimpack.storage import write_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"step_{record['step']:08d}.json"
+    write_atomic(path, (json.dumps(record) + "\n").encode())
+    png = path.with_suffix(".png")
+    _plot_curve(record, png)
+    return path, png
+
+
+def _plot_curve(record: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = np.array([np.nan if v is None else v for v in record["mean_loss"]])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(np.arange(len(y)), y, linewidth=0.8, label="per position")
+    for b in record["buckets"]:
+        if b["loss"] is not None:
+            ax.hlines(b["loss"], b["start"], b["end"] - 1, colors="red", linewidth=2)
+    ax.set(xlabel="position in the document (tokens)", ylabel="mean token loss (nats)",
+           title=f"Loss by position, step {record['step']:,} ({record['source']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- held-out documents
+
+
+def long_documents(data: str, *, split: str, seq_len: int, max_documents: int) -> tuple[list[np.ndarray], int, int]:
+    """The first `max_documents` documents of `split` (index order) with at least L + 1 tokens, cut
+    to L + 1; also how many such documents the split holds and its longest document."""
+    from slimpack.pipeline.index import load_index
+    from slimpack.pipeline.store import ShardStore
+
+    index = load_index(data)
+    if split not in index.split_names:
+        raise ValueError(f"{data} has no {split!r} split (it has {list(index.split_names)}); tokenize a "
+                         f"held-out split or pass --split")
+    store = ShardStore(index, cache_dir=None, cache_limit_bytes=0, decoded_cache_bytes=1 << 30)
+    docs, found, longest = [], 0, 0
+    try:
+        for sample in index.split_samples(split).tolist():
+            tokens, cu = store.sample(sample)  # checked against the index's hash
+            lengths = np.diff(cu)
+            longest = max(longest, int(lengths.max()))
+            for k in np.flatnonzero(lengths >= seq_len + 1).tolist():
+                found += 1
+                if len(docs) < max_documents:
+                    docs.append(tokens[cu[k]:cu[k] + seq_len + 1].astype(np.int64))
+    finally:
+        store.close()
+    if not docs:
+        raise ValueError(f"{data}: no document of split {split!r} holds {seq_len + 1} tokens (L = {seq_len} "
+                         f"inputs and the token after them); its longest has {longest:,}. Lower --seq-len "
+                         f"or use a split with longer documents")
+    return docs, found, longest
+
+
+def document_batches(docs: list[np.ndarray], seq_len: int, per_batch: int) -> list[dict[str, Any]]:
+    """Micro-batches of whole windows, one document each from position 0."""
+    import torch
+
+    batches = []
+    for i in range(0, len(docs), per_batch):
+        chunk = np.stack(docs[i:i + per_batch])  # (k, L + 1)
+        k = len(chunk)
+        batches.append({
+            "input_ids": torch.from_numpy(chunk[:, :-1].reshape(-1).copy()),
+            "labels": torch.from_numpy(chunk[:, 1:].reshape(-1).copy()),
+            "position_ids": torch.arange(seq_len).repeat(k),
+            "cu_seqlens": torch.arange(0, (k + 1) * seq_len, seq_len, dtype=torch.int32),
+            "max_seqlen": seq_len,
+        })
+    return batches
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    from slimpack.train.checkpoint import latest_checkpoint
+
+    if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
+        newest = latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
+        return newest
+    return path
+
+
+def load_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """The checkpoint's model (fp32, eval mode) on `device`, with its ModelConfig and meta.json."""
+    from slimpack.train.checkpoint import load_model_state_dict
+    from slimpack.train.model import ModelConfig, Transformer
+
+    weights, meta = load_model_state_dict(checkpoint)
+    if "model_config" not in meta:
+        raise ValueError(f"{checkpoint}/meta.json records no model_config; it was not written by "
+                         f"`slimpack train`")
+    mcfg = ModelConfig(**meta["model_config"])
+    model = Transformer(mcfg, attention_backend="auto" if device.type == "cuda" else "sdpa_ref")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if expected != got:
+        wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
+        raise ValueError(f"{checkpoint}: its weights do not have the shape its meta.json model_config "
+                         f"describes (first difference: {wrong[0]}: {got.get(wrong[0])} vs "
+                         f"{expected.get(wrong[0])}); the checkpoint is damaged or mixed: use another")
+    model.load_state_dict(weights)
+    return model.to(device).eval(), mcfg, meta
+
+
+def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "validation",
+                       seq_len: int | None = None, max_documents: int = 64, per_batch: int = 4,
+                       device: str = "auto", buckets: int = 16) -> dict[str, Any]:
+    """The loss-by-position record of one checkpoint (see the module docstring)."""
+    import torch
+
+    ckpt = _resolve_checkpoint(Path(checkpoint))
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, mcfg, meta = load_model(ckpt, dev)
+    L = seq_len or int(meta.get("config", {}).get("data", {}).get("seq_len") or mcfg.max_seq_len)
+    if not 0 < L <= mcfg.max_seq_len:
+        raise ValueError(f"--seq-len {L} is beyond this model's maximum of {mcfg.max_seq_len} positions "
+                         f"(model_config.max_seq_len of {ckpt}); use at most {mcfg.max_seq_len}")
+    if max_documents < 1:
+        raise ValueError(f"--max-documents must be >= 1, got {max_documents}")
+    docs, found, longest = long_documents(data, split=split, seq_len=L, max_documents=max_documents)
+    sums = position_loss_sums(model, document_batches(docs, L, per_batch), dev, L).cpu().numpy()
+    return curve_record(sums[0], sums[1], step=int(meta["step"]), tokens=int(meta.get("tokens", 0)),
+                        source=f"eval positions: {len(docs)} {split} documents of >= {L + 1} tokens",
+                        buckets=buckets, checkpoint=str(ckpt), data=str(data), split=split,
+                        documents=len(docs), documents_long_enough=found, longest_document=longest,
+                        model_config=dataclasses.asdict(mcfg))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("positions", help="mean token loss at each position 0..L-1 of held-out documents")
+    p.add_argument("checkpoint", help="a checkpoint directory (step_NNNNNNNN) or a run directory (its newest)")
+    p.add_argument("--data", required=True, help="shard dataset with a held-out split")
+    p.add_argument("--split", default="validation", help="held-out split (default validation)")
+    p.add_argument("--seq-len", type=int, help="positions to evaluate (default: the run's data.seq_len)")
+    p.add_argument("--max-documents", type=int, default=64, help="documents averaged (default 64)")
+    p.add_argument("--per-batch", type=int, default=4, help="documents per forward pass (default 4)")
+    p.add_argument("--buckets", type=int, default=16, help="equal position ranges summarised (default 16)")
+    p.add_argument("--device", default="auto", help="auto (a GPU if present), cuda or cpu")
+    p.add_argument("--run-dir", help="write into RUN_DIR/eval/positions (default: the checkpoint's run)")
+    p.add_argument("--out", help="write into this directory instead")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    record = evaluate_positions(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
+                                max_documents=args.max_documents, per_batch=args.per_batch,
+                                device=args.device, buckets=args.buckets)
+    ckpt = Path(record["checkpoint"])
+    out = Path(args.out) if args.out else Path(args.run_dir or ckpt.parent.parent) / "eval" / "positions"
+    path, png = write_curve(record, out)
+    b = [x for x in record["buckets"] if x["loss"] is not None]
+    print(f"eval positions {ckpt} (step {record['step']:,}): {record['documents']} {record['split']} documents "
+          f"of >= {record['seq_len'] + 1} tokens ({record['documents_long_enough']} in the split); mean loss "
+          f"{b[0]['loss']:.4f} at positions {b[0]['start']}-{b[0]['end'] - 1} -> {b[-1]['loss']:.4f} at "
+          f"{b[-1]['start']}-{b[-1]['end'] - 1}")
+    print(f"  {path}\n  {png}")
+    return 0 if all(math.isfinite(x["loss"]) for x in b) else 1
