@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "slimpack.pipeline.cli",
     "slimpack.train.cli",
     "slimpack.eval.cli",
+    "slimpack.plot",
     "slimpack.bench.cli",
 )
 

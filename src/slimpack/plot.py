@@ -1,0 +1,240 @@
+"""`slimpack plot RUN_DIR`: the paper's context-length figures from a run's own files.
+
+    slimpack plot RUN_DIR [--out DIR] [--distances 1280 ...]
+
+The paper (arXiv 2410.18745, section 3) tracks, against training tokens, the effective context
+length (needle in a haystack) and the relative-position frequency f(i) of the trained data; its
+finding is that effective length follows f. This draws, from what a run writes:
+
+- `effective_length.png`: effective length against training tokens, from the NIAH results
+  `RUN_DIR/eval/niah/step_NNNNNNNN.json` (`step`, `tokens`, `effective_length`, `accuracy`);
+  skipped, with a note, when there are none;
+- `position_frequency.png`: f(i) at chosen distances against training tokens, from the ledger
+  arrays `RUN_DIR/position_frequency/step_NNNNNNNN.npy` (one per checkpoint, any distance) and the
+  per-step values in `metrics.jsonl` (f at L/2, 3L/4, L-1);
+- `loss_by_position.png`: loss by position at successive steps, from
+  `RUN_DIR/eval/positions/step_NNNNNNNN.json` (the training loop's evaluation or
+  `slimpack eval positions`);
+
+plus `summary.json` with the numbers behind each figure and what was skipped. Default output:
+`RUN_DIR/plots/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_STEP_FILE = re.compile(r"^step_(\d{8})\.(json|npy)$")
+_METRIC_DISTANCES = (("pf_half", 1, 2), ("pf_three_quarters", 3, 4), ("pf_last", None, None))
+
+
+@dataclass
+class PlotReport:
+    run_dir: str
+    out_dir: str
+    figures: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    effective_length: list[dict[str, Any]] = field(default_factory=list)
+    position_frequency: dict[str, Any] = field(default_factory=dict)
+    loss_by_position: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"plot {self.run_dir}: {len(self.figures)} figures in {self.out_dir}"]
+        lines += [f"  {Path(f).name}" for f in self.figures]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _step_files(directory: Path, suffix: str) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _STEP_FILE.match(p.name)) and m.group(2) == suffix]
+    return sorted(found)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: unreadable JSON ({err}); delete it or re-run the evaluation that wrote it") from err
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line a kill cut short; the logger drops it on resume too
+            continue
+    return [r for r in records if r.get("kind") == "train"]
+
+
+def _seq_len(run_dir: Path, history: list[tuple[int, np.ndarray]]) -> int | None:
+    config = run_dir / "config.json"
+    if config.is_file():
+        return int(_read_json(config)["data"]["seq_len"])
+    return len(history[0][1]) if history else None
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return str(path)
+
+
+def _effective_length(run_dir: Path, out: Path, report: PlotReport) -> None:
+    files = _step_files(run_dir / "eval" / "niah", "json")
+    if not files:
+        report.skipped["effective_length.png"] = (f"no NIAH results in {run_dir / 'eval' / 'niah'} "
+                                                  "(written by the needle-in-a-haystack evaluation)")
+        return
+    for step, path in files:
+        r = _read_json(path)
+        missing = {"tokens", "effective_length"} - set(r)
+        if missing:
+            raise ValueError(f"{path}: lacks {sorted(missing)}; re-run the NIAH evaluation for step {step}")
+        report.effective_length.append({"step": int(r.get("step", step)), "tokens": int(r["tokens"]),
+                                        "effective_length": r["effective_length"]})
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    pts = report.effective_length
+    ax.plot([p["tokens"] for p in pts], [p["effective_length"] for p in pts], marker="o")
+    ax.set(xlabel="training tokens", ylabel="effective context length (tokens)",
+           title="Effective context length (needle in a haystack)")
+    ax.grid(alpha=0.3)
+    report.figures.append(_save(fig, out / "effective_length.png"))
+
+
+def _position_frequency(run_dir: Path, out: Path, report: PlotReport, distances: list[int] | None,
+                        train: list[dict[str, Any]]) -> None:
+    from slimpack.train.ledger import read_history
+
+    history = read_history(run_dir)
+    L = _seq_len(run_dir, history)
+    dense = [r for r in train if "pf_last" in r]
+    if not history and not dense:
+        report.skipped["position_frequency.png"] = (f"no ledger in {run_dir} (neither position_frequency/"
+                                                    "step_*.npy nor pf_* values in metrics.jsonl)")
+        return
+    chosen = sorted(set(distances)) if distances else [L // 4, L // 2, 3 * L // 4, L - 1]
+    bad = [d for d in chosen if not 0 <= d < L]
+    if bad:
+        raise ValueError(f"--distances {bad} lie outside 0..{L - 1} (the run's seq_len is {L})")
+    tokens_at = {int(r["step"]): int(r["tokens"]) for r in train if "tokens" in r}
+    per_step = _global_batch_tokens(run_dir)
+    points = []
+    for step, f in history:
+        if len(f) != L:
+            raise ValueError(f"{run_dir}/position_frequency/step_{step:08d}.npy holds {len(f)} distances, "
+                             f"the run's seq_len is {L}; it belongs to another run: remove it")
+        tokens = tokens_at.get(step, step * per_step if per_step else None)
+        points.append({"step": step, "tokens": tokens, "f": {str(d): int(f[d]) for d in chosen}})
+    report.position_frequency = {"seq_len": L, "distances": chosen, "points": points,
+                                 "counts": "query-key pairs whose query has a label (train/ledger.py)"}
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, d in enumerate(chosen):
+        if points:
+            ax.plot([p["tokens"] for p in points], [p["f"][str(d)] for p in points], marker="o",
+                    color=colors[k % len(colors)], label=f"f({d}) (ledger at checkpoints)")
+    for k, (key, num, den) in enumerate(_METRIC_DISTANCES):
+        d = L - 1 if num is None else num * L // den
+        if dense:
+            ax.plot([r["tokens"] for r in dense], [r[key] for r in dense], linestyle="--", linewidth=1,
+                    color=colors[(len(chosen) + k) % len(colors)], label=f"f({d}) (metrics.jsonl)")
+    ax.set(xlabel="training tokens", ylabel="query-key pairs trained on", yscale="log",
+           title=f"Relative-position frequency f(i), L = {L}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    report.figures.append(_save(fig, out / "position_frequency.png"))
+
+
+def _global_batch_tokens(run_dir: Path) -> int | None:
+    config = run_dir / "config.json"
+    return int(_read_json(config)["data"]["global_batch_tokens"]) if config.is_file() else None
+
+
+def _loss_by_position(run_dir: Path, out: Path, report: PlotReport) -> None:
+    files = _step_files(run_dir / "eval" / "positions", "json")
+    if not files:
+        report.skipped["loss_by_position.png"] = (f"no loss-by-position results in {run_dir / 'eval' / 'positions'} "
+                                                  "(eval.position_buckets in training, or `slimpack eval "
+                                                  "positions --run-dir`)")
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    cmap = plt.get_cmap("viridis")
+    for k, (step, path) in enumerate(files):
+        r = _read_json(path)
+        if "mean_loss" not in r:
+            raise ValueError(f"{path}: lacks mean_loss; re-run `slimpack eval positions` for step {step}")
+        y = np.array([np.nan if v is None else v for v in r["mean_loss"]], float)
+        ax.plot(np.arange(len(y)), y, linewidth=0.9, color=cmap(k / max(len(files) - 1, 1)),
+                label=f"step {step:,} ({r.get('tokens', 0):,} tokens)")
+        report.loss_by_position.append({"step": step, "tokens": r.get("tokens"), "source": r.get("source"),
+                                        "buckets": r.get("buckets")})
+    sources = sorted({str(p["source"]).split(":")[0] for p in report.loss_by_position})
+    ax.set(xlabel="position (tokens)", ylabel="mean token loss (nats)",
+           title=f"Loss by position at successive steps ({', '.join(sources)})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    report.figures.append(_save(fig, out / "loss_by_position.png"))
+
+
+def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None,
+             distances: list[int] | None = None) -> PlotReport:
+    """Every figure the run's files allow; writes `summary.json` beside them."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a directory; pass a training run directory (train.run_dir)")
+    if not (run / "metrics.jsonl").is_file() and not (run / "eval").is_dir():
+        raise FileNotFoundError(f"{run} holds neither metrics.jsonl nor eval/: not a training run directory")
+    out = Path(out_dir) if out_dir else run / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    report = PlotReport(str(run), str(out))
+    _effective_length(run, out, report)
+    _position_frequency(run, out, report, distances, _metrics(run))
+    _loss_by_position(run, out, report)
+    (out / "summary.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    return report
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="effective length, position frequency and loss by position of a run")
+    p.add_argument("run_dir", help="a training run directory")
+    p.add_argument("--out", help="output directory (default RUN_DIR/plots)")
+    p.add_argument("--distances", type=int, nargs="+", metavar="I",
+                   help="distances i for f(i) (default L/4, L/2, 3L/4, L-1; the paper's 1280, say)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    report = plot_run(args.run_dir, out_dir=args.out, distances=args.distances)
+    print(report.summary())
+    print(f"  summary: {Path(report.out_dir) / 'summary.json'}")
+    return 0
