@@ -44,6 +44,11 @@ def test_bench_train_quick(tmp_path):
         assert r["grad_accum"] == 2 and r["reshard"] == "step" and r["world_size"] == 1
         assert 0 <= r["data_wait_seconds"] < r["timed_seconds"] and r["first_step_seconds"] > 0
         assert r["data_stall_seconds"] is None  # GPU idle time: measured on CUDA only
+        # The ledger's host time is measured for our model (the loop counts it), not for Hugging Face's.
+        if r["kind"] == "ours":
+            assert 0 < r["ledger_host_seconds_per_step"] and r["ledger_fraction"] < 0.5
+        else:
+            assert r["ledger_host_seconds_per_step"] is None
         # One profiled step per configuration: a Chrome trace and the kernel table.
         assert (prof / r["profile"]["trace"]).stat().st_size > 0
         assert (prof / f"{r['name']}-w1.kernels.txt").read_text().strip()

@@ -402,6 +402,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 
     from slimpack.train.attention import resolve_backend
     from slimpack.train.config import OptimSection, ParallelSection
+    from slimpack.train.ledger import PositionLedger, step_segment_counts
     from slimpack.train.loop import train_step
     from slimpack.train.optim import build_optimizer
     from slimpack.train.parallel import all_reduce_sum
@@ -416,6 +417,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
         model = optimizer = batches = step = None
         accum = grad_accum or max(1, tokens_per_gpu_step // (mbs * seq_len))
         data_wait = [0.0]
+        ledger, ledger_host = PositionLedger(seq_len), [0.0]  # host time of train/ledger.py's work
         stalls: list[tuple[Any, Any]] = []  # CUDA events recorded just before and after each take
         try:
             model = _build(kind, cfg, device, d.mesh, parallel, attention)
@@ -426,7 +428,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
 
             def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches,
                      accum: int = accum, data_wait: list[float] = data_wait,
-                     stalls: list[tuple[Any, Any]] = stalls) -> torch.Tensor:
+                     stalls: list[tuple[Any, Any]] = stalls, ledger: Any = ledger,
+                     ledger_host: list[float] = ledger_host) -> torch.Tensor:
                 before = _recorded_event(device)
                 t = time.perf_counter()
                 micro = next(batches)[:accum]
@@ -438,6 +441,11 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                                                       world_size=d.world_size, grad_clip_norm=1.0,
                                                       max_seqlen=seq_len if compile_blocks else None,
                                                       reshard=reshard)
+                    # The ledger's work as the loop does it, after the step is queued: count on the
+                    # host, then fold a step's (here this rank's) counts into f.
+                    t = time.perf_counter()
+                    ledger.add_segments(step_segment_counts(micro, seq_len))
+                    ledger_host[0] += time.perf_counter() - t
                     return all_reduce_sum(loss_sum) / n_valid  # the global mean token loss
                 mean = _hf_step(model, optimizer, micro, device=device, seq_len=seq_len, reshard=reshard)
                 return all_reduce_sum(mean) / d.world_size
@@ -451,7 +459,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 step()
             _sync(device)
             warm = time.perf_counter() - t0
-            data_wait[0] = 0.0
+            data_wait[0] = ledger_host[0] = 0.0
             stalls.clear()
             t0 = time.perf_counter()
             last = None
@@ -477,6 +485,11 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 "tokens_per_s": tps, "tokens_per_s_all_gpus": tps * d.world_size,
                 "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
                 "data_wait_seconds": wait, "data_wait_fraction": wait / elapsed,
+                # Position-frequency ledger: host seconds per step and as a share of step time.
+                "ledger_host_seconds_per_step": (_max_over_ranks(ledger_host[0], device) / timed_steps
+                                                 if kind == "ours" else None),
+                "ledger_fraction": (_max_over_ranks(ledger_host[0], device) / elapsed if kind == "ours"
+                                    else None),
                 "data_stall_seconds": stall if device.type == "cuda" else None,
                 "data_stall_fraction": stall / elapsed if device.type == "cuda" else None,
                 "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
@@ -661,7 +674,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             if "tokens_per_s" in r and d.rank == 0:
                 print(f"  {r['tokens_per_s']:,.0f} tok/s per GPU, MFU {100 * r['mfu']:.1f}%, "
                       f"{r['step_seconds']:.2f} s/step, data wait {100 * r['data_wait_fraction']:.2f}%"
-                      f"{_stall_text(r)}, "
+                      f"{_stall_text(r)}, {_ledger_text(r)}"
                       f"first step {r['first_step_seconds']:.1f} s", flush=True)
         if d.world_size > 1:
             dist.barrier()  # rank 0's scratch directory (the demo shards) outlives every reader
@@ -684,6 +697,13 @@ def _percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{100 * fraction:.2f}%"
 
 
+def _ledger_text(r: dict[str, Any]) -> str:
+    if r.get("ledger_host_seconds_per_step") is None:
+        return ""
+    return (f"ledger {1e3 * r['ledger_host_seconds_per_step']:.2f} ms/step "
+            f"({_percent(r['ledger_fraction'])} of step time), ")
+
+
 def _stall_text(r: dict[str, Any]) -> str:
     return "" if r["data_stall_fraction"] is None else f" (GPU idle {_percent(r['data_stall_fraction'])})"
 
@@ -693,7 +713,7 @@ def table(result: dict[str, Any]) -> str:
              f"transformers {result['transformers']}), {result['model_preset']} ({result['model_params']:,} "
              f"params), reshard={result['reshard']}, data: {result['data']['source']}",
              f"{'config':20s} {'seq':>5s} {'mbs':>3s} {'accum':>5s} {'tok/s/GPU':>10s} {'MFU':>6s} "
-             f"{'peak GiB':>8s} {'wait':>6s} {'stall':>6s} {'1st step s':>10s}"]
+             f"{'peak GiB':>8s} {'wait':>6s} {'stall':>6s} {'ledger':>6s} {'1st step s':>10s}"]
     for r in result["runs"]:
         if "skipped" in r:
             lines.append(f"{r['name']:20s} skipped ({r['skipped']})")
@@ -705,7 +725,7 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"{r['name']:20s} {r['seq_len']:5d} {r['micro_batch_size']:3d} {r['grad_accum']:5d} "
                      f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {mem:>8s} "
                      f"{100 * r['data_wait_fraction']:5.2f}% {_percent(r['data_stall_fraction']):>6s} "
-                     f"{r['first_step_seconds']:10.1f}")
+                     f"{_percent(r.get('ledger_fraction')):>6s} {r['first_step_seconds']:10.1f}")
     for k, v in result.get("speedup_vs_hf", {}).items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     checks = ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in result["checks"].items())
