@@ -41,23 +41,21 @@ FILENAME = "position_frequency.npy"
 IGNORE_INDEX = -100
 
 
-def segment_length_counts(cu_seqlens: np.ndarray, labels: np.ndarray, seq_len: int) -> np.ndarray:
-    """c[m], m = 0..L: segments of one micro-batch with m label-carrying query positions."""
+def segment_lengths(cu_seqlens: np.ndarray, labels: np.ndarray, seq_len: int) -> np.ndarray:
+    """Label-carrying query positions of each segment of one micro-batch (0..L)."""
     cu = np.asarray(cu_seqlens, np.int64)
     lengths = np.diff(cu)
     if len(lengths) and int(lengths.max()) > seq_len:
         raise ValueError(f"a segment of {int(lengths.max())} tokens is longer than seq_len {seq_len}")
     # Only a segment's last position can hold a masked label (packing.pack_slice): drop it there.
-    lengths = lengths - (np.asarray(labels)[cu[1:] - 1] == IGNORE_INDEX)
-    return np.bincount(lengths, minlength=seq_len + 1).astype(np.int64)
+    return lengths - (np.asarray(labels)[cu[1:] - 1] == IGNORE_INDEX)
 
 
 def step_segment_counts(micro_batches: list[dict[str, Any]], seq_len: int) -> np.ndarray:
-    """c[0..L] summed over this rank's micro-batches of one step (CPU tensors or numpy arrays)."""
-    total = np.zeros(seq_len + 1, np.int64)
-    for mb in micro_batches:
-        total += segment_length_counts(_numpy(mb["cu_seqlens"]), _numpy(mb["labels"]), seq_len)
-    return total
+    """c[m], m = 0..L: segments with m label-carrying query positions over this rank's micro-batches
+    of one step (CPU tensors or numpy arrays). One bincount for the step."""
+    lengths = [segment_lengths(_numpy(mb["cu_seqlens"]), _numpy(mb["labels"]), seq_len) for mb in micro_batches]
+    return np.bincount(np.concatenate(lengths), minlength=seq_len + 1).astype(np.int64)
 
 
 def counts_to_device(segment_counts: np.ndarray, device: Any) -> Any:
