@@ -157,16 +157,18 @@ def _position_frequency(run_dir: Path, out: Path, report: PlotReport, distances:
                                  "counts": "query-key pairs whose query has a label (train/ledger.py)"}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for k, d in enumerate(chosen):
+    metric_distances = [(key, L - 1 if num is None else num * L // den) for key, num, den in _METRIC_DISTANCES]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    every = dict.fromkeys([*chosen, *(d for _, d in metric_distances)])  # one colour per distance
+    color = {d: cycle[k % len(cycle)] for k, d in enumerate(every)}
+    for d in chosen:
         if points:
-            ax.plot([p["tokens"] for p in points], [p["f"][str(d)] for p in points], marker="o",
-                    color=colors[k % len(colors)], label=f"f({d}) (ledger at checkpoints)")
-    for k, (key, num, den) in enumerate(_METRIC_DISTANCES):
-        d = L - 1 if num is None else num * L // den
+            ax.plot([p["tokens"] for p in points], [p["f"][str(d)] for p in points], marker="o", color=color[d],
+                    label=f"f({d}) (ledger at checkpoints)")
+    for key, d in metric_distances:
         if dense:
             ax.plot([r["tokens"] for r in dense], [r[key] for r in dense], linestyle="--", linewidth=1,
-                    color=colors[(len(chosen) + k) % len(colors)], label=f"f({d}) (metrics.jsonl)")
+                    color=color[d], label=f"f({d}) (metrics.jsonl, every step)")
     ax.set(xlabel="training tokens", ylabel="query-key pairs trained on", yscale="log",
            title=f"Relative-position frequency f(i), L = {L}")
     ax.grid(alpha=0.3)
