@@ -176,6 +176,20 @@ def step_train(ctx: dict[str, Any]) -> None:
     train_demo(ctx)
 
 
+def step_positions(ctx: dict[str, Any]) -> None:
+    """Loss by position of the demo model at each kept checkpoint, then the run's figures."""
+    from slimpack.cli import main as slimpack_main
+    from slimpack.train.checkpoint import list_checkpoints
+
+    run_dir = ctx["out"] / "train"
+    for ckpt in list_checkpoints(run_dir / "checkpoints"):
+        if slimpack_main(["eval", "positions", str(ckpt), "--data", str(ctx["shards"]), "--max-documents", "8",
+                          "--buckets", "8", "--device", "cpu"]) != 0:
+            raise RuntimeError(f"eval positions failed on {ckpt}")
+    if slimpack_main(["plot", str(run_dir)]) != 0:
+        raise RuntimeError("plot failed")
+
+
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
@@ -183,6 +197,7 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("stats", step_stats),
     ("pipeline", step_pipeline),
     ("train", step_train),
+    ("positions", step_positions),
 ]
 
 

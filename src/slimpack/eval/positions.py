@@ -261,11 +261,12 @@ def _run(args: argparse.Namespace) -> int:
                                 device=args.device, buckets=args.buckets)
     ckpt = Path(record["checkpoint"])
     out = Path(args.out) if args.out else Path(args.run_dir or ckpt.parent.parent) / "eval" / "positions"
+    replaced = (out / f"step_{record['step']:08d}.json").is_file()
     path, png = write_curve(record, out)
     b = [x for x in record["buckets"] if x["loss"] is not None]
     print(f"eval positions {ckpt} (step {record['step']:,}): {record['documents']} {record['split']} documents "
           f"of >= {record['seq_len'] + 1} tokens ({record['documents_long_enough']} in the split); mean loss "
           f"{b[0]['loss']:.4f} at positions {b[0]['start']}-{b[0]['end'] - 1} -> {b[-1]['loss']:.4f} at "
           f"{b[-1]['start']}-{b[-1]['end'] - 1}")
-    print(f"  {path}\n  {png}")
+    print(f"  {path}{' (replaced the record that was there)' if replaced else ''}\n  {png}")
     return 0 if all(math.isfinite(x["loss"]) for x in b) else 1
