@@ -66,7 +66,8 @@ def _overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
               "model.attention_backend": "sdpa_ref", "parallel.mixed_precision": "false",
               "data.path": str(data), "data.seq_len": 64, "data.global_batch_tokens": 512,
               "data.micro_batch_size": 2, "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.warmup_steps": 2,
-              "checkpoint.every_steps": 0, "eval.every_steps": 3, "eval.sequences": 4, "log.wandb": "false",
+              "checkpoint.every_steps": 0, "eval.every_steps": 3, "eval.sequences": 4, "eval.position_buckets": 4,
+              "log.wandb": "false",
               **extra}
     out = []
     for k, v in values.items():
@@ -125,6 +126,8 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrup
     assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
     val = [r["val_loss"] for r in _records(run, "eval")]
     assert val == [r["val_loss"] for r in _records(uninterrupted, "eval")] and len(val) == 2
+    by_position = [r["val_loss_by_position"] for r in _records(run, "eval")]
+    assert by_position == [r["val_loss_by_position"] for r in _records(uninterrupted, "eval")]
     assert ref[-1]["loss"] < ref[0]["loss"]
 
     a, meta_a = load_model_state_dict(list_checkpoints(uninterrupted / "checkpoints")[-1])
