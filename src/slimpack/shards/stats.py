@@ -9,7 +9,8 @@ loader's epoch order for `--seed` (data.seed; epoch 0), exactly as `PackedLoader
 token stream is the split's samples in that order; window g holds the input tokens
 [g*L, (g+1)*L) (the loader reads L+1 tokens per window, overlapping by one, for the labels), and
 only complete windows count: G = (T - 1) // L for T tokens; the tail is dropped. With document
-masking a token at stream position p attends to positions [max(doc_start, g*L), p].
+masking a token at stream position p attends to positions [max(doc_start, g*L), p]. Later
+epochs are other permutations: their f differs only where documents meet window cuts.
 
 Which pairs count: those whose query has a label, as the training ledger counts them
 (`train/ledger.py`, which says why): the loader masks the label of a document's EOS (it would
@@ -18,8 +19,8 @@ window boundaries into segments; a segment of m label positions adds m - d pairs
 f(0) is then the number of tokens the loss is taken over. Without masking (plain packing, every
 position predicts the next token) every window is one segment of length L.
 
-Exactness in linear time: cut every document at window boundaries into segments (a document
-inside one window is one segment; one that spans windows is a head, some whole windows and a
+Exactness in linear time: cut every document's label positions at window boundaries into
+segments (a document inside one window is one segment; one that spans windows is a head, some whole windows and a
 tail: O(1) arithmetic per document). A segment of m tokens holds m - d pairs at distance d, so
 
     N(d) = sum_m c[m] * max(m - d, 0) = S1(d) - d * S0(d),
