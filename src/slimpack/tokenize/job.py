@@ -354,6 +354,8 @@ def run_tokenize(
     from slimpack.tokenize.merge import merge_dataset
 
     start = time.monotonic()
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers} (--workers)")
     rank, count = node_from_env(node_rank, num_nodes)
     items, ignored = discover(inputs)
     if not items:
