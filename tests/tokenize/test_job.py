@@ -286,3 +286,23 @@ def test_a_reader_library_error_fails_only_its_part(tmp_path: Path):
     report = _run([inp], tmp_path / "out", workers=1)
     assert report.parts_done == ["good.jsonl"] and list(report.parts_failed) == ["broken.parquet"]
     assert not report.ok and "FAILED part broken.parquet" in report.summary()
+
+
+def test_a_part_whose_every_record_lacks_the_text_field_fails_naming_the_fields(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"content": ["first document", "second"], "id": [1, 2]}), inp / "a.parquet")
+    (inp / "b.jsonl").write_text("".join(json.dumps({"body": f"doc {i}", "meta": {}}) + "\n" for i in range(3)))
+    report = _run([inp], tmp_path / "out")
+    assert not report.ok and not report.merged and report.parts_done == []
+    a, b = report.parts_failed["a.parquet"], report.parts_failed["b.jsonl"]
+    assert "all 2 records were skipped as missing_text" in a and "'text'" in a
+    assert "content, id" in a and "--set text_field=" in a
+    assert "all 3 records were skipped as missing_text" in b and "body, meta" in b and "--set text_field=" in b
+    assert not (tmp_path / "out" / schema.MANIFEST_FILENAME).exists()
+    # The fix the message names works.
+    fixed = _run([inp / "a.parquet"], tmp_path / "fixed", cfg=TokenizeConfig(text_field="content"))
+    assert fixed.ok and fixed.merged and fixed.documents == 2

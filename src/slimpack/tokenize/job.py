@@ -70,6 +70,23 @@ class BadRecordError(RuntimeError):
     """A bad record under `--on-bad-record fail`."""
 
 
+class AllRecordsSkippedError(RuntimeError):
+    """Every record of an input was skipped for one reason: a misnamed field or a file that is not
+    JSON lines, not bad data to count (merging it would give an empty part that validates clean)."""
+
+
+# How to fix an input whose every record was skipped for this reason.
+_ALL_SKIPPED_FIXES = {
+    "missing_text": "the text is in another field: re-run with --set text_field=FIELD (one of the "
+                    "fields above; a dotted path such as meta.text reaches a nested one)",
+    "non_string_text": "the text field holds no strings: re-run with --set text_field=FIELD naming "
+                       "the field that holds the text",
+    "empty_text": "the text field is empty in every record: re-run with --set text_field=FIELD naming "
+                  "the field that holds the text, or exclude the file",
+}
+_NOT_JSONL_FIX = "the file is not UTF-8 JSON lines of objects: check or re-create it, or exclude it"
+
+
 # Text per encode call: big enough to amortise Python overhead, small enough to bound memory.
 _ENCODE_BATCH_CHARS = 1 << 22
 
@@ -119,13 +136,14 @@ def tokenize_part(
 ) -> dict[str, Any]:
     """Tokenize one input into MDS shards under `part_dir`; returns the part's stats.
 
-    `on_progress(bytes, tokens)` is called with increments. Raises `CorruptInputError` or
-    `BadRecordError`; the caller owns cleanup.
+    `on_progress(bytes, tokens)` is called with increments. Raises `CorruptInputError`,
+    `BadRecordError` or `AllRecordsSkippedError`; the caller owns cleanup.
     """
     writer = mds.ShardWriter(part_dir, columns=schema.COLUMNS, compression=cfg.compression,
                              hashes=cfg.hashes, size_limit=cfg.shard_size_limit)
     blocks = _Blocks(writer, cfg.block_tokens)
     skipped: Counter[str] = Counter()
+    first_detail: dict[str, str] = {}
     examples: list[dict[str, Any]] = []
     sources: dict[str, dict[str, int]] = {}
     docs = tokens = surrogates = 0
@@ -162,6 +180,7 @@ def tokenize_part(
                     f"{where}: {rec.reason} ({rec.detail}); fix the record, or re-run with "
                     "--on-bad-record skip to skip and count such records")
             skipped[rec.reason] += 1
+            first_detail.setdefault(rec.reason, rec.detail[:300])
             if len(examples) < cfg.bad_examples:
                 examples.append({"reason": rec.reason, "file": item.path, "line": rec.line,
                                  "detail": rec.detail[:200]})
@@ -172,6 +191,11 @@ def tokenize_part(
             encode_pending()
     if pending:
         encode_pending()
+    if docs == 0 and len(skipped) == 1:
+        (reason, n), = skipped.items()
+        raise AllRecordsSkippedError(
+            f"{item.path}: all {n:,} records were skipped as {reason} ({first_detail[reason]}); "
+            + _ALL_SKIPPED_FIXES.get(reason, _NOT_JSONL_FIX))
     blocks.flush()
     index = writer.finish()
     if item.kind != "hf":
