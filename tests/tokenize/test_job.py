@@ -306,3 +306,54 @@ def test_a_part_whose_every_record_lacks_the_text_field_fails_naming_the_fields(
     # The fix the message names works.
     fixed = _run([inp / "a.parquet"], tmp_path / "fixed", cfg=TokenizeConfig(text_field="content"))
     assert fixed.ok and fixed.merged and fixed.documents == 2
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: the process may not grow any file past `limit` bytes. A write past it fails in
+    the kernel with EFBIG (SIGXFSZ ignored), as a write to a full disk fails with ENOSPC: a real
+    failed write, reaching the same `OSError` paths, on any Linux machine and without root."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_merge_that_cannot_write_fails_cleanly_and_a_later_merge_completes(tmp_path: Path, tree_digest):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "b"):
+        (inp / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i} " * 50}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    assert _run([inp], out).merged
+    merged = tree_digest(out)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in (schema.SAMPLE_TOKENS_FILENAME, schema.INDEX_FILENAME, schema.MANIFEST_FILENAME):
+        (out / name).unlink()
+    # Every part is complete, so tokenize only merges, and no merged file fits.
+    done = subprocess.run([sys.executable, "-m", "slimpack", "tokenize", str(inp), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, env=env,
+                          preexec_fn=_file_size_limit(64))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "2 already complete" in done.stdout  # the job's report, as for a failed part
+    assert f"merge FAILED: {out}: could not write {schema.SAMPLE_TOKENS_FILENAME} (File too large)" in done.stdout
+    assert f"slimpack shards merge {out}" in done.stdout
+    assert not [p for p in out.iterdir() if p.is_file()]  # no partial or temporary file left
+    assert _run([inp], out).merged and tree_digest(out) == merged
+
+    # A re-merge that replaces sample_tokens.npy but cannot write index.json: the old manifest no
+    # longer describes the files, so it goes, and the dataset reads as unmerged until a merge completes.
+    npy_bytes = (out / schema.SAMPLE_TOKENS_FILENAME).stat().st_size
+    done = subprocess.run([sys.executable, "-m", "slimpack", "shards", "merge", str(out)], capture_output=True,
+                          text=True, env=env, preexec_fn=_file_size_limit(npy_bytes))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("slimpack shards merge: error: ")
+    assert f"could not write {schema.INDEX_FILENAME}" in done.stderr
+    assert not (out / schema.MANIFEST_FILENAME).exists()
+    from slimpack.shards.validate import validate_dataset
+
+    assert "slimpack shards merge" in validate_dataset(out).unusable
+    merge_dataset(str(out))
+    assert tree_digest(out) == merged

@@ -57,9 +57,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from slimpack.tokenize.merge import merge_dataset
+    from slimpack.tokenize.merge import MergeWriteError, merge_dataset
 
-    manifest = merge_dataset(args.path)
+    try:
+        manifest = merge_dataset(args.path)
+    except MergeWriteError as err:  # the parts are fine; the merge failed, as a failed part does
+        print(f"slimpack shards merge: error: {err}", file=sys.stderr)
+        return exitcodes.FINDINGS
     print(f"merged {len(manifest['parts'])} parts: {manifest['documents']:,} documents, "
           f"{manifest['tokens']:,} tokens in {manifest['samples']:,} samples; "
           f"fingerprint {manifest['fingerprint'][:16]}")

@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                           staging_dir=args.staging_dir)
     print(report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(report), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(asdict(report), f, indent=1)
+        except OSError as err:
+            raise RuntimeError(f"could not write the report to {args.json} ({err.strerror or err})") from err
     return 0 if report.ok else 1

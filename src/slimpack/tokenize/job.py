@@ -334,10 +334,12 @@ class TokenizeReport:
     seconds: float = 0.0
     merged: bool = False
     merge_note: str = ""
+    merge_error: str = ""  # the merge ran and could not write its files (a full disk)
+    report_error: str = ""  # this report could not be written under reports/
 
     @property
     def ok(self) -> bool:
-        return not self.parts_failed
+        return not self.parts_failed and not self.merge_error
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
@@ -359,7 +361,12 @@ class TokenizeReport:
                          + ", ".join(Path(f).name for f in self.ignored_files[:3]))
         for part, err in sorted(self.parts_failed.items()):
             lines.append(f"  FAILED part {part}: {err}")
-        lines.append(f"  merged: {self.out}" if self.merged else f"  not merged: {self.merge_note}")
+        if self.merge_error:
+            lines.append(f"  merge FAILED: {self.merge_error}")
+        else:
+            lines.append(f"  merged: {self.out}" if self.merged else f"  not merged: {self.merge_note}")
+        if self.report_error:
+            lines.append(f"  report not written: {self.report_error}")
         return "\n".join(lines)
 
 
@@ -375,7 +382,7 @@ def run_tokenize(
     staging_dir: str | None = None,
 ) -> TokenizeReport:
     """Tokenize this node's share of the inputs into `out`, then merge if every part is done."""
-    from slimpack.tokenize.merge import merge_dataset
+    from slimpack.tokenize.merge import MergeWriteError, merge_dataset
 
     start = time.monotonic()
     if workers < 1:
@@ -421,11 +428,17 @@ def run_tokenize(
         report.merge_note = (f"{len(missing)} part(s) not complete yet (e.g. {missing[0]}); "
                              "merge runs when the last one finishes, or run `slimpack shards merge`")
     else:
-        merge_dataset(root.url, expected_parts=[i.part for i in items])
-        report.merged = True
+        try:
+            merge_dataset(root.url, expected_parts=[i.part for i in items])
+            report.merged = True
+        except MergeWriteError as err:  # reported like a failed part: the parts stay complete
+            report.merge_error = str(err)
     report.seconds = time.monotonic() - start
-    root.write_bytes(f"reports/tokenize.node-{rank:05d}-of-{count:05d}.json",
-                     dumps_json(dataclasses.asdict(report)))
+    try:
+        root.write_bytes(f"reports/tokenize.node-{rank:05d}-of-{count:05d}.json",
+                         dumps_json(dataclasses.asdict(report)))
+    except OSError as err:  # the disk that failed the merge fails this too: the summary still prints
+        report.report_error = f"reports/: {err.strerror or err}"
     return report
 
 

@@ -28,6 +28,10 @@ class MergeError(RuntimeError):
     pass
 
 
+class MergeWriteError(MergeError):
+    """The merge could not write its files (a full disk, permissions); the parts are untouched."""
+
+
 # Config keys that decide what happens to bad records, not the bytes of a completed part.
 _POLICY_KEYS = ("on_bad_record", "bad_examples")
 
@@ -155,7 +159,31 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
         "config": first["config"],
         "sample_tokens_file": schema.SAMPLE_TOKENS_FILENAME,
     }
-    root.write_bytes(schema.SAMPLE_TOKENS_FILENAME, buf.getvalue())
-    root.write_bytes(schema.INDEX_FILENAME, json.dumps(index_obj, sort_keys=True).encode())
-    root.write_bytes(schema.MANIFEST_FILENAME, dumps_json(manifest))
+    _write_merged(root, [(schema.SAMPLE_TOKENS_FILENAME, buf.getvalue()),
+                         (schema.INDEX_FILENAME, json.dumps(index_obj, sort_keys=True).encode()),
+                         (schema.MANIFEST_FILENAME, dumps_json(manifest))])
     return manifest
+
+
+def _write_merged(root: Root, files: list[tuple[str, bytes]]) -> None:
+    """Write each file whole, the manifest last; on a failed write raise `MergeWriteError`.
+
+    Each write is atomic, so a failure leaves that file as it was. Once an earlier file has been
+    replaced, an older manifest no longer describes the files beside it: it is removed, so the
+    dataset reads as unmerged (validate and the loader say so) until a merge completes.
+    """
+    for k, (name, data) in enumerate(files):
+        try:
+            root.write_bytes(name, data)
+        except OSError as err:
+            note = ""
+            if k > 0 and root.exists(schema.MANIFEST_FILENAME):
+                try:
+                    root.fs.rm(root.join(schema.MANIFEST_FILENAME))
+                    note = f"; the older {schema.MANIFEST_FILENAME} was removed (it no longer matched)"
+                except OSError:
+                    note = f"; the older {schema.MANIFEST_FILENAME} may not match: do not use the dataset"
+            raise MergeWriteError(
+                f"{root.url}: could not write {name} ({err.strerror or err}){note}; every part is "
+                f"complete and untouched: free space (or fix permissions), then run `slimpack shards "
+                f"merge {root.url}`") from err
