@@ -340,7 +340,8 @@ def test_a_merge_that_cannot_write_fails_cleanly_and_a_later_merge_completes(tmp
     assert "2 already complete" in done.stdout  # the job's report, as for a failed part
     assert f"merge FAILED: {out}: could not write {schema.SAMPLE_TOKENS_FILENAME} (File too large)" in done.stdout
     assert f"slimpack shards merge {out}" in done.stdout
-    assert not [p for p in out.iterdir() if p.is_file()]  # no partial or temporary file left
+    # No partial or temporary file left: only the list of inputs, written by the first run.
+    assert [p.name for p in out.iterdir() if p.is_file()] == [schema.INPUTS_FILENAME]
     assert _run([inp], out).merged and tree_digest(out) == merged
 
     # A re-merge that replaces sample_tokens.npy but cannot write index.json: the old manifest no
@@ -357,3 +358,40 @@ def test_a_merge_that_cannot_write_fails_cleanly_and_a_later_merge_completes(tmp
     assert "slimpack shards merge" in validate_dataset(out).unusable
     merge_dataset(str(out))
     assert tree_digest(out) == merged
+
+
+def test_merge_after_a_failed_part_records_the_input_and_validate_reports_it(tmp_path: Path, capsys):
+    from slimpack.cli import main
+    from slimpack.shards.validate import validate_dataset
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "c"):
+        (inp / f"{name}.jsonl").write_text(json.dumps({"text": f"text {name}"}) + "\n")
+    whole = zstandard.ZstdCompressor().compress(("".join(
+        json.dumps({"text": f"b {i} " * 40}) + "\n" for i in range(300))).encode())
+    (inp / "b.jsonl.zst").write_bytes(whole[: len(whole) // 2])  # truncated: its part fails
+    out = tmp_path / "out"
+    report = _run([inp], out)
+    assert list(report.parts_failed) == ["b.jsonl.zst"] and not report.merged
+
+    # Merging the parts there are is allowed, but says which input is missing, and records it.
+    assert main(["shards", "merge", str(out)]) == 1
+    said = capsys.readouterr().out
+    assert f"input {inp / 'b.jsonl.zst'} has no complete part" in said and "re-run `slimpack tokenize`" in said
+    inputs = json.loads((out / schema.MANIFEST_FILENAME).read_text())["inputs"]
+    assert inputs["a.jsonl"] == {"path": str(inp / "a.jsonl"), "split": "train", "state": "complete"}
+    assert inputs["b.jsonl.zst"]["state"] == "failed" and "truncated" in inputs["b.jsonl.zst"]["error"]
+    result = validate_dataset(out)
+    missing = [f for f in result.findings if f.check == "input"]
+    assert result.exit_status == 1 and len(missing) == 1, result.summary()
+    assert str(inp / "b.jsonl.zst") in missing[0].message and missing[0].part == "b.jsonl.zst"
+    assert "slimpack tokenize" in missing[0].hint
+
+    # The input repaired, a re-run redoes only its part and the dataset is whole.
+    (inp / "b.jsonl.zst").write_bytes(whole)
+    again = _run([inp], out)
+    assert again.parts_done == ["b.jsonl.zst"] and again.merged
+    assert validate_dataset(out).ok
+    inputs = json.loads((out / schema.MANIFEST_FILENAME).read_text())["inputs"]
+    assert {v["state"] for v in inputs.values()} == {"complete"} and len(inputs) == 3

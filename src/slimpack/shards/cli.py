@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from slimpack.tokenize.merge import MergeWriteError, merge_dataset
+    from slimpack.tokenize.merge import MergeWriteError, merge_dataset, missing_inputs
 
     try:
         manifest = merge_dataset(args.path)
@@ -67,7 +67,10 @@ def _merge(args: argparse.Namespace) -> int:
     print(f"merged {len(manifest['parts'])} parts: {manifest['documents']:,} documents, "
           f"{manifest['tokens']:,} tokens in {manifest['samples']:,} samples; "
           f"fingerprint {manifest['fingerprint'][:16]}")
-    return 0
+    missing = missing_inputs(manifest)
+    for line in missing:
+        print(f"  MISSING {line}")
+    return exitcodes.FINDINGS if missing else exitcodes.OK
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -70,6 +70,9 @@ HINTS: dict[str, str] = {
               "wrote it)",
     "part": "the part is missing, extra or incomplete: re-run `slimpack tokenize` for it, or delete "
             "the stray directory, then `slimpack shards merge DIR`",
+    "input": "an input of the tokenize job has no complete part, so its documents are missing: fix "
+             "(or drop) the input, then re-run `slimpack tokenize` with the job's inputs and --out; "
+             "it redoes only the parts not complete, then merges",
     "manifest": "slimpack.json disagrees with the shards: re-run `slimpack shards merge DIR`; if it "
                 "persists the shards themselves are wrong",
     "sources": "a document's source id is not in the manifest: re-run the merge or re-tokenize",
@@ -583,6 +586,7 @@ def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes:
 
     _check_files(root, entries, out)
     _check_parts(root, entries, manifest, results, out)
+    _check_inputs(root, manifest, out)
     _check_manifest(root, entries, manifest, results, out, report.notes)
     if retokenize > 0:
         from slimpack.shards.retokenize import check_retokenize
@@ -672,6 +676,29 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
                 if stats.get(key) != value:
                     out.add("part", f"parts/{part}/stats.json says {key} = {stats.get(key)}, the shards "
                                     f"hold {value:,}", part=part)
+
+
+def _check_inputs(root: Path, manifest: dict[str, Any], out: _Collector) -> None:
+    """Every input of the job (the manifest's `inputs`, and `inputs.json` if a later run wrote
+    it) has a complete part in the dataset: a merge after a failed part must not read as clean."""
+    merged = manifest.get("parts") if isinstance(manifest.get("parts"), dict) else {}
+    recorded = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+    for part, rec in sorted(recorded.items()):
+        if part not in merged and isinstance(rec, dict):
+            why = f"{rec.get('state')}: {rec['error']}" if rec.get("error") else rec.get("state")
+            out.add("input", f"input {rec.get('path')} has no complete part ({why})", part=part)
+    path = root / schema.INPUTS_FILENAME
+    if not path.exists():
+        return
+    try:
+        listed = {str(i["part"]): str(i["path"]) for i in json.loads(path.read_bytes())["inputs"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        out.add("input", f"{schema.INPUTS_FILENAME} is unreadable ({err!r})")
+        return
+    for part, source in sorted(listed.items()):
+        if part not in merged and part not in recorded:
+            out.add("input", f"input {source} (listed in {schema.INPUTS_FILENAME} by a later tokenize "
+                             "run) is not in the merged dataset", part=part)
 
 
 def _strip_part(entry: dict[str, Any], part: str) -> dict[str, Any]:

@@ -397,6 +397,7 @@ def run_tokenize(
     if not root.remote and Path(root.path).exists() and not Path(root.path).is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; pass a directory path "
                          "(a new one, or the output of an earlier run to resume it)")
+    _record_inputs(root, items)
     mine = items[rank::count]
     report = TokenizeReport(out=root.url, node_rank=rank, num_nodes=count,
                             parts_total=len(items), parts_assigned=len(mine), ignored_files=ignored)
@@ -440,6 +441,24 @@ def run_tokenize(
     except OSError as err:  # the disk that failed the merge fails this too: the summary still prints
         report.report_error = f"reports/: {err.strerror or err}"
     return report
+
+
+def _record_inputs(root: Root, items: list[InputFile]) -> None:
+    """Write `inputs.json`: every input of the job, so that a merge of fewer parts (`slimpack
+    shards merge` after a failed part) records, and validate reports, the inputs left out.
+
+    Every node writes the same list; it is rewritten only when it changes, so a re-run on a full
+    disk still reaches the merge and its clear error.
+    """
+    data = dumps_json({"inputs": [{"part": i.part, "path": str(Path(i.path).absolute()),
+                                   "split": i.split, "kind": i.kind} for i in items]})
+    try:
+        if root.exists(schema.INPUTS_FILENAME) and root.read_bytes(schema.INPUTS_FILENAME) == data:
+            return
+        root.write_bytes(schema.INPUTS_FILENAME, data)
+    except OSError as err:
+        raise RuntimeError(f"{root.url}: could not write {schema.INPUTS_FILENAME} "
+                           f"({err.strerror or err}): free space or fix permissions on --out") from err
 
 
 def _part_complete(root: Root, part: str) -> bool:
