@@ -395,3 +395,87 @@ def test_merge_after_a_failed_part_records_the_input_and_validate_reports_it(tmp
     assert validate_dataset(out).ok
     inputs = json.loads((out / schema.MANIFEST_FILENAME).read_text())["inputs"]
     assert {v["state"] for v in inputs.values()} == {"complete"} and len(inputs) == 3
+
+
+def _small_inputs(inp: Path, files: int = 8, docs: int = 150) -> Path:
+    """`files` JSONL inputs of varied real-looking text, a few hundred KB in all."""
+    from slimpack.demo import iter_corpus
+
+    texts = [text[:3000] for _, _, text in itertools.islice(iter_corpus(), files * docs)]
+    inp.mkdir()
+    for f in range(files):
+        (inp / f"part{f:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts[f * docs:(f + 1) * docs]))
+    return inp
+
+
+def _tokenize_cmd(inputs: list[Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "slimpack", "tokenize", *map(str, inputs), "--out", str(out), "--no-progress",
+            "--block-tokens", str(SMALL.block_tokens), "--set", f"shard_size_limit={SMALL.shard_size_limit}",
+            *extra]
+
+
+def test_a_part_completed_by_another_run_is_never_removed(tmp_path: Path, tree_digest):
+    from slimpack.shards.validate import validate_dataset
+    from slimpack.tokenize import job
+    from slimpack.tokenize.readers import discover
+
+    inp = _small_inputs(tmp_path / "in", files=2, docs=40)
+    out = tmp_path / "out"
+    # Run A tokenizes and merges. Run B planned part00 while A was still writing it, and its worker
+    # reaches part00 only now: it must find the part complete, not clear it and write it again.
+    assert _run([inp], out).merged
+    merged = tree_digest(out)
+    files = sorted(p for p in (out / "parts" / "part00.jsonl").iterdir())
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    job._init_worker(None)
+    item = next(i for i in discover([str(inp)])[0] if i.part == "part00.jsonl")
+    result = job._run_part(item, SMALL, str(out), None)
+    assert result == {"part": "part00.jsonl", "complete": True}
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == before
+    assert tree_digest(out) == merged and validate_dataset(out).ok
+
+
+def test_concurrent_runs_and_nodes_on_one_out_give_the_single_run_bytes(tmp_path: Path, tree_digest):
+    inp = _small_inputs(tmp_path / "in", files=6, docs=60)
+    ref = _run([inp], tmp_path / "ref", workers=1)
+    assert ref.ok and ref.merged
+    # The same job started twice at once, and the two nodes of one job at once.
+    procs = [subprocess.Popen(_tokenize_cmd([inp], tmp_path / "twice", "--workers", "2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs += [subprocess.Popen(_tokenize_cmd([inp], tmp_path / "nodes", "--node-rank", str(r), "--num-nodes", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stdout + stderr
+    assert tree_digest(tmp_path / "twice") == tree_digest(tmp_path / "ref")
+    assert tree_digest(tmp_path / "nodes") == tree_digest(tmp_path / "ref")
+
+
+def test_a_run_waits_for_a_part_another_live_run_holds_but_not_for_a_killed_one(tmp_path: Path, tree_digest):
+    import select
+
+    inp = _small_inputs(tmp_path / "in", files=2, docs=40)
+    assert _run([inp], tmp_path / "ref").merged
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom slimpack.storage import Root\n"
+         "from slimpack.tokenize.job import _part_lock\n"
+         "with _part_lock(Root(sys.argv[1]), 'part00.jsonl'):\n    print('locked', flush=True)\n    time.sleep(300)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        run = subprocess.Popen(_tokenize_cmd([inp], out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        said, deadline = b"", time.monotonic() + 60
+        while b"waiting for it" not in said and time.monotonic() < deadline and run.poll() is None:
+            if select.select([run.stderr], [], [], 0.5)[0]:
+                said += os.read(run.stderr.fileno(), 4096)
+        assert f"part part00.jsonl is being written by {os.uname().nodename} pid {holder.pid}".encode() in said, said
+        assert run.poll() is None and not (out / "parts" / "part00.jsonl").exists()  # untouched while held
+    finally:
+        holder.kill()  # as SIGKILL on a node: the kernel drops its lock, nothing is left stale
+        holder.wait()
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stdout + stderr
+    assert tree_digest(out) == tree_digest(tmp_path / "ref")
+    assert not list((out / "parts").glob("*.lock"))

@@ -11,17 +11,21 @@ rest. When every part is complete, the job merges (see `merge.py`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,8 +255,70 @@ def _init_worker(progress_queue: Any) -> None:
     _worker["queue"] = progress_queue
 
 
+def _lock_path(root: Root, part: str) -> Path:
+    if root.remote:  # no lock on an object store: a local file, so runs on this host exclude each other
+        key = hashlib.sha256(root.url.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "slimpack-locks" / key / f"{part}.lock"
+    return Path(root.join(f"{part_dir_name(part)}.lock"))
+
+
+def _flock(fd: int, path: Path, part: str) -> None:
+    """Take an exclusive flock(2) on `fd`, saying once on stderr whom it waits for."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace") or "another run"
+            print(f"tokenize: part {part} is being written by {holder} (another run on this --out); "
+                  "waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        raise RuntimeError(f"{path}: cannot lock ({err.strerror or err}): this filesystem does not "
+                           "support flock(2) (e.g. Lustre without -o flock); use --out on one that "
+                           "does") from err
+
+
+@contextlib.contextmanager
+def _part_lock(root: Root, part: str) -> Iterator[None]:
+    """Hold `part` exclusively while it is checked, cleared and written.
+
+    Two runs on one --out used to clear each other's parts (each part starts by removing its
+    directory), even one the other had completed and merged. Under this lock a run re-checks the
+    part and skips it when complete, so concurrent runs wait for each other part by part and end
+    with the bytes of one run; nodes of one job hold disjoint parts and never wait.
+
+    flock(2) on `parts/<part>.lock`: the kernel drops it when the holder dies, so a killed run
+    never leaves a part locked. For a remote --out the lock file is local (`$TMPDIR/slimpack-
+    locks/`): runs on one host exclude each other; runs on different hosts are not protected. The
+    file is removed on release; a waiter then holds a removed file, notices, and locks afresh.
+    """
+    path = _lock_path(root, part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _flock(fd, path, part)
+            held = os.fstat(fd)
+            now = os.stat(path) if path.exists() else None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter never sees it as current
+        os.close(fd)
+
+
 def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str | None) -> dict[str, Any]:
-    """Produce one part (in a worker). Returns its stats, or {'error': ...} for a failed part."""
+    """Produce one part (in a worker). Returns its stats; {'part', 'complete': True} when another
+    run completed it first; {'part', 'error'} for a failed part."""
     root = Root(root_url)
     progress_queue = _worker.get("queue")
     sent = [0, 0, time.monotonic()]
@@ -266,19 +332,27 @@ def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str 
             sent[2] = time.monotonic()
 
     name = part_dir_name(item.part)
-    root.remove_tree(name)  # anything here is an incomplete earlier attempt
     local = Path(tempfile.mkdtemp(dir=staging)) if root.remote else Path(root.join(name))
     try:
-        stats = tokenize_part(item, cfg, _worker["tokenizer"], local, on_progress=on_progress)
-        if root.remote:
-            for file in sorted(local.iterdir()):
-                root.upload(file, f"{name}/{file.name}")
-        root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
-        return stats
+        with _part_lock(root, item.part):
+            if root.remote:
+                root.fs.invalidate_cache()  # listings cached before the wait are stale
+            if _part_complete(root, item.part):  # another run finished it since this one planned
+                return {"part": item.part, "complete": True}
+            root.remove_tree(name)  # anything here is an incomplete earlier attempt
+            try:
+                stats = tokenize_part(item, cfg, _worker["tokenizer"], local, on_progress=on_progress)
+                if root.remote:
+                    for file in sorted(local.iterdir()):
+                        root.upload(file, f"{name}/{file.name}")
+                root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
+                return stats
+            except Exception:
+                root.remove_tree(name)  # still under the lock: only this run's own attempt
+                raise
     except Exception as err:
         # Any failure inside one part, a reader library's own exception included, fails that part
         # only: it is reported by name, the exit status is non-zero, and the other parts go on.
-        root.remove_tree(name)
         return {"part": item.part, "error": f"{type(err).__name__}: {err}"}
     finally:
         if progress_queue is not None:
@@ -416,6 +490,9 @@ def run_tokenize(
     for res in results:
         if "error" in res:
             report.parts_failed[res["part"]] = res["error"]
+            continue
+        if res.get("complete"):
+            report.parts_skipped_complete.append(res["part"])
             continue
         report.parts_done.append(res["part"])
         report.documents += res["documents"]
