@@ -13,8 +13,9 @@ Checks, per shard (in parallel over shards, one shard in memory per process):
   vectorised over runs of about 1 MB of consecutive samples, and sample by sample only when a
   run fails, so each finding names its sample.
 Over the dataset: the index and each part's own index agree; no unlisted shard files; parts
-missing or extra; the manifest's totals, per-part, per-split and per-source counts, per-sample
-token counts (`sample_tokens.npy`) and fingerprint equal what the shards hold.
+missing or extra; every input of the tokenize job has a complete part; the manifest's totals,
+per-part, per-split and per-source counts, per-sample token counts (`sample_tokens.npy`) and
+fingerprint equal what the shards hold.
 `--retokenize N` re-reads N random documents from the recorded input files and compares their ids
 with a fresh tokenization.
 

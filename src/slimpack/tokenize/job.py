@@ -6,7 +6,9 @@ Work unit: one input file -> one part directory whose bytes depend only on that 
 tokenizer and the config. Parts go to nodes round-robin over the sorted part list, and to a
 node's worker processes in any order; neither changes a byte. A part is complete only when its
 `stats.json` is in place (written last, atomically); a re-run skips complete parts and redoes the
-rest. When every part is complete, the job merges (see `merge.py`).
+rest. Each part is checked, cleared and written under a lock (`_part_lock`), so two runs on one
+`--out` never clear each other's parts. When every part is complete, the job merges (see
+`merge.py`); `inputs.json` records every input, so a merge of fewer parts can say what is missing.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
     slimpack shards merge DIR
 
 Idempotent (same parts, same bytes: nothing time- or machine-dependent is written) and atomic
-(each file is replaced whole; the manifest, written last, marks the dataset complete).
+(each file is replaced whole; the manifest, written last, marks the dataset complete; a merge that
+fails to write after replacing a file removes the older manifest). The manifest records every
+input of the job (`inputs.json`) with its state, so a merge after a failed part names what is
+missing and validate reports it.
 """
 
 from __future__ import annotations
