@@ -479,3 +479,20 @@ def test_a_run_waits_for_a_part_another_live_run_holds_but_not_for_a_killed_one(
     assert run.returncode == 0, stdout + stderr
     assert tree_digest(out) == tree_digest(tmp_path / "ref")
     assert not list((out / "parts").glob("*.lock"))
+
+
+def test_the_part_lock_excludes_across_processes_though_its_file_is_removed_on_release(tmp_path: Path):
+    # Read-modify-write of a counter under the lock from 4 processes: a lost update would mean two
+    # holders at once (the race the retry on a removed lock file closes).
+    script = ("import sys\nfrom pathlib import Path\nfrom slimpack.storage import Root\n"
+              "from slimpack.tokenize.job import _part_lock\n"
+              "counter = Path(sys.argv[1]) / 'counter'\n"
+              "for _ in range(200):\n"
+              "    with _part_lock(Root(sys.argv[1]), 'p.jsonl'):\n"
+              "        counter.write_text(str(int(counter.read_text()) + 1))\n")
+    (tmp_path / "counter").write_text("0")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.DEVNULL)
+             for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    assert (tmp_path / "counter").read_text() == "800"
+    assert not list((tmp_path / "parts").iterdir())  # no lock file left behind

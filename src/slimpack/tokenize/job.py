@@ -302,12 +302,13 @@ def _part_lock(root: Root, part: str) -> Iterator[None]:
         try:
             _flock(fd, path, part)
             held = os.fstat(fd)
-            now = os.stat(path) if path.exists() else None
         except BaseException:
             os.close(fd)
             raise
-        if now is not None and (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
-            break
+        with contextlib.suppress(FileNotFoundError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                break
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
