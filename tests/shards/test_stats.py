@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,3 +142,22 @@ def test_stats_on_real_shards(dataset: Path, tmp_path: Path) -> None:
     assert pf["tokens_in_windows"] + pf["tokens_dropped"] == manifest["per_split"]["validation"]["tokens"]
     for name in ("doc_lengths.png", "position_frequency.png", "sources.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stats_on_a_missing_empty_or_unmerged_directory_is_a_clean_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from slimpack import exitcodes
+    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("")  # merges into a dataset of no documents
+    assert run_tokenize([str(tmp_path / "in")], str(tmp_path / "nodocs"), TokenizeConfig(),
+                        progress=False).merged
+    for path, fragment in ((tmp_path / "nowhere", "does not exist"),
+                           (tmp_path / "empty", "slimpack.json does not exist"),
+                           (tmp_path / "nodocs", "holds no documents")):
+        assert main(["shards", "stats", str(path), "--workers", "1"]) == exitcodes.UNUSABLE
+        err = capsys.readouterr().err
+        assert err.startswith("slimpack shards stats: error: ") and err.count("\n") == 1, err
+        assert str(path) in err and fragment in err

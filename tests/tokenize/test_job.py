@@ -286,3 +286,213 @@ def test_a_reader_library_error_fails_only_its_part(tmp_path: Path):
     report = _run([inp], tmp_path / "out", workers=1)
     assert report.parts_done == ["good.jsonl"] and list(report.parts_failed) == ["broken.parquet"]
     assert not report.ok and "FAILED part broken.parquet" in report.summary()
+
+
+def test_a_part_whose_every_record_lacks_the_text_field_fails_naming_the_fields(tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(pa.table({"content": ["first document", "second"], "id": [1, 2]}), inp / "a.parquet")
+    (inp / "b.jsonl").write_text("".join(json.dumps({"body": f"doc {i}", "meta": {}}) + "\n" for i in range(3)))
+    report = _run([inp], tmp_path / "out")
+    assert not report.ok and not report.merged and report.parts_done == []
+    a, b = report.parts_failed["a.parquet"], report.parts_failed["b.jsonl"]
+    assert "all 2 records were skipped as missing_text" in a and "'text'" in a
+    assert "content, id" in a and "--set text_field=" in a
+    assert "all 3 records were skipped as missing_text" in b and "body, meta" in b and "--set text_field=" in b
+    assert not (tmp_path / "out" / schema.MANIFEST_FILENAME).exists()
+    # The fix the message names works.
+    fixed = _run([inp / "a.parquet"], tmp_path / "fixed", cfg=TokenizeConfig(text_field="content"))
+    assert fixed.ok and fixed.merged and fixed.documents == 2
+
+
+def _file_size_limit(limit: int):
+    """preexec_fn: the process may not grow any file past `limit` bytes. A write past it fails in
+    the kernel with EFBIG (SIGXFSZ ignored), as a write to a full disk fails with ENOSPC: a real
+    failed write, reaching the same `OSError` paths, on any Linux machine and without root."""
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_merge_that_cannot_write_fails_cleanly_and_a_later_merge_completes(tmp_path: Path, tree_digest):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "b"):
+        (inp / f"{name}.jsonl").write_text("".join(json.dumps({"text": f"{name} {i} " * 50}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    assert _run([inp], out).merged
+    merged = tree_digest(out)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    for name in (schema.SAMPLE_TOKENS_FILENAME, schema.INDEX_FILENAME, schema.MANIFEST_FILENAME):
+        (out / name).unlink()
+    # Every part is complete, so tokenize only merges, and no merged file fits.
+    done = subprocess.run([sys.executable, "-m", "slimpack", "tokenize", str(inp), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, env=env,
+                          preexec_fn=_file_size_limit(64))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "2 already complete" in done.stdout  # the job's report, as for a failed part
+    assert f"merge FAILED: {out}: could not write {schema.SAMPLE_TOKENS_FILENAME} (File too large)" in done.stdout
+    assert f"slimpack shards merge {out}" in done.stdout
+    # No partial or temporary file left: only the list of inputs, written by the first run.
+    assert [p.name for p in out.iterdir() if p.is_file()] == [schema.INPUTS_FILENAME]
+    assert _run([inp], out).merged and tree_digest(out) == merged
+
+    # A re-merge that replaces sample_tokens.npy but cannot write index.json: the old manifest no
+    # longer describes the files, so it goes, and the dataset reads as unmerged until a merge completes.
+    npy_bytes = (out / schema.SAMPLE_TOKENS_FILENAME).stat().st_size
+    done = subprocess.run([sys.executable, "-m", "slimpack", "shards", "merge", str(out)], capture_output=True,
+                          text=True, env=env, preexec_fn=_file_size_limit(npy_bytes))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("slimpack shards merge: error: ")
+    assert f"could not write {schema.INDEX_FILENAME}" in done.stderr
+    assert not (out / schema.MANIFEST_FILENAME).exists()
+    from slimpack.shards.validate import validate_dataset
+
+    assert "slimpack shards merge" in validate_dataset(out).unusable
+    merge_dataset(str(out))
+    assert tree_digest(out) == merged
+
+
+def test_merge_after_a_failed_part_records_the_input_and_validate_reports_it(tmp_path: Path, capsys):
+    from slimpack.cli import main
+    from slimpack.shards.validate import validate_dataset
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a", "c"):
+        (inp / f"{name}.jsonl").write_text(json.dumps({"text": f"text {name}"}) + "\n")
+    whole = zstandard.ZstdCompressor().compress(("".join(
+        json.dumps({"text": f"b {i} " * 40}) + "\n" for i in range(300))).encode())
+    (inp / "b.jsonl.zst").write_bytes(whole[: len(whole) // 2])  # truncated: its part fails
+    out = tmp_path / "out"
+    report = _run([inp], out)
+    assert list(report.parts_failed) == ["b.jsonl.zst"] and not report.merged
+
+    # Merging the parts there are is allowed, but says which input is missing, and records it.
+    assert main(["shards", "merge", str(out)]) == 1
+    said = capsys.readouterr().out
+    assert f"input {inp / 'b.jsonl.zst'} has no complete part" in said and "re-run `slimpack tokenize`" in said
+    inputs = json.loads((out / schema.MANIFEST_FILENAME).read_text())["inputs"]
+    assert inputs["a.jsonl"] == {"path": str(inp / "a.jsonl"), "split": "train", "state": "complete"}
+    assert inputs["b.jsonl.zst"]["state"] == "failed" and "truncated" in inputs["b.jsonl.zst"]["error"]
+    result = validate_dataset(out)
+    missing = [f for f in result.findings if f.check == "input"]
+    assert result.exit_status == 1 and len(missing) == 1, result.summary()
+    assert str(inp / "b.jsonl.zst") in missing[0].message and missing[0].part == "b.jsonl.zst"
+    assert "slimpack tokenize" in missing[0].hint
+
+    # The input repaired, a re-run redoes only its part and the dataset is whole.
+    (inp / "b.jsonl.zst").write_bytes(whole)
+    again = _run([inp], out)
+    assert again.parts_done == ["b.jsonl.zst"] and again.merged
+    assert validate_dataset(out).ok
+    inputs = json.loads((out / schema.MANIFEST_FILENAME).read_text())["inputs"]
+    assert {v["state"] for v in inputs.values()} == {"complete"} and len(inputs) == 3
+
+
+def _small_inputs(inp: Path, files: int = 8, docs: int = 150) -> Path:
+    """`files` JSONL inputs of varied real-looking text, a few hundred KB in all."""
+    from slimpack.demo import iter_corpus
+
+    texts = [text[:3000] for _, _, text in itertools.islice(iter_corpus(), files * docs)]
+    inp.mkdir()
+    for f in range(files):
+        (inp / f"part{f:02d}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in texts[f * docs:(f + 1) * docs]))
+    return inp
+
+
+def _tokenize_cmd(inputs: list[Path], out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "slimpack", "tokenize", *map(str, inputs), "--out", str(out), "--no-progress",
+            "--block-tokens", str(SMALL.block_tokens), "--set", f"shard_size_limit={SMALL.shard_size_limit}",
+            *extra]
+
+
+def test_a_part_completed_by_another_run_is_never_removed(tmp_path: Path, tree_digest):
+    from slimpack.shards.validate import validate_dataset
+    from slimpack.tokenize import job
+    from slimpack.tokenize.readers import discover
+
+    inp = _small_inputs(tmp_path / "in", files=2, docs=40)
+    out = tmp_path / "out"
+    # Run A tokenizes and merges. Run B planned part00 while A was still writing it, and its worker
+    # reaches part00 only now: it must find the part complete, not clear it and write it again.
+    assert _run([inp], out).merged
+    merged = tree_digest(out)
+    files = sorted(p for p in (out / "parts" / "part00.jsonl").iterdir())
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    job._init_worker(None)
+    item = next(i for i in discover([str(inp)])[0] if i.part == "part00.jsonl")
+    result = job._run_part(item, SMALL, str(out), None)
+    assert result == {"part": "part00.jsonl", "complete": True}
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == before
+    assert tree_digest(out) == merged and validate_dataset(out).ok
+
+
+def test_concurrent_runs_and_nodes_on_one_out_give_the_single_run_bytes(tmp_path: Path, tree_digest):
+    inp = _small_inputs(tmp_path / "in", files=6, docs=60)
+    ref = _run([inp], tmp_path / "ref", workers=1)
+    assert ref.ok and ref.merged
+    # The same job started twice at once, and the two nodes of one job at once.
+    procs = [subprocess.Popen(_tokenize_cmd([inp], tmp_path / "twice", "--workers", "2"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs += [subprocess.Popen(_tokenize_cmd([inp], tmp_path / "nodes", "--node-rank", str(r), "--num-nodes", "2"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 0, stdout + stderr
+    assert tree_digest(tmp_path / "twice") == tree_digest(tmp_path / "ref")
+    assert tree_digest(tmp_path / "nodes") == tree_digest(tmp_path / "ref")
+
+
+def test_a_run_waits_for_a_part_another_live_run_holds_but_not_for_a_killed_one(tmp_path: Path, tree_digest):
+    import select
+
+    inp = _small_inputs(tmp_path / "in", files=2, docs=40)
+    assert _run([inp], tmp_path / "ref").merged
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom slimpack.storage import Root\n"
+         "from slimpack.tokenize.job import _part_lock\n"
+         "with _part_lock(Root(sys.argv[1]), 'part00.jsonl'):\n    print('locked', flush=True)\n    time.sleep(300)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        run = subprocess.Popen(_tokenize_cmd([inp], out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        said, deadline = b"", time.monotonic() + 60
+        while b"waiting for it" not in said and time.monotonic() < deadline and run.poll() is None:
+            if select.select([run.stderr], [], [], 0.5)[0]:
+                said += os.read(run.stderr.fileno(), 4096)
+        assert f"part part00.jsonl is being written by {os.uname().nodename} pid {holder.pid}".encode() in said, said
+        assert run.poll() is None and not (out / "parts" / "part00.jsonl").exists()  # untouched while held
+    finally:
+        holder.kill()  # as SIGKILL on a node: the kernel drops its lock, nothing is left stale
+        holder.wait()
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stdout + stderr
+    assert tree_digest(out) == tree_digest(tmp_path / "ref")
+    assert not list((out / "parts").glob("*.lock"))
+
+
+def test_the_part_lock_excludes_across_processes_though_its_file_is_removed_on_release(tmp_path: Path):
+    # Read-modify-write of a counter under the lock from 4 processes: a lost update would mean two
+    # holders at once (the race the retry on a removed lock file closes).
+    script = ("import sys\nfrom pathlib import Path\nfrom slimpack.storage import Root\n"
+              "from slimpack.tokenize.job import _part_lock\n"
+              "counter = Path(sys.argv[1]) / 'counter'\n"
+              "for _ in range(200):\n"
+              "    with _part_lock(Root(sys.argv[1]), 'p.jsonl'):\n"
+              "        counter.write_text(str(int(counter.read_text()) + 1))\n")
+    (tmp_path / "counter").write_text("0")
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.DEVNULL)
+             for _ in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    assert (tmp_path / "counter").read_text() == "800"
+    assert not list((tmp_path / "parts").iterdir())  # no lock file left behind

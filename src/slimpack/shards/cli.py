@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from slimpack import exitcodes
+from slimpack.cli import positive_int
+
 
 def _default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
@@ -21,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_merge)
 
     v = shards_sub.add_parser(
-        "validate", help="check every shard, sample and count (exit 0 clean, 1 findings, 2 unusable)")
+        "validate", help="check every shard, sample and count (exit 0 clean, 1 findings, 3 unusable)")
     v.add_argument("path", help="local dataset directory (with index.json and slimpack.json)")
-    v.add_argument("--workers", type=int, default=_default_workers(),
+    v.add_argument("--workers", type=positive_int, default=_default_workers(),
                    help="processes over shards (default: CPU count, at most 8)")
     v.add_argument("--all-hashes", action="store_true",
                    help="check every recorded hash (default: the fastest recorded, xxh3_64)")
@@ -42,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--split", default="train",
                    help="split whose epoch the position frequency counts, as the loader feeds it (default train)")
     s.add_argument("--seed", type=int, default=0, help="the loader's seed (data.seed) fixing the epoch order")
-    s.add_argument("--workers", type=int, default=_default_workers())
+    s.add_argument("--workers", type=positive_int, default=_default_workers())
     s.add_argument("--plots", metavar="DIR", help="write PNG plots here")
     s.add_argument("--json", metavar="FILE", help="write every figure here")
     s.add_argument("--no-progress", action="store_true")
@@ -57,13 +60,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from slimpack.tokenize.merge import merge_dataset
+    from slimpack.tokenize.merge import MergeWriteError, merge_dataset, missing_inputs
 
-    manifest = merge_dataset(args.path)
+    try:
+        manifest = merge_dataset(args.path)
+    except MergeWriteError as err:  # the parts are fine; the merge failed, as a failed part does
+        print(f"slimpack shards merge: error: {err}", file=sys.stderr)
+        return exitcodes.FINDINGS
     print(f"merged {len(manifest['parts'])} parts: {manifest['documents']:,} documents, "
           f"{manifest['tokens']:,} tokens in {manifest['samples']:,} samples; "
           f"fingerprint {manifest['fingerprint'][:16]}")
-    return 0
+    missing = missing_inputs(manifest)
+    for line in missing:
+        print(f"  MISSING {line}")
+    return exitcodes.FINDINGS if missing else exitcodes.OK
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -81,9 +91,14 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from slimpack.shards.stats import compute_stats, write_plots
+    from slimpack.shards.validate import UnusableInputError
 
-    report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
-                           seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
+    try:
+        report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
+                               seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
+    except UnusableInputError as err:
+        print(f"slimpack shards stats: error: {err}", file=sys.stderr)
+        return exitcodes.UNUSABLE
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

@@ -6,6 +6,8 @@ A dataset directory holds:
                           paths such as ``parts/train/chunk1/example_train_0.jsonl.zst/shard.00000.mds.zstd``)
     slimpack.json         the manifest: schema version, tokenizer identity, counts, fingerprint
     sample_tokens.npy     int64 token count of every sample, in index order (the loader's input)
+    inputs.json           every input the tokenize job was given (part, path, split, kind), so a
+                          merge and validate can name an input whose part is missing
     parts/<name>/         one directory per input file, named by its path under the input root:
         index.json        the part's own MDS index
         shard.NNNNN.mds[.zstd]
@@ -35,6 +37,7 @@ DOC_SOURCES_DTYPE = "uint32"
 INDEX_FILENAME = "index.json"
 MANIFEST_FILENAME = "slimpack.json"
 SAMPLE_TOKENS_FILENAME = "sample_tokens.npy"
+INPUTS_FILENAME = "inputs.json"
 PARTS_DIRNAME = "parts"
 PART_STATS_FILENAME = "stats.json"
 

@@ -34,6 +34,7 @@ counted independently, so shards are counted in parallel and summed.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import time
@@ -46,6 +47,7 @@ import numpy as np
 
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
+from slimpack.shards.validate import UnusableInputError
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
 
@@ -241,16 +243,41 @@ def _epoch_sample_starts(root: Path, split: str, seed: int) -> tuple[np.ndarray,
     return starts, int(lengths.sum())
 
 
+def _read_dataset_json(path: Path) -> Any:
+    if not path.is_file():
+        raise UnusableInputError(f"{path} does not exist: not a merged dataset; point at one, or run "
+                                 "`slimpack shards merge DIR` once every part is tokenized")
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UnusableInputError(f"{path} is not readable JSON ({err}): re-run `slimpack shards "
+                                 "merge DIR`") from err
+
+
 def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4096), workers: int = 1,
                   progress: bool = False, split: str = "train", seed: int = 0) -> StatsReport:
     """Every figure of the module docstring for a local (validated) dataset; the position frequency
-    over one epoch of `split` in the loader's order for `seed`."""
+    over one epoch of `split` in the loader's order for `seed`.
+
+    Raises `UnusableInputError` when `path` is not a merged dataset or holds no documents.
+    """
     from tqdm import tqdm
 
     start = time.monotonic()
     root = Path(path)
-    manifest = mds.read_json(root / schema.MANIFEST_FILENAME)
-    entries = mds.read_json(root / schema.INDEX_FILENAME)["shards"]
+    if not root.is_dir():
+        raise UnusableInputError(f"{root} does not exist or is not a directory: point at a local "
+                                 "dataset directory (the --out of `slimpack tokenize`)")
+    manifest = _read_dataset_json(root / schema.MANIFEST_FILENAME)
+    index = _read_dataset_json(root / schema.INDEX_FILENAME)
+    entries = index.get("shards") if isinstance(index, dict) else None
+    if not isinstance(entries, list) or not isinstance(manifest, dict):
+        raise UnusableInputError(f"{root}: index.json or slimpack.json is not a slimpack dataset's; "
+                                 "run `slimpack shards validate` on it")
+    if not entries:
+        raise UnusableInputError(f"{root}: the dataset holds no documents (index.json lists no "
+                                 "shards), so there is nothing to describe; the tokenize report "
+                                 "says which records were skipped and why")
     mds.parse_index({"version": schema.MDS_VERSION, "shards": entries}, str(root / schema.INDEX_FILENAME))
     if any(L < 1 for L in seq_lens):
         raise ValueError(f"--seq-len must be positive, got {list(seq_lens)}")

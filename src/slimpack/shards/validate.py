@@ -3,7 +3,7 @@
     slimpack shards validate DIR [--workers N] [--all-hashes] [--retokenize N] [--json FILE]
 
 `validate_dataset` returns a `ValidationReport`; the CLI prints its summary and exits 0 when clean,
-1 on any finding, 2 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
+1 on any finding, 3 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
 JSON). Every finding names the check, the shard, the sample (and document) and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
@@ -13,8 +13,9 @@ Checks, per shard (in parallel over shards, one shard in memory per process):
   vectorised over runs of about 1 MB of consecutive samples, and sample by sample only when a
   run fails, so each finding names its sample.
 Over the dataset: the index and each part's own index agree; no unlisted shard files; parts
-missing or extra; the manifest's totals, per-part, per-split and per-source counts, per-sample
-token counts (`sample_tokens.npy`) and fingerprint equal what the shards hold.
+missing or extra; every input of the tokenize job has a complete part; the manifest's totals,
+per-part, per-split and per-source counts, per-sample token counts (`sample_tokens.npy`) and
+fingerprint equal what the shards hold.
 `--retokenize N` re-reads N random documents from the recorded input files and compares their ids
 with a fresh tokenization.
 
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from slimpack import exitcodes
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import column_layouts, gather, global_cu_seqlens, sample_runs
 from slimpack.shards.invariants import sample_problems
@@ -69,6 +71,9 @@ HINTS: dict[str, str] = {
               "wrote it)",
     "part": "the part is missing, extra or incomplete: re-run `slimpack tokenize` for it, or delete "
             "the stray directory, then `slimpack shards merge DIR`",
+    "input": "an input of the tokenize job has no complete part, so its documents are missing: fix "
+             "(or drop) the input, then re-run `slimpack tokenize` with the job's inputs and --out; "
+             "it redoes only the parts not complete, then merges",
     "manifest": "slimpack.json disagrees with the shards: re-run `slimpack shards merge DIR`; if it "
                 "persists the shards themselves are wrong",
     "sources": "a document's source id is not in the manifest: re-run the merge or re-tokenize",
@@ -78,7 +83,7 @@ HINTS: dict[str, str] = {
 
 
 class UnusableInputError(RuntimeError):
-    """The input cannot be validated at all (exit status 2)."""
+    """The input cannot be validated (or described) at all: exit status 3, `exitcodes.UNUSABLE`."""
 
 
 @dataclass(frozen=True)
@@ -435,8 +440,9 @@ class ValidationReport:
 
     @property
     def exit_status(self) -> int:
-        """0 clean, 1 findings, 2 unusable input."""
-        return 2 if self.unusable else 1 if self.findings else 0
+        """0 clean, 1 findings, 3 unusable input (`slimpack.exitcodes`)."""
+        return (exitcodes.UNUSABLE if self.unusable else exitcodes.FINDINGS if self.findings
+                else exitcodes.OK)
 
     def counts(self) -> dict[str, int]:
         c = Counter(f.check for f in self.findings)
@@ -581,6 +587,7 @@ def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes:
 
     _check_files(root, entries, out)
     _check_parts(root, entries, manifest, results, out)
+    _check_inputs(root, manifest, out)
     _check_manifest(root, entries, manifest, results, out, report.notes)
     if retokenize > 0:
         from slimpack.shards.retokenize import check_retokenize
@@ -670,6 +677,29 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
                 if stats.get(key) != value:
                     out.add("part", f"parts/{part}/stats.json says {key} = {stats.get(key)}, the shards "
                                     f"hold {value:,}", part=part)
+
+
+def _check_inputs(root: Path, manifest: dict[str, Any], out: _Collector) -> None:
+    """Every input of the job (the manifest's `inputs`, and `inputs.json` if a later run wrote
+    it) has a complete part in the dataset: a merge after a failed part must not read as clean."""
+    merged = manifest.get("parts") if isinstance(manifest.get("parts"), dict) else {}
+    recorded = manifest.get("inputs") if isinstance(manifest.get("inputs"), dict) else {}
+    for part, rec in sorted(recorded.items()):
+        if part not in merged and isinstance(rec, dict):
+            why = f"{rec.get('state')}: {rec['error']}" if rec.get("error") else rec.get("state")
+            out.add("input", f"input {rec.get('path')} has no complete part ({why})", part=part)
+    path = root / schema.INPUTS_FILENAME
+    if not path.exists():
+        return
+    try:
+        listed = {str(i["part"]): str(i["path"]) for i in json.loads(path.read_bytes())["inputs"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        out.add("input", f"{schema.INPUTS_FILENAME} is unreadable ({err!r})")
+        return
+    for part, source in sorted(listed.items()):
+        if part not in merged and part not in recorded:
+            out.add("input", f"input {source} (listed in {schema.INPUTS_FILENAME} by a later tokenize "
+                             "run) is not in the merged dataset", part=part)
 
 
 def _strip_part(entry: dict[str, Any], part: str) -> dict[str, Any]:

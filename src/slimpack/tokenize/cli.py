@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from slimpack.cli import positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="tokenize input files into MDS shards with document boundaries",
@@ -12,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="files or directories (SlimPajama layout, *.jsonl[.gz|.zst], "
                    "*.parquet, Hugging Face save_to_disk directories)")
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this node")
+    p.add_argument("--workers", type=positive_int, default=1, help="worker processes on this node")
     p.add_argument("--node-rank", type=int, default=None,
                    help="this node's rank (default: Slurm or RANK env, else 0)")
     p.add_argument("--num-nodes", type=int, default=None,
@@ -60,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
                           staging_dir=args.staging_dir)
     print(report.summary())
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(asdict(report), f, indent=1)
+        try:
+            with open(args.json, "w") as f:
+                json.dump(asdict(report), f, indent=1)
+        except OSError as err:
+            raise RuntimeError(f"could not write the report to {args.json} ({err.strerror or err})") from err
     return 0 if report.ok else 1

@@ -6,22 +6,28 @@ Work unit: one input file -> one part directory whose bytes depend only on that 
 tokenizer and the config. Parts go to nodes round-robin over the sorted part list, and to a
 node's worker processes in any order; neither changes a byte. A part is complete only when its
 `stats.json` is in place (written last, atomically); a re-run skips complete parts and redoes the
-rest. When every part is complete, the job merges (see `merge.py`).
+rest. Each part is checked, cleared and written under a lock (`_part_lock`), so two runs on one
+`--out` never clear each other's parts. When every part is complete, the job merges (see
+`merge.py`); `inputs.json` records every input, so a merge of fewer parts can say what is missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +74,23 @@ class TokenizeConfig:
 
 class BadRecordError(RuntimeError):
     """A bad record under `--on-bad-record fail`."""
+
+
+class AllRecordsSkippedError(RuntimeError):
+    """Every record of an input was skipped for one reason: a misnamed field or a file that is not
+    JSON lines, not bad data to count (merging it would give an empty part that validates clean)."""
+
+
+# How to fix an input whose every record was skipped for this reason.
+_ALL_SKIPPED_FIXES = {
+    "missing_text": "the text is in another field: re-run with --set text_field=FIELD (one of the "
+                    "fields above; a dotted path such as meta.text reaches a nested one)",
+    "non_string_text": "the text field holds no strings: re-run with --set text_field=FIELD naming "
+                       "the field that holds the text",
+    "empty_text": "the text field is empty in every record: re-run with --set text_field=FIELD naming "
+                  "the field that holds the text, or exclude the file",
+}
+_NOT_JSONL_FIX = "the file is not UTF-8 JSON lines of objects: check or re-create it, or exclude it"
 
 
 # Text per encode call: big enough to amortise Python overhead, small enough to bound memory.
@@ -119,13 +142,14 @@ def tokenize_part(
 ) -> dict[str, Any]:
     """Tokenize one input into MDS shards under `part_dir`; returns the part's stats.
 
-    `on_progress(bytes, tokens)` is called with increments. Raises `CorruptInputError` or
-    `BadRecordError`; the caller owns cleanup.
+    `on_progress(bytes, tokens)` is called with increments. Raises `CorruptInputError`,
+    `BadRecordError` or `AllRecordsSkippedError`; the caller owns cleanup.
     """
     writer = mds.ShardWriter(part_dir, columns=schema.COLUMNS, compression=cfg.compression,
                              hashes=cfg.hashes, size_limit=cfg.shard_size_limit)
     blocks = _Blocks(writer, cfg.block_tokens)
     skipped: Counter[str] = Counter()
+    first_detail: dict[str, str] = {}
     examples: list[dict[str, Any]] = []
     sources: dict[str, dict[str, int]] = {}
     docs = tokens = surrogates = 0
@@ -162,6 +186,7 @@ def tokenize_part(
                     f"{where}: {rec.reason} ({rec.detail}); fix the record, or re-run with "
                     "--on-bad-record skip to skip and count such records")
             skipped[rec.reason] += 1
+            first_detail.setdefault(rec.reason, rec.detail[:300])
             if len(examples) < cfg.bad_examples:
                 examples.append({"reason": rec.reason, "file": item.path, "line": rec.line,
                                  "detail": rec.detail[:200]})
@@ -172,6 +197,11 @@ def tokenize_part(
             encode_pending()
     if pending:
         encode_pending()
+    if docs == 0 and len(skipped) == 1:
+        (reason, n), = skipped.items()
+        raise AllRecordsSkippedError(
+            f"{item.path}: all {n:,} records were skipped as {reason} ({first_detail[reason]}); "
+            + _ALL_SKIPPED_FIXES.get(reason, _NOT_JSONL_FIX))
     blocks.flush()
     index = writer.finish()
     if item.kind != "hf":
@@ -227,8 +257,71 @@ def _init_worker(progress_queue: Any) -> None:
     _worker["queue"] = progress_queue
 
 
+def _lock_path(root: Root, part: str) -> Path:
+    if root.remote:  # no lock on an object store: a local file, so runs on this host exclude each other
+        key = hashlib.sha256(root.url.encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "slimpack-locks" / key / f"{part}.lock"
+    return Path(root.join(f"{part_dir_name(part)}.lock"))
+
+
+def _flock(fd: int, path: Path, part: str) -> None:
+    """Take an exclusive flock(2) on `fd`, saying once on stderr whom it waits for."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace") or "another run"
+            print(f"tokenize: part {part} is being written by {holder} (another run on this --out); "
+                  "waiting for it", file=sys.stderr, flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        raise RuntimeError(f"{path}: cannot lock ({err.strerror or err}): this filesystem does not "
+                           "support flock(2) (e.g. Lustre without -o flock); use --out on one that "
+                           "does") from err
+
+
+@contextlib.contextmanager
+def _part_lock(root: Root, part: str) -> Iterator[None]:
+    """Hold `part` exclusively while it is checked, cleared and written.
+
+    Two runs on one --out used to clear each other's parts (each part starts by removing its
+    directory), even one the other had completed and merged. Under this lock a run re-checks the
+    part and skips it when complete, so concurrent runs wait for each other part by part and end
+    with the bytes of one run; nodes of one job hold disjoint parts and never wait.
+
+    flock(2) on `parts/<part>.lock`: the kernel drops it when the holder dies, so a killed run
+    never leaves a part locked. For a remote --out the lock file is local (`$TMPDIR/slimpack-
+    locks/`): runs on one host exclude each other; runs on different hosts are not protected. The
+    file is removed on release; a waiter then holds a removed file, notices, and locks afresh.
+    """
+    path = _lock_path(root, part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _flock(fd, path, part)
+            held = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}".encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiter never sees it as current
+        os.close(fd)
+
+
 def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str | None) -> dict[str, Any]:
-    """Produce one part (in a worker). Returns its stats, or {'error': ...} for a failed part."""
+    """Produce one part (in a worker). Returns its stats; {'part', 'complete': True} when another
+    run completed it first; {'part', 'error'} for a failed part."""
     root = Root(root_url)
     progress_queue = _worker.get("queue")
     sent = [0, 0, time.monotonic()]
@@ -242,19 +335,27 @@ def _run_part(item: InputFile, cfg: TokenizeConfig, root_url: str, staging: str 
             sent[2] = time.monotonic()
 
     name = part_dir_name(item.part)
-    root.remove_tree(name)  # anything here is an incomplete earlier attempt
     local = Path(tempfile.mkdtemp(dir=staging)) if root.remote else Path(root.join(name))
     try:
-        stats = tokenize_part(item, cfg, _worker["tokenizer"], local, on_progress=on_progress)
-        if root.remote:
-            for file in sorted(local.iterdir()):
-                root.upload(file, f"{name}/{file.name}")
-        root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
-        return stats
+        with _part_lock(root, item.part):
+            if root.remote:
+                root.fs.invalidate_cache()  # listings cached before the wait are stale
+            if _part_complete(root, item.part):  # another run finished it since this one planned
+                return {"part": item.part, "complete": True}
+            root.remove_tree(name)  # anything here is an incomplete earlier attempt
+            try:
+                stats = tokenize_part(item, cfg, _worker["tokenizer"], local, on_progress=on_progress)
+                if root.remote:
+                    for file in sorted(local.iterdir()):
+                        root.upload(file, f"{name}/{file.name}")
+                root.write_bytes(part_stats_name(item.part), dumps_json(stats))  # last: marks complete
+                return stats
+            except Exception:
+                root.remove_tree(name)  # still under the lock: only this run's own attempt
+                raise
     except Exception as err:
         # Any failure inside one part, a reader library's own exception included, fails that part
         # only: it is reported by name, the exit status is non-zero, and the other parts go on.
-        root.remove_tree(name)
         return {"part": item.part, "error": f"{type(err).__name__}: {err}"}
     finally:
         if progress_queue is not None:
@@ -310,10 +411,12 @@ class TokenizeReport:
     seconds: float = 0.0
     merged: bool = False
     merge_note: str = ""
+    merge_error: str = ""  # the merge ran and could not write its files (a full disk)
+    report_error: str = ""  # this report could not be written under reports/
 
     @property
     def ok(self) -> bool:
-        return not self.parts_failed
+        return not self.parts_failed and not self.merge_error
 
     def summary(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
@@ -335,7 +438,12 @@ class TokenizeReport:
                          + ", ".join(Path(f).name for f in self.ignored_files[:3]))
         for part, err in sorted(self.parts_failed.items()):
             lines.append(f"  FAILED part {part}: {err}")
-        lines.append(f"  merged: {self.out}" if self.merged else f"  not merged: {self.merge_note}")
+        if self.merge_error:
+            lines.append(f"  merge FAILED: {self.merge_error}")
+        else:
+            lines.append(f"  merged: {self.out}" if self.merged else f"  not merged: {self.merge_note}")
+        if self.report_error:
+            lines.append(f"  report not written: {self.report_error}")
         return "\n".join(lines)
 
 
@@ -351,9 +459,11 @@ def run_tokenize(
     staging_dir: str | None = None,
 ) -> TokenizeReport:
     """Tokenize this node's share of the inputs into `out`, then merge if every part is done."""
-    from slimpack.tokenize.merge import merge_dataset
+    from slimpack.tokenize.merge import MergeWriteError, merge_dataset
 
     start = time.monotonic()
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers} (--workers)")
     rank, count = node_from_env(node_rank, num_nodes)
     items, ignored = discover(inputs)
     if not items:
@@ -364,6 +474,7 @@ def run_tokenize(
     if not root.remote and Path(root.path).exists() and not Path(root.path).is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; pass a directory path "
                          "(a new one, or the output of an earlier run to resume it)")
+    _record_inputs(root, items)
     mine = items[rank::count]
     report = TokenizeReport(out=root.url, node_rank=rank, num_nodes=count,
                             parts_total=len(items), parts_assigned=len(mine), ignored_files=ignored)
@@ -383,6 +494,9 @@ def run_tokenize(
         if "error" in res:
             report.parts_failed[res["part"]] = res["error"]
             continue
+        if res.get("complete"):
+            report.parts_skipped_complete.append(res["part"])
+            continue
         report.parts_done.append(res["part"])
         report.documents += res["documents"]
         report.tokens += res["tokens"]
@@ -395,12 +509,36 @@ def run_tokenize(
         report.merge_note = (f"{len(missing)} part(s) not complete yet (e.g. {missing[0]}); "
                              "merge runs when the last one finishes, or run `slimpack shards merge`")
     else:
-        merge_dataset(root.url, expected_parts=[i.part for i in items])
-        report.merged = True
+        try:
+            merge_dataset(root.url, expected_parts=[i.part for i in items])
+            report.merged = True
+        except MergeWriteError as err:  # reported like a failed part: the parts stay complete
+            report.merge_error = str(err)
     report.seconds = time.monotonic() - start
-    root.write_bytes(f"reports/tokenize.node-{rank:05d}-of-{count:05d}.json",
-                     dumps_json(dataclasses.asdict(report)))
+    try:
+        root.write_bytes(f"reports/tokenize.node-{rank:05d}-of-{count:05d}.json",
+                         dumps_json(dataclasses.asdict(report)))
+    except OSError as err:  # the disk that failed the merge fails this too: the summary still prints
+        report.report_error = f"reports/: {err.strerror or err}"
     return report
+
+
+def _record_inputs(root: Root, items: list[InputFile]) -> None:
+    """Write `inputs.json`: every input of the job, so that a merge of fewer parts (`slimpack
+    shards merge` after a failed part) records, and validate reports, the inputs left out.
+
+    Every node writes the same list; it is rewritten only when it changes, so a re-run on a full
+    disk still reaches the merge and its clear error.
+    """
+    data = dumps_json({"inputs": [{"part": i.part, "path": str(Path(i.path).absolute()),
+                                   "split": i.split, "kind": i.kind} for i in items]})
+    try:
+        if root.exists(schema.INPUTS_FILENAME) and root.read_bytes(schema.INPUTS_FILENAME) == data:
+            return
+        root.write_bytes(schema.INPUTS_FILENAME, data)
+    except OSError as err:
+        raise RuntimeError(f"{root.url}: could not write {schema.INPUTS_FILENAME} "
+                           f"({err.strerror or err}): free space or fix permissions on --out") from err
 
 
 def _part_complete(root: Root, part: str) -> bool:

@@ -3,7 +3,10 @@
     slimpack shards merge DIR
 
 Idempotent (same parts, same bytes: nothing time- or machine-dependent is written) and atomic
-(each file is replaced whole; the manifest, written last, marks the dataset complete).
+(each file is replaced whole; the manifest, written last, marks the dataset complete; a merge that
+fails to write after replacing a file removes the older manifest). The manifest records every
+input of the job (`inputs.json`) with its state, so a merge after a failed part names what is
+missing and validate reports it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
 
 class MergeError(RuntimeError):
     pass
+
+
+class MergeWriteError(MergeError):
+    """The merge could not write its files (a full disk, permissions); the parts are untouched."""
 
 
 # Config keys that decide what happens to bad records, not the bytes of a completed part.
@@ -56,10 +63,65 @@ def find_parts(root: Root) -> tuple[list[str], list[str]]:
     return sorted(complete), sorted(set(started) - set(complete))
 
 
+def _recorded_failures(root: Root) -> dict[str, str]:
+    """part -> error, from the tokenize reports of every node (reports/tokenize.node-*.json)."""
+    failed: dict[str, str] = {}
+    for name in root.glob("reports/tokenize.node-*.json"):
+        try:
+            failed.update(json.loads(root.read_bytes(name)).get("parts_failed") or {})
+        except (OSError, ValueError, AttributeError):
+            continue  # a report is a diagnostic: an unreadable one only loses the error text
+    return failed
+
+
+def job_inputs(root: Root, complete: Sequence[str], stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every input of the job (`inputs.json`, plus any other complete part) and its state:
+    `complete`, `failed` (with the error a node reported) or `incomplete` (not run, or stopped)."""
+    listed: list[dict[str, Any]] = []
+    if root.exists(schema.INPUTS_FILENAME):
+        try:
+            listed = json.loads(root.read_bytes(schema.INPUTS_FILENAME))["inputs"]
+            listed = [{"part": str(i["part"]), "path": str(i["path"]), "split": str(i["split"])}
+                      for i in listed]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MergeError(f"{root.url}/{schema.INPUTS_FILENAME} is unreadable ({err!r}): re-run "
+                             "`slimpack tokenize` with the job's inputs to rewrite it") from err
+    failures = _recorded_failures(root) if set(i["part"] for i in listed) - set(complete) else {}
+    inputs: dict[str, Any] = {}
+    for item in listed:
+        part = item["part"]
+        if part in complete:
+            inputs[part] = {"path": item["path"], "split": item["split"], "state": "complete"}
+        elif part in failures:
+            inputs[part] = {"path": item["path"], "split": item["split"], "state": "failed",
+                            "error": failures[part]}
+        else:
+            inputs[part] = {"path": item["path"], "split": item["split"], "state": "incomplete"}
+    for part in complete:
+        if part not in inputs:  # a complete part the last job was not given: merged all the same
+            inputs[part] = {"path": stats[part]["input"]["path"], "split": stats[part]["split"],
+                            "state": "complete"}
+    return dict(sorted(inputs.items()))
+
+
+def missing_inputs(manifest: dict[str, Any]) -> list[str]:
+    """One line per input of the manifest with no complete part, naming it and the fix."""
+    lines = []
+    for part, rec in (manifest.get("inputs") or {}).items():
+        if rec.get("state") != "complete":
+            why = f"{rec.get('state')}: {rec['error']}" if rec.get("error") else rec.get("state")
+            lines.append(f"input {rec.get('path')} has no complete part ({why}); its documents are "
+                         "not in the dataset: re-run `slimpack tokenize` with the job's inputs and "
+                         f"--out (it redoes part {part} only, then merges)")
+    return lines
+
+
 def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> dict[str, Any]:
     """Write the merged index, per-sample token counts and manifest; returns the manifest.
 
-    `expected_parts` (the job's inputs): refuse unless exactly these parts are complete.
+    `expected_parts` (the job's inputs): refuse unless exactly these parts are complete. Without
+    it every complete part is merged, and the manifest's `inputs` records each input of the job
+    (`inputs.json`) with its state, so one left out is named (`missing_inputs`, validate).
     """
     root = Root(url)
     complete, incomplete = find_parts(root)
@@ -88,8 +150,9 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
     source_names: dict[int, str] = {}
     skipped: Counter[str] = Counter()
     first: dict[str, Any] | None = None
+    all_stats: dict[str, dict[str, Any]] = {}
     for part in complete:
-        stats = json.loads(root.read_bytes(part_stats_name(part)))
+        stats = all_stats[part] = json.loads(root.read_bytes(part_stats_name(part)))
         index = json.loads(root.read_bytes(f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"))
         first = first or stats
         for key in ("tokenizer", "config", "schema_version"):
@@ -152,10 +215,35 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
         "per_split": dict(sorted(per_split.items())),
         "sources": {str(k): v for k, v in sorted(source_names.items())},
         "parts": parts,
+        "inputs": job_inputs(root, complete, all_stats),
         "config": first["config"],
         "sample_tokens_file": schema.SAMPLE_TOKENS_FILENAME,
     }
-    root.write_bytes(schema.SAMPLE_TOKENS_FILENAME, buf.getvalue())
-    root.write_bytes(schema.INDEX_FILENAME, json.dumps(index_obj, sort_keys=True).encode())
-    root.write_bytes(schema.MANIFEST_FILENAME, dumps_json(manifest))
+    _write_merged(root, [(schema.SAMPLE_TOKENS_FILENAME, buf.getvalue()),
+                         (schema.INDEX_FILENAME, json.dumps(index_obj, sort_keys=True).encode()),
+                         (schema.MANIFEST_FILENAME, dumps_json(manifest))])
     return manifest
+
+
+def _write_merged(root: Root, files: list[tuple[str, bytes]]) -> None:
+    """Write each file whole, the manifest last; on a failed write raise `MergeWriteError`.
+
+    Each write is atomic, so a failure leaves that file as it was. Once an earlier file has been
+    replaced, an older manifest no longer describes the files beside it: it is removed, so the
+    dataset reads as unmerged (validate and the loader say so) until a merge completes.
+    """
+    for k, (name, data) in enumerate(files):
+        try:
+            root.write_bytes(name, data)
+        except OSError as err:
+            note = ""
+            if k > 0 and root.exists(schema.MANIFEST_FILENAME):
+                try:
+                    root.fs.rm(root.join(schema.MANIFEST_FILENAME))
+                    note = f"; the older {schema.MANIFEST_FILENAME} was removed (it no longer matched)"
+                except OSError:
+                    note = f"; the older {schema.MANIFEST_FILENAME} may not match: do not use the dataset"
+            raise MergeWriteError(
+                f"{root.url}: could not write {name} ({err.strerror or err}){note}; every part is "
+                f"complete and untouched: free space (or fix permissions), then run `slimpack shards "
+                f"merge {root.url}`") from err

@@ -243,13 +243,27 @@ def _get_path(obj: Any, path: Sequence[str]) -> Any:
     return obj
 
 
+def _missing_detail(obj: dict[str, Any], path: Sequence[str]) -> str:
+    """'no field' plus the fields the record does have where the path stops: a misnamed field
+    (`content` for `text`) then shows its fix in the first example."""
+    node, found = obj, []
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            break
+        node = node[key]
+        found.append(key)
+    where = f" under {'.'.join(found)!r}" if found else ""
+    fields = ", ".join(sorted(map(str, node))) if isinstance(node, dict) and node else "none"
+    return f"no field {'.'.join(path)!r}; fields{where}: {fields}"
+
+
 def _to_record(obj: Any, line: int, text_path: Sequence[str], source_path: Sequence[str],
                default_source: str) -> Record | BadRecord:
     if not isinstance(obj, dict):
         return BadRecord("not_an_object", line, f"a JSON {type(obj).__name__}, not an object")
     text = _get_path(obj, text_path)
     if text is None:
-        return BadRecord("missing_text", line, f"no field {'.'.join(text_path)!r}")
+        return BadRecord("missing_text", line, _missing_detail(obj, text_path))
     if not isinstance(text, str):
         return BadRecord("non_string_text", line, f"{'.'.join(text_path)!r} is {type(text).__name__}")
     if not text:
@@ -300,12 +314,19 @@ def read_records(
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(item.path)
-        columns = sorted({text_path[0], source_path[0]} & set(pf.schema_arrow.names))
-        row = 0
-        for batch in pf.iter_batches(batch_size=1024, columns=columns):
-            for obj in batch.to_pylist():
-                row += 1
-                yield _to_record(obj, row, text_path, source_path, default_source)
+        names = pf.schema_arrow.names
+        if text_path[0] not in names:
+            # Only the text and source columns are read, so the rows cannot name the others.
+            detail = f"no field {text_field!r}; the file's columns: {', '.join(names) or 'none'}"
+            for row in range(1, pf.metadata.num_rows + 1):
+                yield BadRecord("missing_text", row, detail)
+        else:
+            columns = sorted({text_path[0], source_path[0]} & set(names))
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=columns):
+                for obj in batch.to_pylist():
+                    row += 1
+                    yield _to_record(obj, row, text_path, source_path, default_source)
         if on_bytes:
             on_bytes(os.path.getsize(item.path))
     elif item.kind == "hf":
