@@ -232,12 +232,16 @@ def train(cfg: TrainConfig) -> TrainReport:
     step, tokens_seen = 0, 0
     resume = _resume_path(cfg, ckpt_root)
     if resume is not None:
-        saved_model = ckpt.read_meta(resume).get("model_config")
-        if saved_model is not None and saved_model != dataclasses.asdict(mcfg):
-            raise ValueError(f"{resume} holds a different model ({saved_model}) than model.preset="
-                             f"{cfg.model.preset!r} builds ({dataclasses.asdict(mcfg)}); resume with the "
-                             f"preset it was trained with, or start a new run_dir")
-        meta = ckpt.load_checkpoint(resume, model, optimizer)
+        def check_model(path: Path, saved: dict[str, Any]) -> None:
+            saved_model = saved.get("model_config")
+            if saved_model is not None and saved_model != dataclasses.asdict(mcfg):
+                raise ValueError(f"{path} holds a different model ({saved_model}) than model.preset="
+                                 f"{cfg.model.preset!r} builds ({dataclasses.asdict(mcfg)}); resume with the "
+                                 f"preset it was trained with, or start a new run_dir")
+
+        # auto: a corrupt newest checkpoint is set aside and the one before it loaded (see load_for_resume)
+        resume, meta = ckpt.load_for_resume(resume, model, optimizer, check=check_model,
+                                            fall_back=cfg.checkpoint.resume == "auto")
         loader.load_state_dict(meta["loader"])
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
