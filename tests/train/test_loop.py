@@ -1,8 +1,11 @@
 """The real trainer in real processes on CPU (gloo, FSDP2, tiny model, shards tokenized here).
 
-- resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, clean exit), `--resume auto`, 3 steps:
-  every loss bitwise, the validation losses, and the final parameters exactly; an interrupted save
-  left lying around is ignored.
+- resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, exit 75 on every rank), `--resume auto`,
+  3 steps: every loss bitwise, the validation losses, and the final parameters exactly; an
+  interrupted save left lying around is ignored; a truncated newest checkpoint is named, set aside,
+  and the run resumes from the one before it, still bitwise.
+- signals: a real SIGTERM to the ranks mid-run (what Slurm sends) saves and exits 75, Ctrl-C saves
+  and exits 130, one line and no traceback.
 - world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
   x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
   tokens per step and give the same losses (up to float summation order): the loss normalisation
@@ -19,8 +22,12 @@ import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +78,12 @@ def _overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
     return out
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+
+
 def _train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = _env()
     if nproc == 1:
         cmd = [sys.executable, "-m", "slimpack.train", *args]
     else:
@@ -83,6 +94,47 @@ def _train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def _start_ranks(nproc: int, args: list[str]) -> list[subprocess.Popen]:
+    """`nproc` trainer processes with the environment configs/train/slurm_multinode.sh gives them
+    through srun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), no torchrun in between: each rank's
+    own exit status is seen (torchrun reports any non-zero one as its own failure, status 1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(nproc):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # pipes could fill and block
+        proc = subprocess.Popen([sys.executable, "-m", "slimpack.train", *args], stdout=out, stderr=err,
+                                env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        proc.files = (out, err)
+        procs.append(proc)
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], status: int) -> tuple[str, str]:
+    """Wait for every rank; all must exit `status`. Returns rank 0's (stdout, stderr)."""
+    for p in procs:
+        p.wait(timeout=300)
+    outs = []
+    for p in procs:
+        for f in p.files:
+            f.seek(0)
+        outs.append((p.files[0].read(), p.files[1].read()))
+    codes = [p.returncode for p in procs]
+    assert codes == [status] * len(procs), f"exit statuses {codes}:\n" + "\n".join(o + e[-3000:] for o, e in outs)
+    return outs[0]
+
+
+def _wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in _records(run_dir, "train")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the trainer never reached step {step}")
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -100,8 +152,8 @@ def uninterrupted(tmp_path_factory, dataset) -> Path:
 @pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrupted):
     run = tmp_path / "resumed"
-    first = _train(2, _overrides(run, dataset, debug_sigterm_after_step=3))
-    assert "stopped by SIGTERM" in first.stdout
+    first, _ = _finish(_start_ranks(2, _overrides(run, dataset, debug_sigterm_after_step=3)), 75)
+    assert "stopped by SIGTERM" in first
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003"]
     assert [r["step"] for r in _records(run, "train")] == [1, 2, 3]
     run_id = json.loads((run / "run.json").read_text())["run_id"]
@@ -139,6 +191,60 @@ def test_metrics_record_what_the_brief_lists(uninterrupted):
     meta = json.loads((list_checkpoints(uninterrupted / "checkpoints")[-1] / "meta.json").read_text())
     assert meta["config"]["data"]["seq_len"] == 64 and meta["model_config"]["hidden_size"] == 64
     assert meta["world_size"] == 2 and meta["loader"]["step"] == 6 and meta["tokens"] == 6 * 512
+    # Both ranks' data files carry a checksum (each rank hashed its own; rank 0 gathered them).
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(meta["files"])
+
+
+@pytest.mark.slow
+def test_resume_auto_past_a_truncated_newest_checkpoint_is_bitwise_identical(tmp_path, dataset, uninterrupted):
+    run = tmp_path / "truncated"
+    _finish(_start_ranks(2, _overrides(run, dataset, **{"checkpoint.every_steps": 2,
+                                                        "debug_sigterm_after_step": 4})), 75)
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    data = ckpts / "step_00000004" / "__1_0.distcp"  # rank 1's file: the record came through the gather
+    data.write_bytes(data.read_bytes()[:1000])  # a node died mid-copy, a disk filled up
+    proc = _train(2, [*_overrides(run, dataset), "--resume", "auto"])
+    assert "step_00000004 is corrupt: __1_0.distcp has 1,000 bytes" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"set aside corrupt {ckpts / 'step_00000004'}" in proc.stdout
+    assert f"resumed from {ckpts / 'step_00000002'}" in proc.stdout
+    assert (ckpts / "step_00000004.corrupt" / "__1_0.distcp").stat().st_size == 1000  # kept for the user
+    ref, got = _records(uninterrupted, "train"), _records(run, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
+    a, _ = load_model_state_dict(list_checkpoints(uninterrupted / "checkpoints")[-1])
+    b, _ = load_model_state_dict(list_checkpoints(ckpts)[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_real_sigterm_to_every_rank_saves_and_exits_75(tmp_path, dataset):
+    run = tmp_path / "sigterm"
+    procs = _start_ranks(2, _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0}))
+    _wait_for_step(run, 1, procs)
+    for p in procs:  # Slurm's --signal=TERM@secs reaches every task of the job step
+        p.send_signal(signal.SIGTERM)
+    out, err = _finish(procs, 75)
+    assert "stopped by SIGTERM (checkpoint saved" in out and "Traceback" not in err
+    [saved] = list_checkpoints(run / "checkpoints")
+    assert json.loads((saved / "meta.json").read_text())["step"] == _records(run, "train")[-1]["step"] < 10_000
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
+    run = tmp_path / "ctrl-c"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for_step(run, 1, [proc])
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by SIGINT (checkpoint saved" in out and "Traceback" not in err
+    assert "Ctrl-C: saving a checkpoint" in err
+    assert len(list_checkpoints(run / "checkpoints")) == 1
 
 
 def _assert_same_training(run: Path, reference: Path) -> None:

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from slimpack import exitcodes
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file (configs/train/*.toml)")
@@ -33,7 +35,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(report.summary(), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    if not report.stopped_by_signal:
+        return exitcodes.OK
+    # SIGTERM is a scheduler's pre-emption: "saved, run me again". Ctrl-C is a person stopping the run.
+    return exitcodes.INTERRUPTED if report.stop_signal == "SIGINT" else exitcodes.RESUMABLE
 
 
 def run_export(args: argparse.Namespace) -> int:
