@@ -5,7 +5,8 @@
   interrupted save left lying around is ignored; a truncated newest checkpoint is named, set aside,
   and the run resumes from the one before it, still bitwise.
 - signals: a real SIGTERM to the ranks mid-run (what Slurm sends) saves and exits 75, Ctrl-C saves
-  and exits 130, one line and no traceback.
+  and exits 130, one line and no traceback; configs/train/slurm_multinode.sh requeues a pre-empted
+  job and the requeued one resumes (Slurm's two commands stood in for).
 - world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
   x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
   tokens per step and give the same losses (up to float summation order): the loss normalisation
@@ -35,7 +36,8 @@ import torch
 
 from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+REPO = Path(__file__).resolve().parents[2]
+SRC = REPO / "src"
 WORDS = ["the", "model", "reads", "packed", "documents", "and", "learns", "which", "token", "follows",
          "in", "every", "sequence", "of", "stream", "while", "gradients", "flow", "through", "shards"]
 
@@ -245,6 +247,61 @@ def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     assert "stopped by SIGINT (checkpoint saved" in out and "Traceback" not in err
     assert "Ctrl-C: saving a checkpoint" in err
     assert len(list_checkpoints(run / "checkpoints")) == 1
+
+
+# Stand-ins for Slurm's commands (Slurm does not run here); see the test below.
+SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || { s=$?; if ((s > status)); then status=$s; fi; }; done
+exit $status
+"""
+SCONTROL = """#!/bin/bash
+case $1 in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_requeues_a_preempted_run_and_the_requeued_job_finishes(tmp_path, dataset):
+    """configs/train/slurm_multinode.sh for real, with stand-ins for the two Slurm commands it calls:
+    `srun` runs the task command as SLURM_NTASKS local processes with SLURM_PROCID/LOCALID set and
+    exits with the highest status, as srun does; `scontrol` answers `show hostnames` and records
+    `requeue`. Bash, the script, the trainer (2 gloo ranks) and its checkpoints are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "scontrol.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(SRC), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "MASTER_PORT": str(port), "SCONTROL_LOG": str(log)}
+    run = tmp_path / "run"
+    args = _overrides(run, dataset, **{"max_steps": 4, "eval.every_steps": 0})
+    script = [str(REPO / "configs/train/slurm_multinode.sh"), str(REPO / "configs/train/debug-cpu.toml")]
+
+    first = subprocess.run(["bash", *script, *args, "--set", "debug_sigterm_after_step=2"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    assert log.read_text() == "requeue 4242\n"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+
+    second = subprocess.run(["bash", *script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step_00000002" in second.stdout
+    assert log.read_text() == "requeue 4242\n"  # no second requeue
+    assert list_checkpoints(run / "checkpoints")[-1].name == "step_00000004"
+    assert not list(tmp_path.glob(".slimpack-*"))
 
 
 def _assert_same_training(run: Path, reference: Path) -> None:
