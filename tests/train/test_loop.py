@@ -356,6 +356,34 @@ def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
     shutil.rmtree(out)
 
 
+def test_export_hf_errors_are_one_line(tmp_path, uninterrupted, capsys):
+    from slimpack.cli import main
+
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(["export-hf", str(uninterrupted), str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a-file'} is an existing file; pass a directory" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    # A bit-flipped checkpoint is named before anything is unpickled or exported.
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(list_checkpoints(uninterrupted / "checkpoints")[-1], copy)
+    raw = bytearray((copy / "__1_0.distcp").read_bytes())
+    raw[len(raw) // 3] ^= 1
+    (copy / "__1_0.distcp").write_bytes(raw)
+    assert main(["export-hf", str(copy), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {copy} is corrupt: __1_0.distcp has xxh3_128" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "slimpack", "train", "--config", str(tmp_path / "nope.toml")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"slimpack train: error: --config {tmp_path / 'nope.toml'}: no such file; pass a TOML "
+                           f"file such as configs/train/debug-cpu.toml, or no --config for the defaults\n")
+
+
 def test_resume_with_another_model_preset_is_a_clear_error(tmp_path, dataset, uninterrupted):
     run = tmp_path / "other-preset"
     shutil.copytree(uninterrupted / "checkpoints", run / "checkpoints")

@@ -47,6 +47,9 @@ def run_export(args: argparse.Namespace) -> int:
     from slimpack.train.model import ModelConfig
 
     path = Path(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked first: loading a 1.3B checkpoint takes a while
+        raise ValueError(f"export-hf: {out} is an existing file; pass a directory (it is created if absent)")
     if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
         newest = latest_checkpoint(path / "checkpoints")
         if newest is None:
@@ -65,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the model (one process; torchrun -m slimpack.train for many)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
-    e = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
+    e = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory",
+                       description="Checks the checkpoint's recorded checksums first. Checkpoints are code: "
+                       "torch.distributed.checkpoint unpickles them, so export only checkpoints you trust.")
     e.add_argument("checkpoint", help="a step_NNNNNNNN checkpoint directory, or a run directory (newest)")
     e.add_argument("out", help="output directory (config.json + model.safetensors)")
     e.set_defaults(func=run_export)
