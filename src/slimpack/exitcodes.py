@@ -8,6 +8,7 @@
 | 3 | dataset unusable: no index, unreadable manifest, nothing to check |
 | 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |
 | 130 | stopped by Ctrl-C (SIGINT; `train` saves first, resumable by hand but not requeued) |
+| 143 | `demo` stopped by SIGTERM (the shell's 128 + 15; the demo starts over when run again) |
 """
 
 from __future__ import annotations
@@ -18,3 +19,4 @@ USAGE = 2
 UNUSABLE = 3
 RESUMABLE = 75
 INTERRUPTED = 130
+TERMINATED = 143
