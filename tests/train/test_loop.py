@@ -304,6 +304,51 @@ def test_slurm_script_requeues_a_preempted_run_and_the_requeued_job_finishes(tmp
     assert not list(tmp_path.glob(".slimpack-*"))
 
 
+def _wandb_history(path: Path) -> tuple[str, list[int]]:
+    """(run id, history steps) of a `.wandb` file, read with wandb's own protobuf schema. The file is
+    a ":W&B" header (7 bytes) and LevelDB-log records in 32 KiB blocks: checksum(4) length(2)
+    type(1: full, 2: first, 3: middle, 4: last), data."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, run_id, steps = 7, b"", None, []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7 or data[pos + 6] == 0:  # a block's zero-filled tail
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "run":
+                run_id = record.run.run_id
+            elif record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return run_id, steps
+
+
+@pytest.mark.slow
+def test_wandb_offline_segments_of_a_resumed_run_share_its_id_and_continue_its_steps(tmp_path, dataset,
+                                                                                     monkeypatch):
+    """wandb ignores `resume` offline, so each segment is its own offline run directory; what the README
+    promises is that they carry the run's id and continue its steps, and the printed `wandb sync --id`
+    command names them all (it uploads a run's files in order of start time, as one run)."""
+    run = tmp_path / "wandb"
+    sets = {"max_steps": 4, "eval.every_steps": 0, "log.wandb": "true"}
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:  # the default: offline
+        monkeypatch.delenv(key)
+    _finish(_start_ranks(1, _overrides(run, dataset, **sets, debug_sigterm_after_step=2)), 75)
+    proc = _train(1, [*_overrides(run, dataset, **sets), "--resume", "auto"])
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    segments = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(segments) == 2
+    assert [_wandb_history(seg / f"run-{run_id}.wandb") for seg in segments] == [(run_id, [1, 2]), (run_id, [3, 4])]
+    assert f"wandb sync --id {run_id} -p slimpack {run}/wandb/offline-run-*-{run_id}" in proc.stdout
+
+
 def _assert_same_training(run: Path, reference: Path) -> None:
     losses = [r["loss"] for r in _records(run, "train")]
     assert losses == pytest.approx([r["loss"] for r in _records(reference, "train")], rel=2e-5)
