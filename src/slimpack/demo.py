@@ -21,6 +21,8 @@ from typing import Any
 
 import zstandard
 
+from slimpack import exitcodes
+
 # Honest labels: what each document really is (SlimPajama's field, our values).
 SOURCE_TOPICS = "PythonDocsTopics"
 SOURCE_DOCSTRINGS = "PythonStdlibDocstrings"
@@ -208,7 +210,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from slimpack import exitcodes
     from slimpack.train.demo import DemoStopped
 
     try:

@@ -22,8 +22,8 @@ A kill at any moment leaves either the old set of complete checkpoints or the ol
 
 Integrity: each rank hashes the files it wrote (DCP names them `__RANK_*.distcp`), rank 0 gathers
 the records into meta.json, and every load checks sizes and hashes before DCP reads a byte, so a
-truncated or bit-flipped file is named instead of training on garbage. xxh3_128 runs at several
-GB/s, far above disk speed; at resume each rank checks its share of the files.
+truncated or bit-flipped file is named instead of training on garbage. xxh3_128 costs nothing
+measurable beyond reading the bytes (BENCHMARKS.md); at resume each rank checks a share of the files.
 
 Checkpoints are code: DCP unpickles `.metadata` and the non-tensor entries of the `.distcp` files
 (`pickle.load`, `torch.load(weights_only=False)`), so loading a crafted checkpoint runs whatever it
@@ -128,7 +128,8 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     # Each rank hashes its own files while they are still in its page cache; rank 0 adds .metadata
-    # and anything not claimed (should DCP ever name files differently).
+    # and anything not claimed (should DCP ever name files differently). The gather is also the
+    # barrier that keeps rank 0 from writing meta.json before every rank's files are complete.
     mine = {p.name: _file_record(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
     records = _gather(mine)
     if rank == 0:
