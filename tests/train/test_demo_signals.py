@@ -58,11 +58,14 @@ def test_a_users_signal_stops_the_demo(tmp_path, shards, sig, status):
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"})
     metrics = out / "train" / "metrics.jsonl"
     deadline = time.monotonic() + 240
-    while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=240)
+    try:
+        while not (metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo never reached step 2"
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # a no-op when it has exited; never leave a demo running after a failure
     assert proc.returncode == status, stderr[-3000:]
     assert stderr.splitlines()[-1] == (f"slimpack demo: stopped by {signal.Signals(sig).name} "
                                        f"(a run of `slimpack demo` starts over)")

@@ -225,10 +225,14 @@ def test_resume_auto_past_a_truncated_newest_checkpoint_is_bitwise_identical(tmp
 def test_a_real_sigterm_to_every_rank_saves_and_exits_75(tmp_path, dataset):
     run = tmp_path / "sigterm"
     procs = _start_ranks(2, _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0}))
-    _wait_for_step(run, 1, procs)
-    for p in procs:  # Slurm's --signal=TERM@secs reaches every task of the job step
-        p.send_signal(signal.SIGTERM)
-    out, err = _finish(procs, 75)
+    try:
+        _wait_for_step(run, 1, procs)
+        for p in procs:  # Slurm's --signal=TERM@secs reaches every task of the job step
+            p.send_signal(signal.SIGTERM)
+        out, err = _finish(procs, 75)
+    finally:
+        for p in procs:
+            p.kill()  # a no-op when it has exited
     assert "stopped by SIGTERM (checkpoint saved" in out and "Traceback" not in err
     [saved] = list_checkpoints(run / "checkpoints")
     assert json.loads((saved / "meta.json").read_text())["step"] == _records(run, "train")[-1]["step"] < 10_000
@@ -240,9 +244,12 @@ def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
     proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _wait_for_step(run, 1, [proc])
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=240)
+    try:
+        _wait_for_step(run, 1, [proc])
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # a no-op when it has exited
     assert proc.returncode == 130, err[-3000:]
     assert "stopped by SIGINT (checkpoint saved" in out and "Traceback" not in err
     assert "Ctrl-C: saving a checkpoint" in err
