@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from slimpack import __version__
+from slimpack import __version__, exitcodes
 
 # (module with a `register(subparsers)` function) in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"slimpack {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
+    except KeyboardInterrupt:  # Ctrl-C where nothing catches it (train saves first: see train/loop.py)
+        print(f"slimpack {args.command}: interrupted", file=sys.stderr)
+        return exitcodes.INTERRUPTED
 
 
 if __name__ == "__main__":

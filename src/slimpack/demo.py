@@ -21,6 +21,8 @@ from typing import Any
 
 import zstandard
 
+from slimpack import exitcodes
+
 # Honest labels: what each document really is (SlimPajama's field, our values).
 SOURCE_TOPICS = "PythonDocsTopics"
 SOURCE_DOCSTRINGS = "PythonStdlibDocstrings"
@@ -219,4 +221,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a corpus built from Python's own text")
     p.add_argument("--out", default="slimpack-demo", help="output directory (default: ./slimpack-demo)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda a: run_demo(Path(a.out), progress=not a.no_progress) and 0)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from slimpack.train.demo import DemoStopped
+
+    try:
+        run_demo(Path(args.out), progress=not args.no_progress)
+    except DemoStopped as stop:
+        print(f"slimpack demo: stopped by {stop.signal_name} (a run of `slimpack demo` starts over)", file=sys.stderr)
+        return exitcodes.INTERRUPTED if stop.signal_name == "SIGINT" else exitcodes.TERMINATED
+    return exitcodes.OK

@@ -1,8 +1,10 @@
-"""Checkpoints: exact round trip of model and optimiser, atomic directories, keep-last-K, export reads."""
+"""Checkpoints: exact round trip of model and optimiser, atomic directories, keep-last-K, export reads,
+checksums (a truncated or bit-flipped file is named before loading; resume falls back past it)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -161,3 +163,72 @@ def test_train_step_gradient_is_that_of_the_mean_over_all_micro_batch_tokens(dis
     assert n_valid.item() == 62 + 11
     torch.testing.assert_close(loss_sum, total.detach())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def _damage(path, how: str) -> str:
+    """Truncate or flip one byte of the checkpoint's (one-rank) data file, as a disk or copy would."""
+    data = path / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    if how == "truncate":
+        data.write_bytes(raw[: len(raw) // 2])
+    else:
+        raw[len(raw) // 2] ^= 0x10
+        data.write_bytes(raw)
+    return data.name
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip"])
+def test_a_damaged_checkpoint_is_named_before_anything_is_loaded(dist1, tmp_path, how):
+    model, opt = _trained(dist1, seed=0)
+    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=3)
+    files = json.loads((path / "meta.json").read_text())["files"]
+    assert set(files) == {p.name for p in path.iterdir()} - {"meta.json"} and ".metadata" in files
+    name = _damage(path, how)
+    other, other_opt = _trained(dist1, seed=1)
+    before = _full(other)
+    with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(f"checkpoint {path} is corrupt: {name} has")):
+        ckpt.load_checkpoint(path, other, other_opt)
+    assert all(torch.equal(v, before[k]) for k, v in _full(other).items())  # refused before loading
+    with pytest.raises(ckpt.CheckpointCorrupt, match=name):  # export-hf's reader checks too
+        ckpt.load_model_state_dict(path)
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_sets_it_aside(dist1, tmp_path):
+    model, opt = _trained(dist1, seed=0)
+    ckpt.save_checkpoint(tmp_path, 1, model, opt, {"loader": {"step": 1}}, keep_last=3)
+    expected = _full(model)
+    train_step(model, opt, [_batch(5)], device=dist1.device, world_size=1, grad_clip_norm=1.0)
+    newest = ckpt.save_checkpoint(tmp_path, 2, model, opt, {"loader": {"step": 2}}, keep_last=3)
+    _damage(newest, "truncate")
+    other, other_opt = _trained(dist1, seed=1)
+    # An explicit --resume PATH is what the user asked for: no fallback, a clear error.
+    with pytest.raises(ckpt.CheckpointCorrupt, match="step_00000002 is corrupt"):
+        ckpt.load_for_resume(newest, other, other_opt, fall_back=False)
+    path, meta = ckpt.load_for_resume(newest, other, other_opt, fall_back=True)
+    assert path.name == "step_00000001" and meta["loader"] == {"step": 1}
+    assert all(torch.equal(v, expected[k]) for k, v in _full(other).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001", "step_00000002.corrupt"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_resume_with_no_good_checkpoint_moves_nothing(dist1, tmp_path):
+    model, opt = _trained(dist1, seed=0)
+    for step in (1, 2):
+        _damage(ckpt.save_checkpoint(tmp_path, step, model, opt, {}, keep_last=3), "flip")
+    with pytest.raises(ckpt.CheckpointCorrupt, match=r"no checkpoint under .* verifies \(2 tried.*nothing was moved"):
+        ckpt.load_for_resume(ckpt.latest_checkpoint(tmp_path), model, opt, fall_back=True)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001", "step_00000002"]
+
+
+def test_a_torn_meta_json_or_a_files_entry_outside_the_checkpoint_is_corrupt(dist1, tmp_path):
+    model, opt = _trained(dist1, seed=0)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
+    meta = json.loads((path / "meta.json").read_text())
+    (tmp_path / "outside").write_bytes(b"x")
+    meta["files"]["../outside"] = {"bytes": 1, "xxh3_128": "0"}
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape("bad files entry '../outside'")):
+        ckpt.load_checkpoint(path, model, opt)
+    (path / "meta.json").write_text(json.dumps(meta)[:100])
+    with pytest.raises(ckpt.CheckpointCorrupt, match=r"meta\.json is unreadable"):
+        ckpt.load_checkpoint(path, model, opt)

@@ -1,10 +1,14 @@
 """The real trainer in real processes on CPU (gloo, FSDP2, tiny model, shards tokenized here).
 
-- resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, clean exit), `--resume auto`, 3 steps:
-  every loss bitwise, the validation losses, the final parameters and the position-frequency
-  ledger exactly; an interrupted save left lying around is ignored.
+- resume: 6 steps uninterrupted == 3 steps, SIGTERM (save, exit 75 on every rank), `--resume auto`,
+  3 steps: every loss bitwise, the validation losses, the final parameters and the position-frequency
+  ledger exactly; an interrupted save left lying around is ignored; a truncated newest checkpoint is
+  named, set aside, and the run resumes from the one before it, still bitwise.
 - ledger: the 2-process run's ledger (each rank counts its micro-batches, summed in the step's
   all-reduce) equals the count over the same steps' micro-batches of a 1-rank loader.
+- signals: a real SIGTERM to the ranks mid-run (what Slurm sends) saves and exits 75, Ctrl-C saves
+  and exits 130, one line and no traceback; configs/train/slurm_multinode.sh requeues a pre-empted
+  job and the requeued one resumes (Slurm's two commands stood in for).
 - world size: two processes (micro-batch 2, grad_accum 2) and four as hybrid sharding (2 replicas
   x 2 shards, micro-batch 1, grad_accum 2, the cross-node all-reduce once per step) see the same
   tokens per step and give the same losses (up to float summation order): the loss normalisation
@@ -21,8 +25,12 @@ import json
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,8 @@ import torch
 
 from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+REPO = Path(__file__).resolve().parents[2]
+SRC = REPO / "src"
 WORDS = ["the", "model", "reads", "packed", "documents", "and", "learns", "which", "token", "follows",
          "in", "every", "sequence", "of", "stream", "while", "gradients", "flow", "through", "shards"]
 
@@ -75,8 +84,12 @@ def _overrides(run_dir: Path, data: Path, **extra: object) -> list[str]:
     return out
 
 
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+
+
 def _train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    env = _env()
     if nproc == 1:
         cmd = [sys.executable, "-m", "slimpack.train", *args]
     else:
@@ -87,6 +100,47 @@ def _train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def _start_ranks(nproc: int, args: list[str]) -> list[subprocess.Popen]:
+    """`nproc` trainer processes with the environment configs/train/slurm_multinode.sh gives them
+    through srun (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), no torchrun in between: each rank's
+    own exit status is seen (torchrun reports any non-zero one as its own failure, status 1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(nproc):
+        out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # pipes could fill and block
+        proc = subprocess.Popen([sys.executable, "-m", "slimpack.train", *args], stdout=out, stderr=err,
+                                env={**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        proc.files = (out, err)
+        procs.append(proc)
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen], status: int) -> tuple[str, str]:
+    """Wait for every rank; all must exit `status`. Returns rank 0's (stdout, stderr)."""
+    for p in procs:
+        p.wait(timeout=300)
+    outs = []
+    for p in procs:
+        for f in p.files:
+            f.seek(0)
+        outs.append((p.files[0].read(), p.files[1].read()))
+    codes = [p.returncode for p in procs]
+    assert codes == [status] * len(procs), f"exit statuses {codes}:\n" + "\n".join(o + e[-3000:] for o, e in outs)
+    return outs[0]
+
+
+def _wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if (run_dir / "metrics.jsonl").exists() and any(r["step"] >= step for r in _records(run_dir, "train")):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the trainer never reached step {step}")
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -104,8 +158,8 @@ def uninterrupted(tmp_path_factory, dataset) -> Path:
 @pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrupted):
     run = tmp_path / "resumed"
-    first = _train(2, _overrides(run, dataset, debug_sigterm_after_step=3))
-    assert "stopped by SIGTERM" in first.stdout
+    first, _ = _finish(_start_ranks(2, _overrides(run, dataset, debug_sigterm_after_step=3)), 75)
+    assert "stopped by SIGTERM" in first
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000003"]
     assert [r["step"] for r in _records(run, "train")] == [1, 2, 3]
     run_id = json.loads((run / "run.json").read_text())["run_id"]
@@ -153,6 +207,167 @@ def test_metrics_record_what_the_brief_lists(uninterrupted):
     meta = json.loads((list_checkpoints(uninterrupted / "checkpoints")[-1] / "meta.json").read_text())
     assert meta["config"]["data"]["seq_len"] == 64 and meta["model_config"]["hidden_size"] == 64
     assert meta["world_size"] == 2 and meta["loader"]["step"] == 6 and meta["tokens"] == 6 * 512
+    # Both ranks' data files carry a checksum (each rank hashed its own; rank 0 gathered them).
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(meta["files"])
+
+
+@pytest.mark.slow
+def test_resume_auto_past_a_truncated_newest_checkpoint_is_bitwise_identical(tmp_path, dataset, uninterrupted):
+    run = tmp_path / "truncated"
+    _finish(_start_ranks(2, _overrides(run, dataset, **{"checkpoint.every_steps": 2,
+                                                        "debug_sigterm_after_step": 4})), 75)
+    ckpts = run / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    data = ckpts / "step_00000004" / "__1_0.distcp"  # rank 1's file: the record came through the gather
+    data.write_bytes(data.read_bytes()[:1000])  # a node died mid-copy, a disk filled up
+    proc = _train(2, [*_overrides(run, dataset), "--resume", "auto"])
+    assert "step_00000004 is corrupt: __1_0.distcp has 1,000 bytes" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert f"set aside corrupt {ckpts / 'step_00000004'}" in proc.stdout
+    assert f"resumed from {ckpts / 'step_00000002'}" in proc.stdout
+    assert (ckpts / "step_00000004.corrupt" / "__1_0.distcp").stat().st_size == 1000  # kept for the user
+    ref, got = _records(uninterrupted, "train"), _records(run, "train")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in got] == [r["loss"] for r in ref]
+    assert [r["grad_norm"] for r in got] == [r["grad_norm"] for r in ref]
+    a, _ = load_model_state_dict(list_checkpoints(uninterrupted / "checkpoints")[-1])
+    b, _ = load_model_state_dict(list_checkpoints(ckpts)[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_real_sigterm_to_every_rank_saves_and_exits_75(tmp_path, dataset):
+    run = tmp_path / "sigterm"
+    procs = _start_ranks(2, _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0}))
+    try:
+        _wait_for_step(run, 1, procs)
+        for p in procs:  # Slurm's --signal=TERM@secs reaches every task of the job step
+            p.send_signal(signal.SIGTERM)
+        out, err = _finish(procs, 75)
+    finally:
+        for p in procs:
+            p.kill()  # a no-op when it has exited
+    assert "stopped by SIGTERM (checkpoint saved" in out and "Traceback" not in err
+    [saved] = list_checkpoints(run / "checkpoints")
+    assert json.loads((saved / "meta.json").read_text())["step"] == _records(run, "train")[-1]["step"] < 10_000
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
+    run = tmp_path / "ctrl-c"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_step(run, 1, [proc])
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # a no-op when it has exited
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by SIGINT (checkpoint saved" in out and "Traceback" not in err
+    assert "Ctrl-C: saving a checkpoint" in err
+    assert len(list_checkpoints(run / "checkpoints")) == 1
+
+
+# Stand-ins for Slurm's commands (Slurm does not run here); see the test below.
+SRUN = """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || { s=$?; if ((s > status)); then status=$s; fi; }; done
+exit $status
+"""
+SCONTROL = """#!/bin/bash
+case $1 in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.mark.slow
+def test_slurm_script_requeues_a_preempted_run_and_the_requeued_job_finishes(tmp_path, dataset):
+    """configs/train/slurm_multinode.sh for real, with stand-ins for the two Slurm commands it calls:
+    `srun` runs the task command as SLURM_NTASKS local processes with SLURM_PROCID/LOCALID set and
+    exits with the highest status, as srun does; `scontrol` answers `show hostnames` and records
+    `requeue`. Bash, the script, the trainer (2 gloo ranks) and its checkpoints are real."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "scontrol.log"
+    env = {**os.environ, "PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "PYTHONPATH": str(SRC), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1",
+           "SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS": "2", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "MASTER_PORT": str(port), "SCONTROL_LOG": str(log)}
+    run = tmp_path / "run"
+    args = _overrides(run, dataset, **{"max_steps": 4, "eval.every_steps": 0})
+    script = [str(REPO / "configs/train/slurm_multinode.sh"), str(REPO / "configs/train/debug-cpu.toml")]
+
+    first = subprocess.run(["bash", *script, *args, "--set", "debug_sigterm_after_step=2"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    assert log.read_text() == "requeue 4242\n"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+
+    second = subprocess.run(["bash", *script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step_00000002" in second.stdout
+    assert log.read_text() == "requeue 4242\n"  # no second requeue
+    assert list_checkpoints(run / "checkpoints")[-1].name == "step_00000004"
+    assert not list(tmp_path.glob(".slimpack-*"))
+
+
+def _wandb_history(path: Path) -> tuple[str, list[int]]:
+    """(run id, history steps) of a `.wandb` file, read with wandb's own protobuf schema. The file is
+    a ":W&B" header (7 bytes) and LevelDB-log records in 32 KiB blocks: checksum(4) length(2)
+    type(1: full, 2: first, 3: middle, 4: last), data."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending, run_id, steps = 7, b"", None, []
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7 or data[pos + 6] == 0:  # a block's zero-filled tail
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "run":
+                run_id = record.run.run_id
+            elif record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return run_id, steps
+
+
+@pytest.mark.slow
+def test_wandb_offline_segments_of_a_resumed_run_share_its_id_and_continue_its_steps(tmp_path, dataset,
+                                                                                     monkeypatch):
+    """wandb ignores `resume` offline, so each segment is its own offline run directory; what the README
+    promises is that they carry the run's id and continue its steps, and the printed `wandb sync --id`
+    command names them all (it uploads a run's files in order of start time, as one run)."""
+    run = tmp_path / "wandb"
+    sets = {"max_steps": 4, "eval.every_steps": 0, "log.wandb": "true"}
+    for key in [k for k in os.environ if k.startswith("WANDB_")]:  # the default: offline
+        monkeypatch.delenv(key)
+    _finish(_start_ranks(1, _overrides(run, dataset, **sets, debug_sigterm_after_step=2)), 75)
+    proc = _train(1, [*_overrides(run, dataset, **sets), "--resume", "auto"])
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    segments = sorted((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(segments) == 2
+    assert [_wandb_history(seg / f"run-{run_id}.wandb") for seg in segments] == [(run_id, [1, 2]), (run_id, [3, 4])]
+    assert f"wandb sync --id {run_id} -p slimpack {run}/wandb/offline-run-*-{run_id}" in proc.stdout
 
 
 def test_ledger_of_two_ranks_equals_one_rank_count(dataset, uninterrupted):
@@ -226,6 +441,34 @@ def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
         got = hf(input_ids=ids[None]).logits[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     shutil.rmtree(out)
+
+
+def test_export_hf_errors_are_one_line(tmp_path, uninterrupted, capsys):
+    from slimpack.cli import main
+
+    (tmp_path / "a-file").write_text("keep me")
+    assert main(["export-hf", str(uninterrupted), str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'a-file'} is an existing file; pass a directory" in err and len(err.splitlines()) == 1
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    # A bit-flipped checkpoint is named before anything is unpickled or exported.
+    copy = tmp_path / "step_00000006"
+    shutil.copytree(list_checkpoints(uninterrupted / "checkpoints")[-1], copy)
+    raw = bytearray((copy / "__1_0.distcp").read_bytes())
+    raw[len(raw) // 3] ^= 1
+    (copy / "__1_0.distcp").write_bytes(raw)
+    assert main(["export-hf", str(copy), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {copy} is corrupt: __1_0.distcp has xxh3_128" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_missing_config_file_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "slimpack", "train", "--config", str(tmp_path / "nope.toml")],
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == (f"slimpack train: error: --config {tmp_path / 'nope.toml'}: no such file; pass a TOML "
+                           f"file such as configs/train/debug-cpu.toml, or no --config for the defaults\n")
 
 
 def test_resume_with_another_model_preset_is_a_clear_error(tmp_path, dataset, uninterrupted):

@@ -6,16 +6,30 @@ Layout under `RUN_DIR/checkpoints/`:
       .metadata, __0_0.distcp, ...   DCP files: {"model": ..., "optim": ...}, each rank its shards
       position_frequency.npy  the position-frequency ledger (train/ledger.py; sha256 in meta.json)
       meta.json             step, tokens, schedule, loader state, wandb id, resolved config,
-                            model config, provenance: written last, before the rename
+                            model config, provenance, and the size and xxh3_128 of every other
+                            file ("files"): written last, before the rename
     step_00002000.tmp/      a save in progress, or one that was interrupted: never loaded,
                             removed by the next save
     step_00000500.old/      a pruned checkpoint being deleted (renamed first): never loaded
     step_00003000.abandoned/  newer than the checkpoint a run was rolled back to (set aside by
                             the trainer so --resume auto never returns to it); kept for the user
+    step_00004000.corrupt/  a checkpoint whose files differ from what its save recorded
+                            (truncated, bit-flipped, missing), set aside by --resume auto, which
+                            then resumed from the newest one that verifies; kept for the user
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).
 A kill at any moment leaves either the old set of complete checkpoints or the old set plus the new one.
+
+Integrity: each rank hashes the files it wrote (DCP names them `__RANK_*.distcp`), rank 0 gathers
+the records into meta.json, and every load checks sizes and hashes before DCP reads a byte, so a
+truncated or bit-flipped file is named instead of training on garbage. xxh3_128 costs nothing
+measurable beyond reading the bytes (BENCHMARKS.md); at resume each rank checks a share of the files.
+
+Checkpoints are code: DCP unpickles `.metadata` and the non-tensor entries of the `.distcp` files
+(`pickle.load`, `torch.load(weights_only=False)`), so loading a crafted checkpoint runs whatever it
+carries. The checksums catch corruption, not tampering (whoever can write the files can write
+meta.json). Resume and export only checkpoints you or your cluster wrote.
 """
 
 from __future__ import annotations
@@ -24,18 +38,26 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 META = "meta.json"
 _NAME = re.compile(r"^step_(\d{8})$")
+_HASH = "xxh3_128"
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint whose files differ from what its save recorded: truncated, bit-flipped, missing."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -64,16 +86,20 @@ def set_aside_newer(root: str | Path, step: int) -> list[Path]:
     trajectory, and a later `--resume auto` (a requeued job) would jump back onto it. They are
     kept, out of the `step_N` name space, rather than deleted.
     """
-    moved = []
-    for newer in list_checkpoints(root):
-        if int(_NAME.match(newer.name).group(1)) <= step:
-            continue
-        aside, n = newer.with_name(f"{newer.name}.abandoned"), 1
-        while aside.exists():  # rolled back past this step before
-            aside, n = newer.with_name(f"{newer.name}.abandoned{n}"), n + 1
-        newer.rename(aside)
-        moved.append(aside)
-    return moved
+    return [_set_aside(newer, "abandoned") for newer in list_checkpoints(root) if _step(newer) > step]
+
+
+def _step(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def _set_aside(path: Path, suffix: str) -> Path:
+    """Rename `step_N` to `step_N.<suffix>`, or `.<suffix>1`, ... if set aside before; returns the new path."""
+    aside, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while aside.exists():
+        aside, n = path.with_name(f"{path.name}.{suffix}{n}"), n + 1
+    path.rename(aside)
+    return aside
 
 
 def _barrier() -> None:
@@ -103,14 +129,22 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    _barrier()
+    # Each rank hashes its own files while they are still in its page cache; rank 0 adds .metadata
+    # and anything not claimed (should DCP ever name files differently). The gather is also the
+    # barrier that keeps rank 0 from writing meta.json before every rank's files are complete.
+    mine = {p.name: _file_record(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
+    records = _gather(mine)
     if rank == 0:
         for name, data in (extra_files or {}).items():
             with open(tmp / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        text = json.dumps({"step": step, **meta}, indent=1, default=_json_default)
+        files = {name: rec for part in records for name, rec in part.items()}
+        for p in sorted(tmp.iterdir()):  # .metadata and the extra files (the ledger)
+            if p.name not in files and p.name != META:
+                files[p.name] = _file_record(p)
+        text = json.dumps({"step": step, **meta, "files": files}, indent=1, default=_json_default)
         with open(tmp / META, "w") as f:
             f.write(text)
             f.flush()
@@ -147,6 +181,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _gather(obj: Any) -> list[Any]:
+    """`obj` of every rank, in rank order (just `[obj]` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, _HASH: h.hexdigest()}
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.name.endswith((".tmp", ".old")):  # a save in progress or interrupted, or a deletion
@@ -155,12 +208,63 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path} is not a complete slimpack checkpoint (no {META}); "
                                 f"pass a step_NNNNNNNN directory under RUN_DIR/checkpoints")
-    return json.loads((path / META).read_text())
+    try:
+        meta = json.loads((path / META).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointCorrupt(f"checkpoint {path}: {META} is unreadable ({err}); resume from an "
+                                f"older checkpoint") from err
+    if not isinstance(meta, dict):
+        raise CheckpointCorrupt(f"checkpoint {path}: {META} is not a JSON object; resume from an older "
+                                f"checkpoint")
+    return meta
+
+
+def _check_one(path: Path, name: Any, rec: Any) -> str | None:
+    if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
+            and isinstance(rec, dict) and isinstance(rec.get("bytes"), int)):
+        return f"bad files entry {name!r}: {rec!r}"  # a name with a / could point outside the checkpoint
+    file = path / name
+    if not file.is_file():
+        return f"{name} is missing"
+    size = file.stat().st_size
+    if size != rec["bytes"]:
+        return f"{name} has {size:,} bytes, {rec['bytes']:,} were saved (truncated or overwritten)"
+    got = _file_record(file)[_HASH]
+    if got != rec.get(_HASH):
+        return f"{name} has {_HASH} {got}, {rec.get(_HASH)} was saved (the bytes changed on disk)"
+    return None
+
+
+def verify_checkpoint(path: str | Path, meta: dict[str, Any] | None = None) -> None:
+    """Collective when a process group exists: check every file's size and xxh3_128 against meta.json
+    (each rank a share of the files). Raises CheckpointCorrupt naming the checkpoint and the file,
+    on every rank alike. A checkpoint saved before checksums were recorded loads with a warning."""
+    path = Path(path)
+    meta = read_meta(path) if meta is None else meta
+    files = meta.get("files")
+    if files is None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"warning: checkpoint {path} records no checksums (saved by an older slimpack); "
+                  f"loading it unverified", file=sys.stderr, flush=True)
+        return
+    if not isinstance(files, dict) or ".metadata" not in files:
+        raise CheckpointCorrupt(f"checkpoint {path}: {META} has no valid 'files' record; resume from an "
+                                f"older checkpoint")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    names = sorted(files)
+    mine = [p for name in names[rank::world] if (p := _check_one(path, name, files[name]))]
+    problems = [p for part in _gather(mine) for p in part]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointCorrupt(f"checkpoint {path} is corrupt: {problems[0]}{more}; resume from an "
+                                f"older checkpoint (--resume auto does so itself)")
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Collective: load model and optimiser state in place (any world size); returns meta.json."""
+    """Collective: verify, then load model and optimiser state in place (any world size); returns
+    meta.json. Raises CheckpointCorrupt (before touching the model) if a file is not as saved."""
     meta = read_meta(path)
+    verify_checkpoint(path, meta)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
@@ -178,6 +282,7 @@ def load_model_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], di
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = read_meta(path)
+    verify_checkpoint(path, meta)  # before read_metadata unpickles .metadata
     metadata = FileSystemReader(str(path)).read_metadata()
     model_sd = {key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
                 for key, md in metadata.state_dict_metadata.items()
@@ -187,3 +292,36 @@ def load_model_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], di
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, checkpoint_id=str(path), no_dist=True)
     return state["model"], meta
+
+
+def load_for_resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, fall_back: bool,
+                    check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Collective: load `path` (verified), or with `fall_back` (--resume auto) the newest checkpoint
+    at or below its step that verifies. Corrupt newer ones are renamed `step_N.corrupt` (rank 0), so a
+    requeued job does not trip over them again; with none good nothing is moved and it raises.
+    `check(path, meta)` vets meta.json first (e.g. the model shape); its errors are not corruption."""
+    path = Path(path)
+    candidates = [path]
+    if fall_back:
+        candidates = [p for p in reversed(list_checkpoints(path.parent)) if _step(p) <= _step(path)]
+    bad: list[Path] = []
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    for candidate in candidates:
+        try:
+            if check is not None:
+                check(candidate, read_meta(candidate))
+            meta = load_checkpoint(candidate, model, optimizer)
+        except CheckpointCorrupt as err:
+            if not fall_back:
+                raise
+            if is_main:
+                print(f"{err}", file=sys.stderr, flush=True)
+            bad.append(candidate)
+            continue
+        if is_main:
+            for corrupt in bad:
+                print(f"set aside corrupt {corrupt} as {_set_aside(corrupt, 'corrupt')}", flush=True)
+        _barrier()
+        return candidate, meta
+    raise CheckpointCorrupt(f"no checkpoint under {path.parent} verifies ({len(bad)} tried, see above); "
+                            f"nothing was moved: move them away to start over, or restore them from a copy")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from slimpack import exitcodes
+
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML file (configs/train/*.toml)")
@@ -33,7 +35,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(report.summary(), flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    if not report.stopped_by_signal:
+        return exitcodes.OK
+    # SIGTERM is a scheduler's pre-emption: "saved, run me again". Ctrl-C is a person stopping the run.
+    return exitcodes.INTERRUPTED if report.stop_signal == "SIGINT" else exitcodes.RESUMABLE
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -42,6 +47,9 @@ def run_export(args: argparse.Namespace) -> int:
     from slimpack.train.model import ModelConfig
 
     path = Path(args.checkpoint)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked first: loading a 1.3B checkpoint takes a while
+        raise ValueError(f"export-hf: {out} is an existing file; pass a directory (it is created if absent)")
     if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
         newest = latest_checkpoint(path / "checkpoints")
         if newest is None:
@@ -60,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train the model (one process; torchrun -m slimpack.train for many)")
     add_train_arguments(p)
     p.set_defaults(func=run_train)
-    e = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory")
+    e = sub.add_parser("export-hf", help="write a checkpoint as a Hugging Face LlamaForCausalLM directory",
+                       description="Checks the checkpoint's recorded checksums first. Checkpoints are code: "
+                       "torch.distributed.checkpoint unpickles them, so export only checkpoints you trust.")
     e.add_argument("checkpoint", help="a step_NNNNNNNN checkpoint directory, or a run directory (newest)")
     e.add_argument("out", help="output directory (config.json + model.safetensors)")
     e.set_defaults(func=run_export)

@@ -174,4 +174,7 @@ class TrainConfig:
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    if path is not None and not Path(path).is_file():
+        raise FileNotFoundError(f"--config {path}: no such file; pass a TOML file such as "
+                                f"configs/train/debug-cpu.toml, or no --config for the defaults")
     return load_config(TrainConfig, path, parse_overrides(overrides or []))

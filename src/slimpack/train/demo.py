@@ -5,6 +5,9 @@ Runs `slimpack.train.loop.train` (FSDP2 over a one-process gloo group) on the "s
 saves a checkpoint and returns), then `--resume auto` for the rest, then `export-hf` and, where
 transformers is installed, a check that Hugging Face's logits equal ours. Small batches (512 tokens a
 step) because every step pays for the 128,256-token vocabulary on two CPU cores.
+
+The simulated pre-emption is the trainer's own SIGTERM (`debug_sigterm_after_step`); a SIGTERM or
+Ctrl-C from outside stops the demo (DemoStopped) after the trainer has saved.
 """
 
 from __future__ import annotations
@@ -15,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 DEMO_STEPS = 24
+
+
+class DemoStopped(Exception):
+    """A user's SIGTERM or Ctrl-C stopped a training leg (it saved a checkpoint first)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 def demo_overrides(shards: Path, run_dir: Path) -> list[str]:
@@ -42,6 +53,8 @@ def _train(overrides: list[str]) -> Any:
         if dist.is_initialized():
             dist.destroy_process_group()
     print(report.summary(), flush=True)
+    if report.stopped_by_signal and not report.stop_simulated:
+        raise DemoStopped(report.stop_signal)
     return report
 
 

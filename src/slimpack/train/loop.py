@@ -9,8 +9,10 @@ forward passes, one all-reduce), so every token weighs the same whatever the pac
 micro-batch size or the number of GPUs. FSDP averages gradients over ranks, so each rank scales its
 loss by `world_size` to turn that average back into the sum the formula needs.
 
-Stopping: SIGTERM (Slurm's pre-emption signal) sets a flag; the ranks agree on it at the end of the
-step (it rides in the loss all-reduce), save a checkpoint and return normally, exit status 0.
+Stopping: SIGTERM (Slurm's pre-emption signal) or Ctrl-C (SIGINT) sets a flag; the ranks agree on it
+at the end of the step (it rides in the loss all-reduce), save a checkpoint and return normally; the
+command then exits 75 after SIGTERM (resumable: a Slurm script requeues on it) and 130 after Ctrl-C.
+A second Ctrl-C aborts at once (a save in progress is never loaded: see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slimpack import __version__
+from slimpack import __version__, exitcodes
 from slimpack.provenance import git_sha
 from slimpack.storage import write_atomic
 from slimpack.train import checkpoint as ckpt
@@ -59,9 +61,12 @@ class TrainReport:
     losses: list[float]
     last_checkpoint: str | None
     val_loss: float | None
+    stop_signal: str | None = None   # "SIGTERM" or "SIGINT" when stopped_by_signal
+    stop_simulated: bool = False     # stopped by debug_sigterm_after_step's own SIGTERM and no other signal
 
     def summary(self) -> str:
-        how = "stopped by SIGTERM (checkpoint saved)" if self.stopped_by_signal else "finished"
+        how = (f"stopped by {self.stop_signal} (checkpoint saved; --resume auto continues)"
+               if self.stopped_by_signal else "finished")
         loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}" if self.losses else "no steps run"
         val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
         return (f"train {how}: steps {self.start_step} -> {self.end_step} of {self.max_steps}, {loss}{val}; "
@@ -214,15 +219,32 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 class _StopFlag:
+    """SIGTERM and SIGINT ask for a save and a stop at the end of the step; a second SIGINT (an
+    impatient Ctrl-C) raises KeyboardInterrupt at once."""
+
     def __init__(self) -> None:
-        self.set = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signal: str | None = None  # the first one received
+        self.received = 0
+        self.simulated = 0  # SIGTERMs that debug_sigterm_after_step sent
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    @property
+    def set(self) -> bool:
+        return self.signal is not None
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.set = True
+        if signum == signal.SIGINT and self.signal == "SIGINT":
+            raise KeyboardInterrupt
+        self.received += 1
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                print("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort without "
+                      "saving)", file=sys.stderr, flush=True)
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 # ----------------------------------------------------------------------------- loop
@@ -255,12 +277,16 @@ def train(cfg: TrainConfig) -> TrainReport:
     ledger = PositionLedger(cfg.data.seq_len)  # f(i) of the trained tokens (train/ledger.py)
     resume = _resume_path(cfg, ckpt_root)
     if resume is not None:
-        saved_model = ckpt.read_meta(resume).get("model_config")
-        if saved_model is not None and saved_model != dataclasses.asdict(mcfg):
-            raise ValueError(f"{resume} holds a different model ({saved_model}) than model.preset="
-                             f"{cfg.model.preset!r} builds ({dataclasses.asdict(mcfg)}); resume with the "
-                             f"preset it was trained with, or start a new run_dir")
-        meta = ckpt.load_checkpoint(resume, model, optimizer)
+        def check_model(path: Path, saved: dict[str, Any]) -> None:
+            saved_model = saved.get("model_config")
+            if saved_model is not None and saved_model != dataclasses.asdict(mcfg):
+                raise ValueError(f"{path} holds a different model ({saved_model}) than model.preset="
+                                 f"{cfg.model.preset!r} builds ({dataclasses.asdict(mcfg)}); resume with the "
+                                 f"preset it was trained with, or start a new run_dir")
+
+        # auto: a corrupt newest checkpoint is set aside and the one before it loaded (see load_for_resume)
+        resume, meta = ckpt.load_for_resume(resume, model, optimizer, check=check_model,
+                                            fall_back=cfg.checkpoint.resume == "auto")
         loader.load_state_dict(meta["loader"])
         ledger.load(resume, meta.get("position_frequency"))
         step, tokens_seen = meta["step"], meta["tokens"]
@@ -322,6 +348,7 @@ def train(cfg: TrainConfig) -> TrainReport:
             step += 1
             tokens_seen += cfg.data.global_batch_tokens
             if cfg.debug_sigterm_after_step == step and is_main:
+                stop.simulated += 1
                 os.kill(os.getpid(), signal.SIGTERM)
             # One all-reduce carries the loss and the stop flag: all ranks stop at the same step.
             # The step's ledger segment counts ride along (float64: exact for counts below 2**53).
@@ -369,7 +396,10 @@ def train(cfg: TrainConfig) -> TrainReport:
             logger.close()
     return TrainReport(run_dir=str(run_dir), start_step=start_step, end_step=step, max_steps=max_steps,
                        stopped_by_signal=stopping, losses=losses,
-                       last_checkpoint=str(last_ckpt) if last_ckpt else None, val_loss=val_loss)
+                       last_checkpoint=str(last_ckpt) if last_ckpt else None, val_loss=val_loss,
+                       # another rank may have received the signal alone (the flag is all-reduced)
+                       stop_signal=(stop.signal or "SIGTERM") if stopping else None,
+                       stop_simulated=stop.received == stop.simulated > 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,4 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_train(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"slimpack.train: error: {err}", file=sys.stderr)
-        return 2
+        return exitcodes.USAGE
+    except KeyboardInterrupt:
+        print("slimpack.train: interrupted before a checkpoint could be saved", file=sys.stderr)
+        return exitcodes.INTERRUPTED

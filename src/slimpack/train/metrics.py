@@ -48,9 +48,16 @@ class MetricsLogger:
         self.file = open(self.path, "a")
         self.console_every = max(1, console_every)
         self.wandb = None
+        self.wandb_sync_hint = None
         if use_wandb:
             self.wandb = _start_wandb(run_dir, config=config, run_id=run_id, mode=wandb_mode,
                                       project=wandb_project)
+        if self.wandb is not None and self.wandb.settings.mode == "offline":
+            # wandb ignores `resume` offline: every segment of a resumed run is its own
+            # offline-run-<time>-<id> directory. `wandb sync --id` uploads them, oldest first, as one run.
+            segments = f"{run_dir}/wandb/offline-run-*-{run_id}"
+            self.wandb_sync_hint = (f"wandb is offline; upload every segment of this run as one run with: "
+                                    f"wandb sync --id {run_id} -p {wandb_project} {segments}")
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
@@ -69,6 +76,8 @@ class MetricsLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.wandb_sync_hint:
+            print(self.wandb_sync_hint, flush=True)
 
 
 def _truncate_after(path: Path, step: int) -> None:
