@@ -248,6 +248,11 @@ def train(cfg: TrainConfig) -> TrainReport:
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
+    niah = None
+    if cfg.eval.niah_every_tokens > 0:
+        from slimpack.eval.niah import TrainingSweep
+
+        niah = TrainingSweep(cfg, mcfg, d.device, run_dir, is_main=is_main)
 
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
@@ -311,6 +316,12 @@ def train(cfg: TrainConfig) -> TrainReport:
                 val_loss, val_tokens = evaluate(model, val_set, d.device, max_seqlen)
                 if logger is not None:
                     logger.log({"kind": "eval", "step": step, "val_loss": val_loss, "val_tokens": val_tokens})
+            if niah is not None and niah.due(tokens_seen - cfg.data.global_batch_tokens, tokens_seen):
+                record = niah.run(model, step=step, tokens=tokens_seen)  # a collective; rank 0 evaluates
+                if logger is not None:
+                    logger.log(record)
+                    print(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
+                          f"({record['niah_seconds']:.1f} s)", flush=True)
             periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             final = step == max_steps and cfg.checkpoint.save_final
             if periodic or final or stopping:
