@@ -95,3 +95,25 @@ def test_cached_logits_equal_hugging_face(model, tmp_path):
     generated = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
                             do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(generated[:, 11:], tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("string", [None, StringConfig(shift=96, window=16)])
+def test_fused_cached_decoding_on_gpu_matches_fp32_recomputation(model, string):
+    """bf16 on CUDA: prefill through the fused seam (varlen/cudnn; STRING on varlen), decode with
+    FlashAttention over the cache in place, against fp32 full recomputation with the reference."""
+    import copy
+
+    fp32 = copy.deepcopy(model).cuda()
+    bf16 = copy.deepcopy(model).cuda().bfloat16()
+    for layer in bf16.layers:
+        layer.attention.backend = "auto"
+    prompts = torch.randint(0, 1000, (8, 300), generator=torch.Generator().manual_seed(5)).cuda()
+    want, want_logits = _uncached(fp32, prompts, 6, string)
+    cache = KVCache(bf16, 8, 306)
+    logits = prefill(bf16, prompts, cache, string=string, chunk_tokens=1024)
+    for step in range(6):
+        scale = want_logits[step].abs().max()
+        assert (logits - want_logits[step]).abs().max() / scale < 0.05
+        logits = decode_step(bf16, want[:, step], cache, string=string)

@@ -101,15 +101,33 @@ def prefill(model: Transformer, prompts: torch.Tensor, cache: KVCache, *, string
     return torch.cat(last)
 
 
-def _decode_attention(q: torch.Tensor, q_shift: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
-                      position: int, string: StringConfig | None) -> torch.Tensor:
-    """One query per sample, q (B, H, Dh), against keys/values (B, P + 1, Hkv, Dh); returns (B, H, Dh).
+def _decode_varlen(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: int) -> torch.Tensor:
+    """FlashAttention over the cache in place: sample b is query segment b (one row) against key
+    segment b, the cache's rows b * capacity ... of which `used` count (seqused_k); no copy."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    B, cap = k_cache.shape[:2]
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device)
+    cu_k = torch.arange(0, B * cap + 1, cap, dtype=torch.int32, device=q.device)
+    seqused = torch.full((B,), used, dtype=torch.int32, device=q.device)
+    return varlen_attn(q, k_cache.view(B * cap, *k_cache.shape[2:]), v_cache.view(B * cap, *v_cache.shape[2:]),
+                       cu_q, cu_k, 1, cap, seqused_k=seqused, enable_gqa=q.shape[1] != k_cache.shape[2])
+
+
+def _decode_attention(q: torch.Tensor, q_shift: torch.Tensor | None, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, position: int, string: StringConfig | None) -> torch.Tensor:
+    """One query per sample, q (B, H, Dh), against the cache (B, capacity, Hkv, Dh) filled up to
+    `position` inclusive; returns (B, H, Dh). fp16/bf16 on CUDA without STRING: FlashAttention in
+    place (`_decode_varlen`); otherwise SDPA or, with STRING, exact math on the filled part.
 
     STRING: a key at distance d = position - j scores with q (rotated at `position`) when d < S, else
     with q_shift (rotated at position - S + W), the same P[i, j] as the packed path.
     """
+    k, v = k_cache[:, :position + 1], v_cache[:, :position + 1]
     B, H, Dh = q.shape
     Hkv = k.shape[2]
+    if string is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        return _decode_varlen(q, k_cache, v_cache, position + 1)
     if string is None:
         out = F.scaled_dot_product_attention(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
                                              enable_gqa=True)  # (B, H, 1, Dh): the cache holds no future
@@ -142,8 +160,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, *,
         cache.k[i][:, p] = apply_rope(k, cos, sin)
         cache.v[i][:, p] = v
         q_shift = apply_rope(q, cos_s, sin_s) if string is not None else None
-        out = _decode_attention(apply_rope(q, cos, sin), q_shift, cache.k[i][:, :p + 1], cache.v[i][:, :p + 1],
-                                p, string)
+        out = _decode_attention(apply_rope(q, cos, sin), q_shift, cache.k[i], cache.v[i], p, string)
         h = h + attn.wo(out.reshape(out.shape[0], -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
     cache.length = p + 1
