@@ -127,7 +127,8 @@ def haystack_file(tmp_path_factory):
 
 def test_command_writes_report_and_heatmap(checkpoint, haystack_file, tmp_path, capsys):
     out = tmp_path / "niah.json"
-    rc = main(["eval", "niah", str(checkpoint), "--haystack", str(haystack_file), "--samples", "3",
+    (checkpoint.parent.parent / "config.json").write_text("{}")  # as `slimpack train` leaves in RUN_DIR
+    rc = main(["eval", "niah", str(checkpoint.parent.parent), "--haystack", str(haystack_file), "--samples", "3",
                "--out", str(out), "--no-progress"])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -172,6 +173,8 @@ def test_bad_inputs_get_one_line_errors(checkpoint, haystack_file, tmp_path, cap
     short.write_text("too short a haystack")
     assert "give a longer --haystack" in _error([*base, "--haystack", str(short), "--lengths", "128"], capsys)
     assert "exactly one of --data" in _error(base, capsys)
+    assert "neither a slimpack checkpoint" in _error(["eval", "niah", str(tmp_path), "--haystack",
+                                                      str(haystack_file)], capsys)
     # A checkpoint whose meta.json describes another shape than its weights.
     meta = json.loads((checkpoint / "meta.json").read_text())
     other = tmp_path / "other" / checkpoint.name

@@ -423,7 +423,11 @@ def run_command(args: argparse.Namespace) -> int:
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}[args.dtype]
     path = Path(args.checkpoint)
-    if (path / "config.json").is_file() and not (path / "meta.json").is_file():
+    slimpack_dir = (path / "meta.json").is_file() or (path / "checkpoints").is_dir()  # a run dir has config.json too
+    if not slimpack_dir and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a slimpack checkpoint (meta.json), a run directory "
+                                f"(checkpoints/) nor a Hugging Face directory (config.json)")
+    if not slimpack_dir:
         if string is not None:
             raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
                              f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
