@@ -109,8 +109,7 @@ def build_samples(haystack: np.ndarray, length: int, cfg: NiahConfig, encode: Ca
     for _ in range(cfg.samples):
         keys = [KEYS[i] for i in rng.choice(len(KEYS), cfg.needles, replace=False)]
         low = 10 ** (cfg.digits - 1)
-        numbers = [str(n) for n in rng.choice(np.arange(low, 10 * low), cfg.needles, replace=False)] \
-            if cfg.digits <= 6 else [str(int(rng.integers(low, 10 * low))) for _ in keys]
+        numbers = [str(low + int(n)) for n in rng.choice(9 * low, cfg.needles, replace=False)]
         needles = [encode(NEEDLE.format(key=k, number=n)) for k, n in zip(keys, numbers, strict=True)]
         question = encode((QUESTION_ONE if cfg.needles == 1 else QUESTION_MANY).format(keys=_join_keys(keys)))
         budget = length - 1 - sum(map(len, needles)) - len(question)
