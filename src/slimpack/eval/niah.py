@@ -413,11 +413,10 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
 
     from slimpack.tokenize.tokenizer import Llama3Tokenizer
-    from slimpack.train.string_attention import StringConfig
 
     if (args.data is None) == (args.haystack is None):
         raise ValueError("give exactly one of --data DIR (its validation split) or --haystack FILE")
-    string = StringConfig(args.string_shift, args.string_window) if args.string_shift else None
+    string = string_from_args(args)
     device = _device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
              "bf16": torch.bfloat16}[args.dtype]
@@ -468,6 +467,13 @@ def add_string_arguments(p: argparse.ArgumentParser) -> None:
                    help="STRING: use relative distances d >= S as d - S + W (paper: S = training length / 3; "
                         "0 = off)")
     p.add_argument("--string-window", type=int, default=128, metavar="W", help="STRING's local window W (128)")
+
+
+def string_from_args(args: argparse.Namespace) -> Any:
+    """The `StringConfig` that `add_string_arguments`' flags ask for, or None (STRING off)."""
+    from slimpack.train.string_attention import StringConfig
+
+    return StringConfig(args.string_shift, args.string_window) if args.string_shift else None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
