@@ -60,6 +60,14 @@ def test_reference_path_equals_dense(shift, window):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_dense_reference_in_row_blocks_equals_one_block():
+    lengths = [13, 6]
+    q, k, v, _, cu = _inputs(lengths)
+    string = StringConfig(shift=5, window=2)
+    torch.testing.assert_close(string_attention_dense(q, k, v, cu, string=string, rope_theta=THETA, rows_per_block=4),
+                               string_attention_dense(q, k, v, cu, string=string, rope_theta=THETA))
+
+
 def test_dense_reference_without_string_is_ordinary_attention():
     lengths = [9, 4]
     q, k, v, pos, cu = _inputs(lengths)

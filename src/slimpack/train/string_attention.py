@@ -66,11 +66,13 @@ def string_positions(length: int, string: StringConfig | None, device: torch.dev
 
 
 def string_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, *,
-                           string: StringConfig | None, rope_theta: float) -> torch.Tensor:
+                           string: StringConfig | None, rope_theta: float,
+                           rows_per_block: int | None = None) -> torch.Tensor:
     """The reference: q (T, H, D), k/v (T, Hkv, D) NOT rotated; fp32 output (T, H, D).
 
     Per document, score[h, i, j] = rope(q_i, P[i, j]) . k_j / sqrt(D), using that RoPE's
-    rope(q, i) . rope(k, j) equals rope(q, i - j) . k. O(L^2 H D) memory: for tests.
+    rope(q, i) . rope(k, j) equals rope(q, i - j) . k. Query rows go in blocks of `rows_per_block`,
+    each materialising (rows, L, H, D) rotated queries: for tests and the bench's check.
     """
     T, H, D = q.shape
     groups = H // k.shape[1]
@@ -80,15 +82,19 @@ def string_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         if n == 0:
             continue
         P = string_positions(n, string, q.device)  # (n, n)
-        cos, sin = rope_cos_sin(P.clamp(min=0).reshape(-1), D, rope_theta)  # (n*n, 1, D)
-        qd = q[start:end].float()[:, None].expand(n, n, H, D).reshape(n * n, H, D)
-        x1, x2 = qd.chunk(2, dim=-1)
-        q_rot = (qd * cos + torch.cat((-x2, x1), dim=-1) * sin).view(n, n, H, D)  # (i, j, H, D)
         kd = k[start:end].float().repeat_interleave(groups, dim=1)  # (n, H, D)
         vd = v[start:end].float().repeat_interleave(groups, dim=1)
-        scores = torch.einsum("ijhd,jhd->hij", q_rot, kd) / math.sqrt(D)
-        scores = scores.masked_fill(P[None] < 0, float("-inf"))
-        out[start:end] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vd)
+        rows = rows_per_block or max(1, (1 << 26) // (n * H * D))  # ~256 MB of rotated queries a block
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            m = r1 - r0
+            cos, sin = rope_cos_sin(P[r0:r1].clamp(min=0).reshape(-1), D, rope_theta)  # (m*n, 1, D)
+            qd = q[start + r0:start + r1].float()[:, None].expand(m, n, H, D).reshape(m * n, H, D)
+            x1, x2 = qd.chunk(2, dim=-1)
+            q_rot = (qd * cos + torch.cat((-x2, x1), dim=-1) * sin).view(m, n, H, D)  # (i, j, H, D)
+            scores = torch.einsum("ijhd,jhd->hij", q_rot, kd) / math.sqrt(D)
+            scores = scores.masked_fill(P[None, r0:r1] < 0, float("-inf"))
+            out[start + r0:start + r1] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vd)
     return out
 
 
