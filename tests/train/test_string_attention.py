@@ -95,7 +95,14 @@ def test_fused_varlen_equals_dense_on_gpu(shift, window):
     q, k, v, pos, cu = (x.cuda() for x in _inputs(lengths, heads=8, kv_heads=2, dim=64))
     string = StringConfig(shift=shift, window=window)
     q_d, q_s, k_r = _rotated(q, k, pos, string)
-    got = string_attention(q_d.bfloat16(), q_s.bfloat16(), k_r.bfloat16(), v.bfloat16(), cu, max(lengths),
-                           string=string, backend="varlen")
+    bf16 = [x.bfloat16() for x in (q_d, q_s, k_r, v)]
+    fused = string_attention(*bf16, cu, max(lengths), string=string, backend="varlen").float()
+    ref16 = string_attention(*bf16, cu, max(lengths), string=string, backend="sdpa_ref").float()
     want = string_attention_dense(q, k, v, cu, string=string, rope_theta=THETA)
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+    def rel(a):
+        return ((a - want).abs().max() / want.abs().max()).item()
+
+    # The budget: twice what rounding the inputs to bf16 costs the exact reference path, as the
+    # training backends' GPU tests allow.
+    assert rel(fused) < max(2 * rel(ref16), 1e-2), (rel(fused), rel(ref16))

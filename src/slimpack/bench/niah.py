@@ -148,12 +148,14 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
     cos, sin = rope_cos_sin(pos, head_dim, theta)
     cos_s, sin_s = rope_cos_sin(pos - string.shift + string.window, head_dim, theta)
     backend = "varlen" if device.type == "cuda" else "sdpa_ref"
-    got = string_attention(apply_rope(q, cos, sin).to(dtype), apply_rope(q, cos_s, sin_s).to(dtype),
-                           apply_rope(k, cos, sin).to(dtype), v.to(dtype), cu, max(lengths), string=string,
-                           backend=backend)
+    inputs = [x.to(dtype) for x in (apply_rope(q, cos, sin), apply_rope(q, cos_s, sin_s), apply_rope(k, cos, sin), v)]
+    got = string_attention(*inputs, cu, max(lengths), string=string, backend=backend).float()
+    ref = string_attention(*inputs, cu, max(lengths), string=string, backend="sdpa_ref").float()
     want = string_attention_dense(q, k, v, cu, string=string, rope_theta=theta)
-    err = (got.float() - want).abs().max().item()
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    err = (got - want).abs().max().item()
+    # Budget: twice what rounding the inputs to `dtype` costs the exact reference path (as the
+    # training backends' GPU tests allow); fp32 on CPU: float precision.
+    tol = 1e-4 if dtype == torch.float32 else max(2 * (ref - want).abs().max().item(), 1e-2 * want.abs().max().item())
     return {"backend": backend, "dtype": str(dtype), "lengths": lengths, "max_abs_err": err, "tolerance": tol,
             "ok": err < tol}
 
