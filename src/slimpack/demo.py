@@ -192,6 +192,21 @@ def step_positions(ctx: dict[str, Any]) -> None:
         raise RuntimeError("plot failed")
 
 
+def step_niah(ctx: dict[str, Any]) -> None:
+    """A short needle sweep on the demo's model (two lengths, a few samples): the harness end to end,
+    haystack from the demo's validation split. A 24-step model retrieves nothing; the numbers that
+    matter come from `slimpack eval niah` on a trained checkpoint."""
+    from slimpack.cli import main as slimpack_main
+
+    out = ctx["out"] / "niah" / "niah.json"
+    argv = ["eval", "niah", str(ctx["out"] / "train"), "--data", str(ctx["shards"]), "--lengths", "128,256",
+            "--samples", "4", "--device", "cpu", "--out", str(out)]
+    if not ctx["progress"]:
+        argv.append("--no-progress")
+    if slimpack_main(argv) != 0:
+        raise RuntimeError("eval niah failed; see above")
+
+
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("corpus", step_corpus),
     ("tokenize", step_tokenize),
@@ -200,6 +215,7 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
     ("pipeline", step_pipeline),
     ("train", step_train),
     ("positions", step_positions),
+    ("niah", step_niah),
 ]
 
 

@@ -152,14 +152,21 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch
             max_seqlen: int) -> torch.Tensor:
     if _VARLEN is None:
         raise RuntimeError(_VARLEN_ERROR)
-    fn, kwargs, supports_gqa = _VARLEN
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        if supports_gqa:
-            kwargs = {**kwargs, "enable_gqa": True}
-        else:
-            k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
-    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    fn, causal, _ = _VARLEN
+    k, v, gqa = varlen_gqa(k, v, q.shape[1] // k.shape[1])
+    return fn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **causal, **gqa)
+
+
+def varlen_gqa(k: torch.Tensor, v: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """K/V and the keywords with which `varlen_attn` serves `groups` query heads per K/V head:
+    `enable_gqa` where this torch's varlen_attn takes it, else K/V repeated (torch 2.10, 2.11)."""
+    if _VARLEN is None:
+        raise RuntimeError(_VARLEN_ERROR)
+    if groups == 1:
+        return k, v, {}
+    if _VARLEN[2]:
+        return k, v, {"enable_gqa": True}
+    return _repeat_kv(k, groups), _repeat_kv(v, groups), {}
 
 
 # ---- flash_attn: Dao-AILab flash-attn ----------------------------------------------------------------

@@ -299,6 +299,11 @@ def train(cfg: TrainConfig) -> TrainReport:
         if is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
+    niah = None
+    if cfg.eval.niah_every_tokens > 0:
+        from slimpack.eval.niah import TrainingSweep
+
+        niah = TrainingSweep(cfg, mcfg, d.device, run_dir, is_main=is_main)
 
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
@@ -377,6 +382,12 @@ def train(cfg: TrainConfig) -> TrainReport:
                     record["val_loss_by_position"] = _position_buckets(model, val_set, d, cfg, step, tokens_seen)
                 if logger is not None:
                     logger.log(record)
+            if niah is not None and niah.due(tokens_seen - cfg.data.global_batch_tokens, tokens_seen):
+                record = niah.run(model, step=step, tokens=tokens_seen)  # a collective; rank 0 evaluates
+                if logger is not None:
+                    logger.log(record)
+                    print(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
+                          f"({record['niah_seconds']:.1f} s)", flush=True)
             periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             final = step == max_steps and cfg.checkpoint.save_final
             if periodic or final or stopping:

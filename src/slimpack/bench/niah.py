@@ -1,0 +1,291 @@
+"""`slimpack bench niah`: needle-in-a-haystack throughput on the 1.3B shape, checked and timed in one run.
+
+    slimpack bench niah --json niah-bench.json        # one GPU: ~5 minutes on an H100
+    slimpack bench niah --quick                        # CPU smoke run of the same code (tiny model)
+
+Random weights (timing only: accuracy means nothing here); haystack: Python's own documentation
+text (as `slimpack demo` builds it). In order:
+
+- checks: cached greedy decoding equals full recomputation (fp32, reference attention: tokens
+  exactly, logits to 1e-3; and the bf16 fused path's logits within 5% of that), and STRING through
+  the fused kernel ("varlen") equals the dense fp32 reference that builds the remapped positions;
+- sweep: the paper's protocol, lengths 128..2048 in 128-token steps x 500 samples (4 needles,
+  greedy, KV cache), prefill batched per length (chunks of --prefill-tokens) and decode batched over
+  all samples of a length; prefill and decode timed apart (tokens/s each);
+- hf: Hugging Face `generate` (greedy, its KV cache, SDPA) on the exported model, --hf-samples per
+  length, tokens/s against ours on the same samples; its full sweep time is scaled from them;
+- string: the sweep with STRING (--string-shift, default training length 2048 / 3; window 128) and
+  without, on --string-samples per length: STRING's cost as a ratio of times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _haystack(encode: Any, tokens: int) -> np.ndarray:
+    from slimpack.demo import iter_corpus
+
+    parts, total = [], 0
+    for _, _, text in iter_corpus():
+        ids = encode(text)
+        parts.append(np.asarray(ids, dtype=np.int64))
+        total += len(ids)
+        if total >= tokens:
+            break
+    return np.concatenate(parts)
+
+
+class _TimedGenerate:
+    """Our batched greedy generation with prefill and decode timed apart."""
+
+    def __init__(self, model: Any, *, string: Any, prefill_tokens: int) -> None:
+        self.model, self.string, self.prefill_tokens = model, string, prefill_tokens
+        self.device = model.tok_embeddings.weight.device
+        self.prefill_s = self.decode_s = 0.0
+        self.prefill_tokens_done = self.decode_tokens_done = 0
+
+    def __call__(self, prompts: np.ndarray, new: int) -> np.ndarray:
+        import torch
+
+        from slimpack.eval.inference import KVCache, decode_step, prefill
+
+        ids = torch.as_tensor(prompts, device=self.device)
+        B, L = ids.shape
+        _sync(self.device)
+        t0 = time.perf_counter()
+        cache = KVCache(self.model, B, L + new)
+        logits = prefill(self.model, ids, cache, string=self.string, chunk_tokens=self.prefill_tokens)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        out = []
+        for step in range(new):
+            token = logits.argmax(-1)
+            out.append(token)
+            if step + 1 < new:
+                logits = decode_step(self.model, token, cache, string=self.string)
+        result = torch.stack(out, dim=1).cpu().numpy()  # the copy syncs
+        t2 = time.perf_counter()
+        self.prefill_s += t1 - t0
+        self.decode_s += t2 - t1
+        self.prefill_tokens_done += B * L
+        self.decode_tokens_done += B * new
+        return result
+
+    def figures(self) -> dict[str, float]:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prefill_tokens": self.prefill_tokens_done, "decode_tokens": self.decode_tokens_done,
+                "prefill_tokens_per_s": self.prefill_tokens_done / max(self.prefill_s, 1e-9),
+                "decode_tokens_per_s": self.decode_tokens_done / max(self.decode_s, 1e-9),
+                "tokens_per_s": (self.prefill_tokens_done + self.decode_tokens_done)
+                / max(self.prefill_s + self.decode_s, 1e-9)}
+
+
+def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str, Any]:
+    """Cached greedy == full recomputation: fp32 exactly (tokens), the model's dtype within 5%."""
+    import torch
+
+    from slimpack.eval.inference import KVCache, decode_step, forward_packed, prefill
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 32_000, (4, length), generator=g).to(device)
+    seq, want_logits = prompts, []
+    with torch.no_grad():
+        for _ in range(8):
+            B, L = seq.shape
+            cu = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=device)
+            hidden = forward_packed(fp32, seq.reshape(-1), torch.arange(L, device=device).repeat(B), cu, L)
+            logits = fp32.output(hidden.view(B, L, -1)[:, -1]).float()
+            want_logits.append(logits)
+            seq = torch.cat([seq, logits.argmax(-1)[:, None]], dim=1)
+    want = seq[:, length:]
+    res: dict[str, Any] = {"length": length, "new_tokens": 8}
+    for name, m in (("fp32", fp32), ("model_dtype", model)):
+        cache = KVCache(m, 4, length + 8)
+        logits = prefill(m, prompts, cache)
+        errs = []
+        for step in range(8):
+            errs.append(((logits - want_logits[step]).abs().max() / want_logits[step].abs().max()).item())
+            logits = decode_step(m, want[:, step], cache)
+        res[name] = {"max_rel_logit_err": max(errs)}
+    res["fp32"]["tokens_equal"] = bool(torch.equal(
+        torch.as_tensor(_TimedGenerate(fp32, string=None, prefill_tokens=1 << 16)(prompts.cpu().numpy(), 8)),
+        want.cpu()))
+    res["ok"] = (res["fp32"]["tokens_equal"] and res["fp32"]["max_rel_logit_err"] < 1e-3
+                 and res["model_dtype"]["max_rel_logit_err"] < 0.05)
+    return res
+
+
+def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: int, kv_heads: int,
+                  head_dim: int, lengths: list[int]) -> dict[str, Any]:
+    import torch
+
+    from slimpack.train.model import apply_rope, rope_cos_sin
+    from slimpack.train.string_attention import string_attention, string_attention_dense
+
+    g = torch.Generator().manual_seed(1)
+    T = sum(lengths)
+    q = torch.randn(T, heads, head_dim, generator=g).to(device)
+    k = torch.randn(T, kv_heads, head_dim, generator=g).to(device)
+    v = torch.randn(T, kv_heads, head_dim, generator=g).to(device)
+    pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)
+    cos, sin = rope_cos_sin(pos, head_dim, theta)
+    cos_s, sin_s = rope_cos_sin(pos - string.shift + string.window, head_dim, theta)
+    backend = "varlen" if device.type == "cuda" else "sdpa_ref"
+    inputs = [x.to(dtype) for x in (apply_rope(q, cos, sin), apply_rope(q, cos_s, sin_s), apply_rope(k, cos, sin), v)]
+    got = string_attention(*inputs, cu, max(lengths), string=string, backend=backend).float()
+    ref = string_attention(*inputs, cu, max(lengths), string=string, backend="sdpa_ref").float()
+    want = string_attention_dense(q, k, v, cu, string=string, rope_theta=theta)
+    err = (got - want).abs().max().item()
+    # Budget: twice what rounding the inputs to `dtype` costs the exact reference path (as the
+    # training backends' GPU tests allow); fp32 on CPU: float precision.
+    tol = 1e-4 if dtype == torch.float32 else max(2 * (ref - want).abs().max().item(), 1e-2 * want.abs().max().item())
+    return {"backend": backend, "dtype": str(dtype), "lengths": lengths, "max_abs_err": err, "tolerance": tol,
+            "ok": err < tol}
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from slimpack.eval.niah import NiahConfig, default_lengths, hf_engine, run_niah
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+    from slimpack.train.export import export_hf
+    from slimpack.train.model import Transformer, model_config
+    from slimpack.train.string_attention import StringConfig
+
+    if args.quick:
+        args.preset, args.samples, args.hf_samples, args.string_samples = "tiny", 4, 2, 4
+        args.lengths = args.lengths or "128,256"
+        args.string_shift = args.string_shift or 64
+        args.string_window = min(args.string_window, 16)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type != "cuda" and not args.quick:
+        raise RuntimeError("slimpack bench niah needs a CUDA GPU (or --quick for the CPU smoke run)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = model_config(args.preset)
+    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else default_lengths(2048)
+    string = StringConfig(args.string_shift or max(lengths) // 3, args.string_window)
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised on the GPU: the 1.3B init on the host takes a while
+        fp32 = Transformer(cfg, attention_backend="sdpa_ref").eval()
+        model = Transformer(cfg).to(dtype).eval()
+    model.load_state_dict(fp32.state_dict())
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
+                           "lengths": list(lengths), "samples": args.samples, "string": vars(string).copy()}
+    print(f"bench niah: {args.preset} on {res['device']} ({dtype}), lengths {lengths[0]}..{lengths[-1]}",
+          flush=True)
+
+    t0 = time.perf_counter()
+    res["checks"] = {
+        "cache": _check_cache(model, fp32, device, length=min(512, max(lengths))),
+        "string": _check_string(device, dtype, string, cfg.rope_theta, heads=cfg.num_heads,
+                                kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                lengths=[max(lengths), string.shift, string.shift + 1, 7]),
+    }
+    res["checks"]["seconds"] = time.perf_counter() - t0
+    del fp32
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(f"checks: cache {res['checks']['cache']['ok']}, string {res['checks']['string']['ok']} "
+          f"({res['checks']['seconds']:.1f} s)", flush=True)
+
+    tok = Llama3Tokenizer()
+    encode = tok.encoding.encode_ordinary
+    haystack = _haystack(encode, 4 * max(lengths))
+
+    def sweep(generate: Any, samples: int, *, name: str, string_cfg: Any = None) -> dict[str, Any]:
+        niah = NiahConfig(lengths=lengths, samples=samples)
+        _sync(device)
+        start = time.perf_counter()
+        report = run_niah(generate, tok.decode, encode, haystack, niah, bos_id=tok.bos_id,
+                          eos_ids=(tok.eos_id,), model=name,
+                          string=vars(string_cfg).copy() if string_cfg else None)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        out = {"samples": samples, "seconds": seconds, "prompt_tokens": report.prompt_tokens,
+               "generated_tokens": report.generated_tokens,
+               "tokens_per_s": (report.prompt_tokens + report.generated_tokens) / seconds}
+        if isinstance(generate, _TimedGenerate):
+            out.update(generate.figures())
+        print(f"{name}: {samples} samples x {len(lengths)} lengths in {seconds:.1f} s "
+              f"({out['tokens_per_s']:,.0f} tokens/s)", flush=True)
+        return out
+
+    # Warm-up: one small sweep so kernels, allocator and tokenizer caches do not land in the timings.
+    run_niah(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), tok.decode, encode,
+             haystack, NiahConfig(lengths=lengths[:2], samples=2), bos_id=tok.bos_id)
+    res["sweep"] = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), args.samples,
+                         name="ours")
+    res["ours_at_hf_samples"] = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens),
+                                      args.hf_samples, name="ours (hf sample count)")
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model.state_dict(), cfg, Path(tmp) / "hf", dtype=dtype)
+        engine = hf_engine(Path(tmp) / "hf", device=device, dtype=dtype)
+        res["hf"] = sweep(engine.generate, args.hf_samples, name="hf generate")
+        del engine
+    res["hf"]["scaled_sweep_seconds"] = res["hf"]["seconds"] * args.samples / args.hf_samples
+    res["speedup_vs_hf"] = res["hf"]["seconds"] / res["ours_at_hf_samples"]["seconds"]
+    plain = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), args.string_samples,
+                  name="ours without STRING")
+    with_string = sweep(_TimedGenerate(model, string=string, prefill_tokens=args.prefill_tokens),
+                        args.string_samples, name="ours with STRING", string_cfg=string)
+    res["string_cost"] = {"plain": plain, "string": with_string,
+                          "time_ratio": with_string["seconds"] / plain["seconds"]}
+    res["ok"] = res["checks"]["cache"]["ok"] and res["checks"]["string"]["ok"]
+    return res
+
+
+def _summary(res: dict[str, Any]) -> str:
+    s, hf = res["sweep"], res["hf"]
+    return "\n".join([
+        f"niah bench on {res['device']} ({res['preset']}, {res['dtype']}): checks "
+        f"{'pass' if res['ok'] else 'FAIL'}",
+        f"  sweep {res['samples']} samples x {len(res['lengths'])} lengths: {s['seconds']:.1f} s; prefill "
+        f"{s['prefill_tokens_per_s']:,.0f} tok/s, decode {s['decode_tokens_per_s']:,.0f} tok/s",
+        f"  HF generate at {hf['samples']} samples: {hf['tokens_per_s']:,.0f} tok/s vs ours "
+        f"{res['ours_at_hf_samples']['tokens_per_s']:,.0f} ({res['speedup_vs_hf']:.2f}x); HF's full sweep "
+        f"~{hf['scaled_sweep_seconds']:.0f} s (scaled)",
+        f"  STRING (S={res['string']['shift']}, W={res['string']['window']}) costs "
+        f"{res['string_cost']['time_ratio']:.2f}x the time of the plain sweep",
+    ])
+
+
+def _run(args: argparse.Namespace) -> int:
+    res = run_bench(args)
+    print(_summary(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"figures: {args.json}", file=sys.stdout)
+    return 0 if res["ok"] else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("niah", help="GPU: needle sweep throughput vs HF generate, STRING's cost, checks")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 lengths, 4 samples")
+    p.add_argument("--preset", default="tinyllama-1.3b")
+    p.add_argument("--lengths", help="comma-separated (default 128..2048 in 128-token steps)")
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--hf-samples", type=int, default=25, help="samples per length for the HF baseline")
+    p.add_argument("--string-samples", type=int, default=100, help="samples per length for STRING's cost")
+    p.add_argument("--string-shift", type=int, default=0, help="default: the longest length / 3")
+    p.add_argument("--string-window", type=int, default=128)
+    p.add_argument("--prefill-tokens", type=int, default=131_072, help="tokens per prefill chunk")
+    p.add_argument("--json", help="write the figures here")
+    p.set_defaults(func=_run)
