@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pipeline_data import PARTS, make_dataset
+from pipeline_data import PARTS, escape_part, make_dataset
 
 from slimpack.pipeline import LoaderConfig, PackedLoader
 from slimpack.shards.mds import ShardFormatError
+from slimpack.storage import UnsafePathError
 
 L, G_SEQS = 16, 8
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -140,3 +141,19 @@ def test_ranks_sharing_one_small_cache(s3, dataset, tmp_path):
     assert sum(r.stream.store.evicted for r in ranks) > 0
     for r in ranks:
         r.close()
+
+
+def test_a_bucket_naming_keys_outside_the_dataset_gets_nothing_written(s3, tmp_path):
+    # Whoever controls the bucket picks the names and bytes: `parts/../../outside/...` would land
+    # in <cache>/../outside/ (a path and content of their choosing) if the loader trusted it.
+    local = make_dataset(tmp_path / "ds", parts={"p": ("train", 60), "q": ("train", 40)})
+    outside = escape_part(local, "p", "../../outside")
+    url = _upload(s3, local, "hostile")
+    for path in outside.iterdir():
+        s3.put_file(str(path), f"data/hostile/parts/../../outside/{path.name}")
+    cache = tmp_path / "run" / "cache"
+    with pytest.raises(UnsafePathError, match=r"'parts/\.\./\.\./outside/shard\.00000\.mds\.zstd' has a "
+                                              r"'\.\.' step"):
+        list(PackedLoader(cfg(url, epochs=1, cache_dir=str(cache))))
+    assert not (tmp_path / "run" / "outside").exists()
+    assert not cache.exists() or not any(cache.rglob("*"))

@@ -27,7 +27,7 @@ import numpy as np
 
 from slimpack.pipeline.index import DatasetIndex
 from slimpack.shards.mds import Shard, ShardFormatError, decode_shard, hash_bytes
-from slimpack.storage import Root, write_atomic
+from slimpack.storage import Root, member_path, write_atomic
 
 
 def verify_shard_bytes(index: DatasetIndex, i: int, data: bytes | mmap.mmap, where: str) -> None:
@@ -72,12 +72,15 @@ class ShardStore:
 
     # ------------------------------------------------------------------ files
 
+    def _cache_path(self, i: int) -> Path:
+        return member_path(self.cache_dir, self.index.shard_names[i], where=f"{self.index.url}: shard {i}")
+
     def local_path(self, i: int) -> Path:
         """Path of shard i's stored file on local disk, downloading (and verifying) it if needed."""
-        name = self.index.shard_names[i]
         if not self.remote:
-            return Path(self.root.path) / name
-        path = self.cache_dir / name
+            return member_path(self.root.path, self.index.shard_names[i],
+                               where=f"{self.index.url}: shard {i}")
+        path = self._cache_path(i)
         if path.exists():
             return path
         with self._lock:
@@ -90,7 +93,7 @@ class ShardStore:
 
     def _download(self, i: int) -> None:
         name = self.index.shard_names[i]
-        path = self.cache_dir / name
+        path = self._cache_path(i)
         if path.exists():
             return
         data = self.root.read_bytes(name)
@@ -108,7 +111,7 @@ class ShardStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="slimpack-fetch")
             for i in shard_ids:
-                if i in self._pending or (self.cache_dir / self.index.shard_names[i]).exists():
+                if i in self._pending or self._cache_path(i).exists():
                     continue
                 fut = self._pool.submit(self._download, i)
                 fut.add_done_callback(lambda _f, i=i: self._done(i))
@@ -169,7 +172,7 @@ class ShardStore:
                 if i in self._pending:
                     continue
             try:
-                (self.cache_dir / names[i]).unlink()
+                self._cache_path(i).unlink()
             except FileNotFoundError:
                 continue
             freed += files[names[i]]

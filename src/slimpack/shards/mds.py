@@ -26,7 +26,7 @@ import xxhash
 import zstandard
 
 from slimpack.shards import schema
-from slimpack.storage import write_atomic
+from slimpack.storage import check_member, member_path, write_atomic
 
 _SHAPE_DTYPES = ("uint8", "uint16", "uint32", "uint64")
 _VALUE_DTYPES = {
@@ -282,6 +282,7 @@ def parse_index(index: dict[str, Any], where: str = "index.json") -> list[ShardI
             if e["format"] != "mds":
                 raise ShardFormatError(f"{where}: shard {i} has format {e['format']!r}, not 'mds'")
             stored = e["zip_data"] or e["raw_data"]
+            check_member(stored["basename"], where=f"{where}: shard {i}")
             names, encodings = tuple(e["column_names"]), tuple(e["column_encodings"])
             for name, enc in zip(names, encodings):
                 if not schema.is_safe_encoding(enc):
@@ -356,7 +357,7 @@ def decode_shard(data: bytes, info: ShardInfo, where: str) -> Shard:
 
 def load_shard(root: str | os.PathLike, info: ShardInfo) -> Shard:
     """Read, decompress and parse one shard from a local dataset root."""
-    path = Path(root) / info.basename
+    path = member_path(root, info.basename, where=f"{root}: shard {info.index}")
     with open(path, "rb") as f:
         return decode_shard(f.read(), info, str(path))
 

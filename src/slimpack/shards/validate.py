@@ -41,6 +41,7 @@ import zstandard
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import column_layouts, gather, global_cu_seqlens, sample_runs
 from slimpack.shards.invariants import sample_problems
+from slimpack.storage import UnsafePathError, member_path
 
 # Fastest first; an algorithm not listed here is tried after these.
 HASH_PREFERENCE = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32", "md5", "sha1", "sha256",
@@ -53,6 +54,10 @@ MAX_FINDINGS_PER_CHECK = 5  # per shard (or per dataset-level check); the rest a
 # check -> how to fix it. Every finding carries one of these codes.
 HINTS: dict[str, str] = {
     "index": "the index is malformed: re-run `slimpack shards merge DIR` (or re-tokenize the part)",
+    "path": "the index or manifest names a file outside the dataset root (absolute, '..', a symlink "
+            "out, or an odd name), so nothing was read from it: this index was not written by "
+            "slimpack or was altered; rebuild it from trusted parts (`slimpack shards merge DIR`) or "
+            "discard the dataset",
     "missing_shard": "re-copy the file, or delete its part directory and re-run `slimpack tokenize`",
     "unlisted_shard": "a shard file no index lists: delete it, or re-run `slimpack shards merge` if "
                       "its part is complete",
@@ -271,7 +276,11 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
         out.add("index", f"format is {entry.get('format')!r}, not 'mds'", shard=name)
         return False
     columns_ok = _check_columns(entry, out, name)
-    path = root / name
+    try:
+        path = member_path(root, name, where=f"index.json shard {index}")
+    except UnsafePathError as err:
+        out.add("path", f"index.json names {err.name!r}, which {err.reason}; not read", shard=name)
+        return False
     try:
         with open(path, "rb") as f:
             stored = f.read()
@@ -639,7 +648,10 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
     for part, idx in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if part is None:
             continue
-        pdir = root / schema.PARTS_DIRNAME / part
+        try:
+            pdir = member_path(root, f"{schema.PARTS_DIRNAME}/{part}", where="index.json")
+        except UnsafePathError:
+            continue  # its shards' names are reported by the shard checks, and nothing is read
         try:
             pindex = json.loads((pdir / schema.INDEX_FILENAME).read_bytes())
             pentries = pindex["shards"]
@@ -711,13 +723,17 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
              sum(e["samples"] for e in entries if isinstance(e, dict) and isinstance(e.get("samples"), int)))
 
     # sample_tokens.npy: the loader trusts it, so it must equal the shards exactly.
-    npy = root / str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
+    npy_name = str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
     complete = all(r.decoded for r in results)
+    recorded_tokens = None
     try:
+        npy = member_path(root, npy_name, where="slimpack.json sample_tokens_file")
         recorded_tokens = np.load(npy, allow_pickle=False)
+    except UnsafePathError as err:
+        out.add("path", f"slimpack.json's sample_tokens_file {err.name!r} {err.reason}; not read")
+        npy = Path(npy_name)
     except (OSError, ValueError) as err:
         out.add("manifest", f"{npy.name} is missing or unreadable ({err})")
-        recorded_tokens = None
     if not complete:
         notes.append("not every shard decoded: document, token and per-sample counts were not "
                      "compared with slimpack.json (fix the findings above and re-run)")
