@@ -3,10 +3,14 @@
 Remote S3-compatible endpoints come from the usual `AWS_ENDPOINT_URL` / credentials variables.
 Every write of a named file is a single put (atomic on object stores) or a local rename.
 
-`check_member` / `member_path`: every path read from an index or manifest must name a file
-inside its root. Those files are data, and data is untrusted: a name such as
-`parts/../../outside/shard.00000.mds.zstd` would otherwise make a reader open, or the remote
-loader write, a file outside the dataset or the cache.
+Two guards for data that comes from elsewhere:
+
+- `check_member` / `member_path`: every path read from an index or manifest must name a file
+  inside its root. Those files are data, and data is untrusted: a name such as
+  `parts/../../outside/shard.00000.mds.zstd` would otherwise make a reader open, or the remote
+  loader write, a file outside the dataset or the cache.
+- `RetryPolicy`: remote reads retry with capped exponential backoff for a bounded number of
+  attempts, then raise `StorageError`, one line naming the URL and the fix.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import itertools
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.utils import glob_translate
@@ -84,6 +92,62 @@ def member_path(root: str | os.PathLike, name: str, *, where: str) -> Path:
     return path
 
 
+class StorageError(RuntimeError):
+    """A remote read that failed every attempt of its RetryPolicy; the message names URL and fix."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of remote reads: ``attempts`` tries, waiting ``first_backoff_s``, twice that,
+    four times... each wait capped at ``backoff_max_s``.
+
+    The defaults ride out about two minutes of outage (0.5 + 1 + 2 + 4 + 8 + 16 + 30 * 3 = 121.5 s
+    of waits, plus each attempt's own time) and then fail. For ``s3://`` this is the only retry
+    of connection errors (botocore's own is switched off: it would multiply the attempts);
+    s3fs still retries timeouts and throttling (SlowDown) briefly inside each attempt.
+    """
+
+    attempts: int = 10
+    backoff_max_s: float = 30.0
+    first_backoff_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_max_s < 0 or self.first_backoff_s < 0:
+            raise ValueError(f"fetch_attempts must be >= 1 and the backoff >= 0 s, got attempts="
+                             f"{self.attempts}, backoff_max_s={self.backoff_max_s}")
+
+    def backoff_s(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (0-based)."""
+        return min(self.first_backoff_s * 2 ** attempt, self.backoff_max_s)
+
+
+# Failures that another attempt cannot fix: a missing object, refused credentials, bad input.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+              TypeError, AttributeError, KeyError)
+T = TypeVar("T")
+
+
+def with_retries(policy: RetryPolicy, url: str, call: Callable[[], T]) -> T:
+    """``call()``, retried under ``policy``; StorageError (one line, URL and fix) once it runs out."""
+    start, failed = time.monotonic(), 0
+    while True:
+        try:
+            return call()
+        except _PERMANENT:
+            raise
+        except Exception as err:  # connection refused, timeouts, 5xx: whatever the library raises
+            failed += 1
+            if failed == policy.attempts:
+                detail = " ".join(f"{type(err).__name__}: {err}".split())
+                raise StorageError(
+                    f"{url}: read failed {failed} times over {time.monotonic() - start:.1f} s "
+                    f"({detail}); check that the object store is reachable (endpoint, "
+                    "AWS_ENDPOINT_URL, credentials, network) and re-run (training resumes from its "
+                    "last checkpoint); fetch_attempts and fetch_backoff_max_s set how long to keep "
+                    "trying") from err
+        time.sleep(policy.backoff_s(failed - 1))
+
+
 def is_remote(url: str | os.PathLike) -> bool:
     text = str(url)
     return "://" in text and not text.startswith("file://")
@@ -92,11 +156,17 @@ def is_remote(url: str | os.PathLike) -> bool:
 class Root:
     """A dataset root directory, local or remote."""
 
-    def __init__(self, url: str | os.PathLike) -> None:
+    def __init__(self, url: str | os.PathLike, *, retry: RetryPolicy | None = None) -> None:
+        """``retry``: remote reads (``read_bytes``) follow this policy instead of the library's."""
         self.url = str(url).rstrip("/")
         self.remote = is_remote(self.url)
+        self.retry = retry if self.remote else None
         if self.remote:
-            self.fs, self.path = fsspec.core.url_to_fs(self.url)
+            options = {}
+            if retry is not None and self.url.startswith(("s3://", "s3a://")):
+                # One botocore attempt per attempt of ours: the policy is then the whole story.
+                options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, **options)
         else:
             self.fs, self.path = fsspec.filesystem("file"), str(Path(self.url).absolute())
 
@@ -107,6 +177,11 @@ class Root:
         return self.fs.exists(self.join(name))
 
     def read_bytes(self, name: str) -> bytes:
+        if self.retry is None:
+            return self._read(name)
+        return with_retries(self.retry, f"{self.url}/{name}", lambda: self._read(name))
+
+    def _read(self, name: str) -> bytes:
         with self.fs.open(self.join(name), "rb") as f:
             return f.read()
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from slimpack.shards import schema
 from slimpack.shards.mds import ShardInfo
-from slimpack.storage import UnsafePathError, check_member
+from slimpack.storage import RetryPolicy, UnsafePathError, check_member
 
 _HASH_PREFERENCE = ("xxh3_64", "sha1")
 
@@ -192,11 +192,12 @@ def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
                         shard_splits=shard_splits, split_names=split_names)
 
 
-def load_index(url: str) -> DatasetIndex:
-    """Read ``slimpack.json``, ``index.json`` and ``sample_tokens.npy`` from a dataset root."""
+def load_index(url: str, *, retry: RetryPolicy | None = None) -> DatasetIndex:
+    """Read ``slimpack.json``, ``index.json`` and ``sample_tokens.npy`` from a dataset root
+    (remote reads retried under ``retry``)."""
     from slimpack.storage import Root
 
-    root = Root(url)
+    root = Root(url, retry=retry)
     files = {}
     for name in (schema.MANIFEST_FILENAME, schema.INDEX_FILENAME, schema.SAMPLE_TOKENS_FILENAME):
         try:
