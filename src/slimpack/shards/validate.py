@@ -297,7 +297,7 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
         try:
             raw = mds.decompress(entry.get("compression") or "zstd", stored)
         except (zstandard.ZstdError, ValueError) as err:
-            out.add("decompress", f"zstd decompression failed ({err})", shard=name)
+            out.add("decompress", f"zstd decompression failed: {mds.zstd_damage(stored, err)}", shard=name)
             return False
     else:
         raw = stored
