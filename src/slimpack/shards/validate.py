@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -51,6 +52,13 @@ HASH_PREFERENCE = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32", "md5", "sh
 _RUN_BYTES = 1 << 20
 MAX_FINDINGS_PER_CHECK = 5  # per shard (or per dataset-level check); the rest are counted
 
+# How a damaged shard is repaired. A re-run of tokenize skips every part whose stats.json exists
+# and whose shards have their recorded sizes (it does not hash them: re-runs stay fast), so a
+# same-size flip survives it until the part's directory is deleted.
+_REDO_PART = ("delete the part's directory and re-run the same `slimpack tokenize` command (it redoes "
+              "only parts that are gone or cut short, then merges; see 'repair' below), or re-copy the "
+              "file from a good copy")
+
 # check -> how to fix it. Every finding carries one of these codes.
 HINTS: dict[str, str] = {
     "index": "the index is malformed: re-run `slimpack shards merge DIR` (or re-tokenize the part)",
@@ -58,20 +66,19 @@ HINTS: dict[str, str] = {
             "out, or an odd name), so nothing was read from it: this index was not written by "
             "slimpack or was altered; rebuild it from trusted parts (`slimpack shards merge DIR`) or "
             "discard the dataset",
-    "missing_shard": "re-copy the file, or delete its part directory and re-run `slimpack tokenize`",
+    "missing_shard": f"the file is gone: {_REDO_PART}",
     "unlisted_shard": "a shard file no index lists: delete it, or re-run `slimpack shards merge` if "
                       "its part is complete",
-    "size": "the file is truncated or was overwritten: re-copy it or re-tokenize its part",
-    "hash": "the bytes differ from those written: re-copy the file or re-tokenize its part",
+    "size": f"the file is truncated or was overwritten: {_REDO_PART}",
+    "hash": f"the bytes differ from those written: {_REDO_PART}",
     "no_hashes": "re-write the shards with hashes (slimpack writes sha1 and xxh3_64)",
-    "decompress": "the compressed file is corrupt: re-copy it or re-tokenize its part",
-    "header": "the shard header disagrees with the index: re-copy the shard or re-tokenize its part",
+    "decompress": f"the compressed file is corrupt: {_REDO_PART}",
+    "header": f"the shard header disagrees with the index: {_REDO_PART}",
     "shard_config": "the shard's embedded config differs from its index entry: re-run the merge, "
                     "or re-tokenize the part",
     "columns": "slimpack reads only schema v1 columns (tokens ndarray:uint32, cu_seqlens "
                "ndarray:int32, doc_sources ndarray:uint32), never pickle: re-tokenize the data",
-    "sample": "the sample violates schema v1: re-tokenize its part (and report it if slimpack "
-              "wrote it)",
+    "sample": f"the sample violates schema v1 (report it if slimpack wrote it): {_REDO_PART}",
     "part": "the part is missing, extra or incomplete: re-run `slimpack tokenize` for it, or delete "
             "the stray directory, then `slimpack shards merge DIR`",
     "manifest": "slimpack.json disagrees with the shards: re-run `slimpack shards merge DIR`; if it "
@@ -80,6 +87,10 @@ HINTS: dict[str, str] = {
     "retokenize": "the shards do not hold what the tokenizer makes of the source today: check that "
                   "the input file, tokenizer and config are those recorded, then re-tokenize the part",
 }
+
+
+# Findings that mean a shard file is missing or its bytes are not those written.
+_DAMAGE = frozenset({"missing_shard", "size", "hash", "decompress"})
 
 
 class UnusableInputError(RuntimeError):
@@ -447,6 +458,21 @@ class ValidationReport:
         """0 clean, 1 findings, 2 unusable input."""
         return 2 if self.unusable else 1 if self.findings else 0
 
+    @property
+    def damaged_parts(self) -> list[str]:
+        """Parts with a shard that is missing or whose bytes are wrong: redo them to repair."""
+        return sorted({schema.part_of(f.shard) for f in self.findings
+                       if f.check in _DAMAGE and f.shard and schema.part_of(f.shard)})
+
+    def repair_lines(self) -> list[str]:
+        """Shell commands that repair the damaged parts (the tokenize re-run redoes exactly those)."""
+        parts = self.damaged_parts
+        if not parts:
+            return []
+        rm = " ".join(shlex.quote(f"{self.path}/{schema.PARTS_DIRNAME}/{p}") for p in parts)
+        return [f"rm -r {rm}",
+                f"slimpack tokenize <the same inputs and options> --out {shlex.quote(self.path)}"]
+
     def counts(self) -> dict[str, int]:
         c = Counter(f.check for f in self.findings)
         c.update(self.suppressed)
@@ -458,6 +484,7 @@ class ValidationReport:
         d["finding_counts"] = self.counts()
         d["ok"], d["exit_status"] = self.ok, self.exit_status
         d["mb_per_s_per_process"] = self.mb_per_s_per_process
+        d["damaged_parts"], d["repair"] = self.damaged_parts, self.repair_lines()
         return d
 
     def summary(self, max_lines: int = 30) -> str:
@@ -489,6 +516,12 @@ class ValidationReport:
                 lines.append(f"      fix: {f.hint}")
         if len(self.findings) > max_lines:
             lines.append(f"  ... {len(self.findings) - max_lines:,} more in the JSON report (--json)")
+        repair = self.repair_lines()
+        if repair:
+            lines.append(f"  repair: {len(self.damaged_parts)} part(s) hold damaged shards; with the "
+                         "inputs still at hand, delete them and re-tokenize (re-runs skip complete parts "
+                         "without hashing them, so only the deleted ones are redone, then merged):")
+            lines += [f"    {cmd}" for cmd in repair]
         return "\n".join(lines)
 
 
