@@ -49,7 +49,10 @@ class UnsafePathError(ValueError):
 
     def __init__(self, where: str, name: object, reason: str) -> None:
         super().__init__(f"{where}: {name!r} {reason}: {_UNSAFE_FIX}")
-        self.name, self.reason = name, reason
+        self.where, self.name, self.reason = where, name, reason
+
+    def __reduce__(self) -> tuple:  # pickled from a DataLoader worker to the parent
+        return UnsafePathError, (self.where, self.name, self.reason)
 
 
 # A backslash is a separator on Windows and never in a name slimpack writes; control characters
@@ -102,19 +105,22 @@ class RetryPolicy:
     four times... each wait capped at ``backoff_max_s``.
 
     The defaults ride out about two minutes of outage (0.5 + 1 + 2 + 4 + 8 + 16 + 30 * 3 = 121.5 s
-    of waits, plus each attempt's own time) and then fail. For ``s3://`` this is the only retry
-    of connection errors (botocore's own is switched off: it would multiply the attempts);
-    s3fs still retries timeouts and throttling (SlowDown) briefly inside each attempt.
+    of waits) and then fail. For ``s3://`` this is the only retry (botocore's and s3fs's own are
+    switched off: they would multiply the attempts), and an attempt gives up on a server that
+    accepts but does not answer after ``timeout_s`` (connect, then each read): a server that
+    hangs costs at most ``attempts * 2 * timeout_s`` plus the waits.
     """
 
     attempts: int = 10
     backoff_max_s: float = 30.0
     first_backoff_s: float = 0.5
+    timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.backoff_max_s < 0 or self.first_backoff_s < 0:
-            raise ValueError(f"fetch_attempts must be >= 1 and the backoff >= 0 s, got attempts="
-                             f"{self.attempts}, backoff_max_s={self.backoff_max_s}")
+        if self.attempts < 1 or self.backoff_max_s < 0 or self.first_backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError(f"fetch_attempts must be >= 1, the backoff >= 0 s and the timeout > 0 s, got "
+                             f"attempts={self.attempts}, backoff_max_s={self.backoff_max_s}, "
+                             f"timeout_s={self.timeout_s}")
 
     def backoff_s(self, attempt: int) -> float:
         """Seconds to wait after failed attempt ``attempt`` (0-based)."""
@@ -143,8 +149,8 @@ def with_retries(policy: RetryPolicy, url: str, call: Callable[[], T]) -> T:
                     f"{url}: read failed {failed} times over {time.monotonic() - start:.1f} s "
                     f"({detail}); check that the object store is reachable (endpoint, "
                     "AWS_ENDPOINT_URL, credentials, network) and re-run (training resumes from its "
-                    "last checkpoint); fetch_attempts and fetch_backoff_max_s set how long to keep "
-                    "trying") from err
+                    "last checkpoint); fetch_attempts, fetch_backoff_max_s and fetch_timeout_s set how "
+                    "long to keep trying") from err
         time.sleep(policy.backoff_s(failed - 1))
 
 
@@ -162,11 +168,18 @@ class Root:
         self.remote = is_remote(self.url)
         self.retry = retry if self.remote else None
         if self.remote:
+            s3 = retry is not None and self.url.startswith(("s3://", "s3a://"))
             options = {}
-            if retry is not None and self.url.startswith(("s3://", "s3a://")):
-                # One botocore attempt per attempt of ours: the policy is then the whole story.
-                options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
+            if s3:
+                # One botocore request per attempt of ours: the policy is then the whole story.
+                options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"},
+                                            "connect_timeout": retry.timeout_s,
+                                            "read_timeout": retry.timeout_s}
             self.fs, self.path = fsspec.core.url_to_fs(self.url, **options)
+            if s3:
+                # s3fs's own loop around each request (5 tries of timeouts and SlowDown) is a class
+                # attribute; this instance is only shared by roots with the same options.
+                self.fs.retries = 1
         else:
             self.fs, self.path = fsspec.filesystem("file"), str(Path(self.url).absolute())
 
@@ -182,8 +195,8 @@ class Root:
         return with_retries(self.retry, f"{self.url}/{name}", lambda: self._read(name))
 
     def _read(self, name: str) -> bytes:
-        with self.fs.open(self.join(name), "rb") as f:
-            return f.read()
+        # One GET (open() would first ask for the size): half the requests a silent server can hang.
+        return self.fs.cat_file(self.join(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         path = self.join(name)
