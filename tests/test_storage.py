@@ -80,3 +80,38 @@ def test_member_path_follows_symlinks(tmp_path: Path) -> None:
     for name in ("parts/link-out", "parts/dir-out/secret"):
         with pytest.raises(UnsafePathError, match=r"outside .* \(a symlink leads out\)"):
             member_path(root, name, where="w")
+
+
+def test_with_retries_is_bounded_and_says_where() -> None:
+    from slimpack.storage import RetryPolicy, StorageError, with_retries
+
+    calls = []
+
+    def refused() -> bytes:
+        calls.append(1)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    policy = RetryPolicy(attempts=4, backoff_max_s=0.02, first_backoff_s=0.01)
+    assert [policy.backoff_s(k) for k in range(4)] == [0.01, 0.02, 0.02, 0.02]
+    with pytest.raises(StorageError, match=r"^s3://b/x: read failed 4 times over [0-9.]+ s "
+                                           r"\(ConnectionRefusedError: \[Errno 111\] Connection refused\)"):
+        with_retries(policy, "s3://b/x", refused)
+    assert len(calls) == 4
+
+    def missing() -> bytes:
+        calls.append(1)
+        raise FileNotFoundError("s3://b/y")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # another attempt cannot fix it: no retry
+        with_retries(policy, "s3://b/y", missing)
+    assert len(calls) == 1
+    flaky = iter([OSError("reset"), OSError("reset"), b"data"])
+
+    def twice_then_ok() -> bytes:
+        item = next(flaky)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    assert with_retries(policy, "s3://b/z", twice_then_ok) == b"data"
