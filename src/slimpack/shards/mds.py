@@ -9,6 +9,8 @@ variable-size columns followed by the encoded columns in name order. ``ndarray:<
 dtype, dynamic shape) encodes as ``[ndim << 2 | shape_dtype] [shape] [values]``.
 
 Only encodings that execute nothing are read (see ``schema.is_safe_encoding``): no pickle, ever.
+Compressed shards are one zstd frame with its content checksum; shard names in an index must stay
+inside the dataset root (``storage.check_member``).
 """
 
 from __future__ import annotations

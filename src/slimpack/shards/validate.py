@@ -7,7 +7,9 @@
 JSON). Every finding names the check, the shard, the sample (and document) and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
-  file present; stored size and hash; zstd decodes; raw size and hash; header sample count equals
+  its name stays inside the dataset root (else nothing is read: `storage.member_path`); file
+  present; stored size and hash; zstd decodes (a failure names the frame and block); raw size and
+  hash; header sample count equals
   the index; offsets monotonic and in bounds; embedded config equals the index entry; columns are
   schema v1 (never pickle); every sample decodes; `invariants.sample_problems` on every sample,
   vectorised over runs of about 1 MB of consecutive samples, and sample by sample only when a
@@ -16,7 +18,8 @@ Over the dataset: the index and each part's own index agree; no unlisted shard f
 missing or extra; the manifest's totals, per-part, per-split and per-source counts, per-sample
 token counts (`sample_tokens.npy`) and fingerprint equal what the shards hold.
 `--retokenize N` re-reads N random documents from the recorded input files and compares their ids
-with a fresh tokenization.
+with a fresh tokenization. A report with damaged shards lists their parts and the commands that
+repair them (delete the part directories, re-run the same tokenize command).
 
 Hashes: by default each file is checked with the fastest algorithm its index entry records
 (xxh3_64 when present, ~20 GB/s, so decompression bounds the speed); `--all-hashes` checks every
