@@ -1,4 +1,5 @@
-"""storage.write_atomic: whole or nothing, and never a stray temporary file."""
+"""storage: write_atomic (whole or nothing, never a stray temporary file), Root.glob, and the
+guard on paths read from an index or manifest (check_member, member_path)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from slimpack.storage import write_atomic
+from slimpack.storage import UnsafePathError, check_member, member_path, write_atomic
 
 
 def test_write_atomic_replaces_whole_file(tmp_path: Path) -> None:
@@ -38,3 +39,79 @@ def test_glob_takes_the_root_path_literally(tmp_path: Path) -> None:
                                                            "parts/x/b.jsonl/stats.json"]
     assert Root(str(root)).glob("parts/*") == ["parts/a.jsonl", "parts/x"]
     assert Root(str(tmp_path / "absent")).glob("parts/**/stats.json") == []
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("/etc/passwd", "is an absolute path"),
+    ("parts/../../outside/shard.00000.mds.zstd", "has a '..' step"),
+    ("..", "has a '..' step"),
+    ("parts/./p/shard.00000.mds", "has a '.' step"),
+    ("parts//p/shard.00000.mds", "has a '' step"),
+    ("parts/p/", "has a '' step"),
+    ("parts\\..\\..\\x", "holds a backslash or a control character"),
+    ("parts/p/shard\n.mds", "holds a backslash or a control character"),
+    ("", "is not a file name"),
+    (None, "is not a file name"),
+])
+def test_check_member_refuses_names_that_can_leave_the_root(name, reason: str) -> None:
+    with pytest.raises(UnsafePathError) as err:
+        check_member(name, where="ds/index.json shard 3")
+    assert str(err.value).startswith(f"ds/index.json shard 3: {name!r} {reason}: ")
+    assert "slimpack shards merge" in str(err.value)  # the fix
+
+
+def test_check_member_takes_names_slimpack_writes() -> None:
+    for name in ("index.json", "parts/train/chunk1/example_train_0.jsonl.zst/shard.00000.mds.zstd",
+                 "parts/a b/ü..x/shard.00001.mds", "sample_tokens.npy"):
+        assert check_member(name, where="x") == name
+
+
+def test_member_path_follows_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "parts").mkdir(parents=True)
+    (tmp_path / "secret").write_text("no")
+    (root / "parts" / "in").write_text("yes")
+    (root / "parts" / "link-in").symlink_to(root / "parts" / "in")
+    (root / "parts" / "link-out").symlink_to(tmp_path / "secret")
+    (root / "parts" / "dir-out").symlink_to(tmp_path)
+    assert member_path(root, "parts/in", where="w").read_text() == "yes"
+    assert member_path(root, "parts/link-in", where="w").read_text() == "yes"
+    assert member_path(root, "parts/not-yet", where="w") == root / "parts/not-yet"  # a cache target
+    for name in ("parts/link-out", "parts/dir-out/secret"):
+        with pytest.raises(UnsafePathError, match=r"outside .* \(a symlink leads out\)"):
+            member_path(root, name, where="w")
+
+
+def test_with_retries_is_bounded_and_says_where() -> None:
+    from slimpack.storage import RetryPolicy, StorageError, with_retries
+
+    calls = []
+
+    def refused() -> bytes:
+        calls.append(1)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    policy = RetryPolicy(attempts=4, backoff_max_s=0.02, first_backoff_s=0.01)
+    assert [policy.backoff_s(k) for k in range(4)] == [0.01, 0.02, 0.02, 0.02]
+    with pytest.raises(StorageError, match=r"^s3://b/x: read failed 4 times over [0-9.]+ s "
+                                           r"\(ConnectionRefusedError: \[Errno 111\] Connection refused\)"):
+        with_retries(policy, "s3://b/x", refused)
+    assert len(calls) == 4
+
+    def missing() -> bytes:
+        calls.append(1)
+        raise FileNotFoundError("s3://b/y")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # another attempt cannot fix it: no retry
+        with_retries(policy, "s3://b/y", missing)
+    assert len(calls) == 1
+    flaky = iter([OSError("reset"), OSError("reset"), b"data"])
+
+    def twice_then_ok() -> bytes:
+        item = next(flaky)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    assert with_retries(policy, "s3://b/z", twice_then_ok) == b"data"

@@ -2,6 +2,15 @@
 
 Remote S3-compatible endpoints come from the usual `AWS_ENDPOINT_URL` / credentials variables.
 Every write of a named file is a single put (atomic on object stores) or a local rename.
+
+Two guards for data that comes from elsewhere:
+
+- `check_member` / `member_path`: every path read from an index or manifest must name a file
+  inside its root. Those files are data, and data is untrusted: a name such as
+  `parts/../../outside/shard.00000.mds.zstd` would otherwise make a reader open, or the remote
+  loader write, a file outside the dataset or the cache.
+- `RetryPolicy`: remote reads retry with capped exponential backoff for a bounded number of
+  attempts, then raise `StorageError`, one line naming the URL and the fix.
 """
 
 from __future__ import annotations
@@ -11,7 +20,11 @@ import itertools
 import os
 import re
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import fsspec
 from fsspec.utils import glob_translate
@@ -31,6 +44,116 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+class UnsafePathError(ValueError):
+    """A path read from an index or manifest that would leave its root."""
+
+    def __init__(self, where: str, name: object, reason: str) -> None:
+        super().__init__(f"{where}: {name!r} {reason}: {_UNSAFE_FIX}")
+        self.where, self.name, self.reason = where, name, reason
+
+    def __reduce__(self) -> tuple:  # pickled from a DataLoader worker to the parent
+        return UnsafePathError, (self.where, self.name, self.reason)
+
+
+# A backslash is a separator on Windows and never in a name slimpack writes; control characters
+# make names that print as something else.
+_ODD_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNSAFE_FIX = ("a dataset names only relative paths inside its root, so this index or manifest was "
+               "not written by slimpack or was altered; nothing was read or written with it: "
+               "rebuild it from trusted parts (`slimpack shards merge DIR`) or discard the dataset")
+
+
+def check_member(name: str, *, where: str) -> str:
+    """``name`` unchanged when it is a relative POSIX path that stays inside its root.
+
+    Refused, before anything is read or written with it: a non-string or empty name, an absolute
+    path, a ``.``, ``..`` or empty step, a backslash or a control character. This is the whole
+    check for object-store keys (no symlinks there); local paths also go through `member_path`.
+    """
+    if not isinstance(name, str) or not name:
+        reason = "is not a file name"
+    elif name.startswith("/"):
+        reason = "is an absolute path"
+    elif _ODD_CHARACTERS.search(name):
+        reason = "holds a backslash or a control character"
+    else:
+        bad = next((step for step in name.split("/") if step in ("", ".", "..")), None)
+        reason = None if bad is None else f"has a {bad!r} step"
+    if reason:
+        raise UnsafePathError(where, name, reason)
+    return name
+
+
+def member_path(root: str | os.PathLike, name: str, *, where: str) -> Path:
+    """``root / name`` on local disk, refusing a name that leaves ``root``, through symlinks too."""
+    check_member(name, where=where)
+    path = Path(root) / name
+    base = Path(root).resolve()
+    real = path.resolve()
+    if not real.is_relative_to(base):
+        raise UnsafePathError(where, name, f"resolves to {real}, outside {base} (a symlink leads out)")
+    return path
+
+
+class StorageError(RuntimeError):
+    """A remote read that failed every attempt of its RetryPolicy; the message names URL and fix."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of remote reads: ``attempts`` tries, waiting ``first_backoff_s``, twice that,
+    four times... each wait capped at ``backoff_max_s``.
+
+    The defaults ride out about two minutes of outage (0.5 + 1 + 2 + 4 + 8 + 16 + 30 * 3 = 121.5 s
+    of waits) and then fail. For ``s3://`` this is the only retry (botocore's and s3fs's own are
+    switched off: they would multiply the attempts), and an attempt gives up on a server that
+    accepts but does not answer after ``timeout_s`` (connect, then each read): a server that
+    hangs costs at most ``attempts * 2 * timeout_s`` plus the waits.
+    """
+
+    attempts: int = 10
+    backoff_max_s: float = 30.0
+    first_backoff_s: float = 0.5
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_max_s < 0 or self.first_backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError(f"fetch_attempts must be >= 1, the backoff >= 0 s and the timeout > 0 s, got "
+                             f"attempts={self.attempts}, backoff_max_s={self.backoff_max_s}, "
+                             f"timeout_s={self.timeout_s}")
+
+    def backoff_s(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (0-based)."""
+        return min(self.first_backoff_s * 2 ** attempt, self.backoff_max_s)
+
+
+# Failures that another attempt cannot fix: a missing object, refused credentials, bad input.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, ValueError,
+              TypeError, AttributeError, KeyError)
+T = TypeVar("T")
+
+
+def with_retries(policy: RetryPolicy, url: str, call: Callable[[], T]) -> T:
+    """``call()``, retried under ``policy``; StorageError (one line, URL and fix) once it runs out."""
+    start, failed = time.monotonic(), 0
+    while True:
+        try:
+            return call()
+        except _PERMANENT:
+            raise
+        except Exception as err:  # connection refused, timeouts, 5xx: whatever the library raises
+            failed += 1
+            if failed == policy.attempts:
+                detail = " ".join(f"{type(err).__name__}: {err}".split())
+                raise StorageError(
+                    f"{url}: read failed {failed} times over {time.monotonic() - start:.1f} s "
+                    f"({detail}); check that the object store is reachable (endpoint, "
+                    "AWS_ENDPOINT_URL, credentials, network) and re-run (training resumes from its "
+                    "last checkpoint); fetch_attempts, fetch_backoff_max_s and fetch_timeout_s set how "
+                    "long to keep trying") from err
+        time.sleep(policy.backoff_s(failed - 1))
+
+
 def is_remote(url: str | os.PathLike) -> bool:
     text = str(url)
     return "://" in text and not text.startswith("file://")
@@ -39,11 +162,24 @@ def is_remote(url: str | os.PathLike) -> bool:
 class Root:
     """A dataset root directory, local or remote."""
 
-    def __init__(self, url: str | os.PathLike) -> None:
+    def __init__(self, url: str | os.PathLike, *, retry: RetryPolicy | None = None) -> None:
+        """``retry``: remote reads (``read_bytes``) follow this policy instead of the library's."""
         self.url = str(url).rstrip("/")
         self.remote = is_remote(self.url)
+        self.retry = retry if self.remote else None
         if self.remote:
-            self.fs, self.path = fsspec.core.url_to_fs(self.url)
+            s3 = retry is not None and self.url.startswith(("s3://", "s3a://"))
+            options = {}
+            if s3:
+                # One botocore request per attempt of ours: the policy is then the whole story.
+                options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"},
+                                            "connect_timeout": retry.timeout_s,
+                                            "read_timeout": retry.timeout_s}
+            self.fs, self.path = fsspec.core.url_to_fs(self.url, **options)
+            if s3:
+                # s3fs's own loop around each request (5 tries of timeouts and SlowDown) is a class
+                # attribute; this instance is only shared by roots with the same options.
+                self.fs.retries = 1
         else:
             self.fs, self.path = fsspec.filesystem("file"), str(Path(self.url).absolute())
 
@@ -54,8 +190,13 @@ class Root:
         return self.fs.exists(self.join(name))
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open(self.join(name), "rb") as f:
-            return f.read()
+        if self.retry is None:
+            return self._read(name)
+        return with_retries(self.retry, f"{self.url}/{name}", lambda: self._read(name))
+
+    def _read(self, name: str) -> bytes:
+        # One GET (open() would first ask for the size): half the requests a silent server can hang.
+        return self.fs.cat_file(self.join(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         path = self.join(name)

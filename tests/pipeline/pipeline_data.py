@@ -7,13 +7,15 @@ longer than a window); parts carry train/validation splits as the tokenize job w
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from slimpack.shards import schema
 from slimpack.shards.mds import MDSDataset, ShardWriter
-from slimpack.tokenize.merge import merge_dataset
+from slimpack.tokenize.merge import fingerprint, merge_dataset
 
 BOS, EOS, VOCAB = 128000, 128001, 128256
 
@@ -88,3 +90,25 @@ def split_stream(root: Path, split: str, order: np.ndarray) -> tuple[np.ndarray,
         starts.append(s["cu_seqlens"][:-1].astype(np.int64) + offset)
         offset += len(s["tokens"])
     return np.concatenate(tokens), np.concatenate(starts)
+
+
+def escape_part(root: Path, part: str, name: str) -> Path:
+    """Rewrite a merged dataset as a hostile writer would: ``part``'s files move to where
+    ``parts/<name>`` points (``name`` such as ``../../outside`` leaves the root) and every name,
+    count and the fingerprint agree, so nothing but the path gives it away. Returns the new
+    directory of the part's files."""
+    target = Path(os.path.normpath(root / schema.PARTS_DIRNAME / name))
+    shutil.move(root / schema.PARTS_DIRNAME / part, target)
+    index = json.loads((root / schema.INDEX_FILENAME).read_text())
+    old, new = f"{schema.PARTS_DIRNAME}/{part}/", f"{schema.PARTS_DIRNAME}/{name}/"
+    for entry in index["shards"]:
+        for key in ("raw_data", "zip_data"):
+            if entry[key] and entry[key]["basename"].startswith(old):
+                entry[key]["basename"] = new + entry[key]["basename"][len(old):]
+    manifest = json.loads((root / schema.MANIFEST_FILENAME).read_text())
+    manifest["parts"][name] = manifest["parts"].pop(part)
+    manifest["fingerprint"] = fingerprint(index["shards"], manifest["tokenizer"]["sha256"],
+                                          {p: v["split"] for p, v in manifest["parts"].items()})
+    (root / schema.INDEX_FILENAME).write_text(json.dumps(index, sort_keys=True))
+    (root / schema.MANIFEST_FILENAME).write_text(json.dumps(manifest, sort_keys=True))
+    return target

@@ -1,15 +1,19 @@
 """Remote datasets against a real S3 API server on loopback (moto's server mode, not mocks)."""
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from pipeline_data import PARTS, make_dataset
+from pipeline_data import PARTS, escape_part, make_dataset
 
+from slimpack.cli import main
 from slimpack.pipeline import LoaderConfig, PackedLoader
 from slimpack.shards.mds import ShardFormatError
+from slimpack.storage import StorageError, UnsafePathError
 
 L, G_SEQS = 16, 8
 _ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -140,3 +144,109 @@ def test_ranks_sharing_one_small_cache(s3, dataset, tmp_path):
     assert sum(r.stream.store.evicted for r in ranks) > 0
     for r in ranks:
         r.close()
+
+
+def test_a_bucket_naming_keys_outside_the_dataset_gets_nothing_written(s3, tmp_path):
+    # Whoever controls the bucket picks the names and bytes: `parts/../../outside/...` would land
+    # in <cache>/../outside/ (a path and content of their choosing) if the loader trusted it.
+    local = make_dataset(tmp_path / "ds", parts={"p": ("train", 60), "q": ("train", 40)})
+    outside = escape_part(local, "p", "../../outside")
+    url = _upload(s3, local, "hostile")
+    for path in outside.iterdir():
+        s3.put_file(str(path), f"data/hostile/parts/../../outside/{path.name}")
+    cache = tmp_path / "run" / "cache"
+    with pytest.raises(UnsafePathError, match=r"'parts/\.\./\.\./outside/shard\.00000\.mds\.zstd' has a "
+                                              r"'\.\.' step"):
+        list(PackedLoader(cfg(url, epochs=1, cache_dir=str(cache))))
+    assert not (tmp_path / "run" / "outside").exists()
+    assert not cache.exists() or not any(cache.rglob("*"))
+
+
+class _Endpoint:
+    """A second S3 server on loopback over moto's in-process store (what the `s3` fixture
+    uploaded is there too), on a fixed port, for a test to stop and start again."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self._make = lambda port: ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server = self._make(0)
+        self.server.start()
+        self.host, self.port = self.server.get_host_and_port()
+        self.up = True
+
+    def stop(self) -> None:
+        if self.up:
+            self.server.stop()
+            self.up = False
+
+    def start(self) -> None:
+        self.server = self._make(self.port)
+        self.server.start()
+        self.up = True
+
+
+@pytest.fixture
+def endpoint(s3, monkeypatch):
+    s3fs = pytest.importorskip("s3fs")
+    ep = _Endpoint()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{ep.host}:{ep.port}")
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield ep
+    ep.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_truncated_file_in_the_cache_is_fetched_again(s3, dataset, tmp_path):
+    url = _upload(s3, dataset, "refetch")
+    cache = tmp_path / "c"
+    loader = PackedLoader(cfg(url, max_tokens=L * G_SEQS * 3, cache_dir=str(cache), prefetch_steps=0))
+    name = loader.index.shard_names[int(loader.stream.shards_for(0)[0])]
+    (cache / name).parent.mkdir(parents=True)
+    (cache / name).write_bytes((dataset / name).read_bytes()[:1000])  # a copy cut short
+    local = PackedLoader(cfg(dataset, max_tokens=L * G_SEQS * 3))
+    for a, b in zip(local, loader, strict=True):
+        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert loader.stream.store.refetched == 1
+    assert (cache / name).read_bytes() == (dataset / name).read_bytes()
+    loader.close()
+
+
+def test_a_short_outage_is_ridden_out(endpoint, dataset, s3, tmp_path):
+    url = _upload(s3, dataset, "outage")
+    loader = PackedLoader(cfg(url, max_tokens=L * G_SEQS * 4, cache_dir=str(tmp_path / "c"),
+                              prefetch_steps=0, fetch_attempts=8, fetch_backoff_max_s=0.5))
+    endpoint.stop()
+    threading.Timer(1.0, endpoint.start).start()  # back within the policy's 3 s of waits
+    steps = list(loader)
+    assert len(steps) == 4
+    loader.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_store_that_stays_away_fails_with_one_line(endpoint, dataset, s3, tmp_path, capsys, num_workers):
+    # With workers, the stopped server's listening socket lives on in the forked workers: connections
+    # are accepted by the kernel and never answered, the hanging server that fetch_timeout_s bounds.
+    url = _upload(s3, dataset, f"gone{num_workers}")
+    loader = PackedLoader(cfg(url, cache_dir=str(tmp_path / "c"), prefetch_steps=0, fetch_attempts=3,
+                              fetch_backoff_max_s=0.2, fetch_timeout_s=1.0, num_workers=num_workers))
+    it = iter(loader)
+    next(it)
+    endpoint.stop()
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=rf"^{url}/parts/\S+\.mds\.zstd: read failed 3 times over [0-9.]+ s "
+                                           r"\((EndpointConnectionError|ReadTimeoutError): .*\); check that "
+                                           "the object store is reachable"):
+        for _ in range(20):  # the first step's shards are cached; later ones are not
+            next(it)
+    # Bounded: each read gives up after 3 attempts 0.2 s apart with 1 s timeouts (no library retries);
+    # with workers a few reads already under way fail in turn first.
+    assert time.monotonic() - start < (10 if num_workers == 0 else 30)
+    loader.close()
+
+    assert main(["pipeline", "digest", url, "--seq-len", "16", "--global-batch-tokens", "128",
+                 "--steps", "1", "--cache-dir", str(tmp_path / "c2"), "--fetch-attempts", "2",
+                 "--fetch-backoff-max", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"slimpack pipeline: error: {url}/slimpack.json: read failed 2 times over ")
+    assert err.count("\n") == 1 and "fetch_attempts" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,34 @@ def test_truncated_shard_is_reported(tmp_path: Path):
     shard.write_bytes(shard.read_bytes()[:-3])
     with pytest.raises(mds.ShardFormatError, match="truncated or corrupt"):
         mds.MDSDataset(tmp_path)[0]
+
+
+def test_a_flipped_bit_in_a_compressed_shard_never_decodes_into_other_bytes(tmp_path: Path):
+    # Token ids of text are far from uniform: Zipf-like ids compress the way real shards do.
+    rng = np.random.default_rng(0)
+    w = mds.ShardWriter(tmp_path, columns=schema.COLUMNS, size_limit=1 << 20)
+    for _ in range(8):
+        docs = [np.concatenate([[128000], rng.zipf(1.3, rng.integers(5, 300)) % 128000, [128001]])
+                for _ in range(5)]
+        cu = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int32)
+        w.write({"tokens": np.concatenate(docs).astype(np.uint32), "cu_seqlens": cu,
+                 "doc_sources": np.zeros(5, np.uint32)})
+    info = mds.parse_index(w.finish())[0]
+    data = (tmp_path / info.basename).read_bytes()
+    raw = mds.decode_shard(data, info, "s").raw
+    refused = []
+    for k in range(len(data)):  # one flipped bit in every byte: frame header, blocks, checksum
+        bad = bytearray(data)
+        bad[k] ^= 1 << (k % 8)
+        try:
+            assert mds.decode_shard(bytes(bad), info, "s").raw == raw, f"byte {k} decoded into other bytes"
+        except mds.ShardFormatError as err:
+            refused.append(str(err))
+    assert len(refused) > 0.99 * len(data)  # the rest are bits zstd never reads (table padding)
+    assert any("content checksum" in e and "the damage is somewhere in compressed bytes 0-" in e
+               for e in refused)
+    assert any(re.search(r"s: zstd decompression failed: frame 0, block \d+ \(compressed bytes", e)
+               for e in refused)
 
 
 def _streaming():

@@ -284,3 +284,32 @@ def test_parts_whose_every_record_was_skipped_are_valid(tmp_path: Path) -> None:
     edit["documents"] = 3
     stats.write_text(json.dumps(edit))
     assert_found(tmp_path / "ds", "part", "parts/train/b.jsonl/stats.json says documents = 3")
+
+
+def test_a_same_size_flip_is_repaired_the_way_validate_says(dataset: Path, copy: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Re-running tokenize does not repair a flipped bit (complete parts are checked by size only,
+    so re-runs stay fast); validate names the parts to delete, and doing so repairs the dataset."""
+    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+
+    corpus = dataset.parent / "corpus"  # what the session fixture tokenized
+    cfg = TokenizeConfig(block_tokens=2048, shard_size_limit=1 << 15)  # the fixture's
+    path = stored_path(copy, 2)
+    part = schema.part_of(path.relative_to(copy).as_posix())
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    path.write_bytes(bytes(data))
+
+    rerun = run_tokenize([str(corpus)], str(copy), cfg, workers=1, progress=False)
+    assert not rerun.parts_done and part in rerun.parts_skipped_complete  # the flip survives a re-run
+    assert main(["shards", "validate", str(copy), "--workers", "1", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "delete the part's directory and re-run the same `slimpack tokenize` command" in out
+    assert f"    rm -r {copy}/parts/{part}\n" in out
+    assert f"    slimpack tokenize <the same inputs and options> --out {copy}" in out
+
+    shutil.rmtree(copy / "parts" / part)  # what the report says
+    redo = run_tokenize([str(corpus)], str(copy), cfg, workers=1, progress=False)
+    assert redo.parts_done == [part] and redo.merged, redo.summary()
+    report = validate_dataset(copy, all_hashes=True)
+    assert report.ok, report.summary()

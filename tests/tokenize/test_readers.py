@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
+import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -111,16 +114,76 @@ def test_truncated_compressed_file_raises_with_offset(tmp_path: Path, suffix: st
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("suffix", [".jsonl.zst", ".jsonl.gz"])
-def test_corrupt_compressed_file_raises_with_offset(tmp_path: Path, suffix: str):
-    raw = _jsonl(_docs(3000))
-    data = bytearray(zstandard.ZstdCompressor().compress(raw) if suffix.endswith("zst") else gzip.compress(raw))
-    for k in range(len(data) // 3, len(data) // 3 + 64):
-        data[k] ^= 0x5A
-    path = tmp_path / f"c{suffix}"
-    path.write_bytes(bytes(data))
-    with pytest.raises(CorruptInputError, match=r"(corrupt|truncated).*offset \d+"):
+def _flip(path: Path, data: bytes, at: int, n: int = 64) -> None:
+    bad = bytearray(data)
+    for k in range(at, at + n):
+        bad[k] ^= 0x5A
+    path.write_bytes(bytes(bad))
+
+
+def _byte_range(message: str, before: str) -> tuple[int, int]:
+    m = re.search(before + r"compressed bytes ([\d,]+)-([\d,]+)", message)
+    assert m, message
+    return int(m[1].replace(",", "")), int(m[2].replace(",", ""))
+
+
+@functools.cache
+def _varied_jsonl(n: int) -> bytes:
+    """Text that compresses about 2.7x (like web text), so a zstd file has full 128 KiB blocks."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 10))) for _ in range(5000)]
+    return _jsonl([{"text": " ".join(rng.choice(words, rng.integers(20, 200)))} for _ in range(n)])
+
+
+def test_corrupt_zstd_names_the_block_where_decoding_failed(tmp_path: Path):
+    # Several 128 KiB blocks: the error used to name the end of the read (the file size here).
+    data = zstandard.ZstdCompressor().compress(_varied_jsonl(2000))
+    at = len(data) // 3
+    path = tmp_path / "c.jsonl.zst"
+    _flip(path, data, at)
+    with pytest.raises(CorruptInputError) as err:
         list(read_records(discover([path])[0][0]))
+    message = str(err.value)
+    first, last = _byte_range(message, r"frame 0, block \d+ \(")
+    assert first <= at <= last < len(data) - 1 and last - first < 1 << 17, message
+    assert message.startswith(f"{path}: corrupt zstd data: frame 0, block ")
+    assert "the damage is in this block, or in an earlier block of the frame that still decoded" in message
+
+
+def test_corrupt_zstd_with_a_checksum_names_the_frame(tmp_path: Path):
+    raw = _varied_jsonl(2000)
+    first, second = raw[:len(raw) // 2], raw[len(raw) // 2:]
+    plain = zstandard.ZstdCompressor().compress(second)
+
+    def decodes_wrong(k: int) -> bool:
+        bad = bytearray(plain)
+        bad[k] ^= 0x01
+        try:
+            return zstandard.ZstdDecompressor().decompress(bytes(bad)) != second
+        except zstandard.ZstdError:
+            return False
+
+    # A flip that decodes into wrong text without complaint when the frame has no checksum...
+    at = next(k for k in range(len(plain) // 2, len(plain)) if decodes_wrong(k))
+    one = zstandard.ZstdCompressor(write_checksum=True).compress(first)
+    two = zstandard.ZstdCompressor(write_checksum=True).compress(second)  # same blocks, + checksum
+    path = tmp_path / "c.jsonl.zst"
+    _flip(path, one + two, len(one) + at, n=1)
+    # ...is caught by the checksum, which can only name the frame.
+    with pytest.raises(CorruptInputError, match="frame 1's content checksum") as err:
+        list(read_records(discover([path])[0][0]))
+    assert _byte_range(str(err.value), "the damage is somewhere in ") == (len(one), len(one) + len(two) - 1)
+
+
+def test_corrupt_gzip_names_the_range_read(tmp_path: Path):
+    data = gzip.compress(_jsonl(_docs(3000)))
+    at = len(data) // 3
+    path = tmp_path / "c.jsonl.gz"
+    _flip(path, data, at)
+    with pytest.raises(CorruptInputError, match="does not say where in it") as err:
+        list(read_records(discover([path])[0][0]))
+    first, last = _byte_range(str(err.value), "somewhere in ")
+    assert first <= at <= last
 
 
 def test_conflicting_part_names_are_refused(tmp_path: Path):

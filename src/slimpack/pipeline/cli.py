@@ -24,6 +24,12 @@ def _loader_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train")
     p.add_argument("--locality-shards", type=int, default=None)
     p.add_argument("--cache-dir", default=None, help="local shard cache for remote datasets")
+    p.add_argument("--fetch-attempts", type=int, default=10,
+                   help="remote datasets: tries per read before failing (default 10)")
+    p.add_argument("--fetch-backoff-max", type=float, default=30.0, metavar="SECONDS",
+                   help="remote datasets: longest wait between tries (default 30; waits double from 0.5)")
+    p.add_argument("--fetch-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="remote datasets: a try gives up on a silent server after this (default 30)")
 
 
 def _config(args: argparse.Namespace, rank: int = 0):
@@ -35,7 +41,9 @@ def _config(args: argparse.Namespace, rank: int = 0):
     return LoaderConfig(args.path, seq_len=args.seq_len, global_batch_tokens=args.global_batch_tokens,
                         micro_batch_size=mbs, rank=rank, world_size=args.world_size, seed=args.seed,
                         num_workers=args.num_workers, split=args.split,
-                        locality_shards=args.locality_shards, cache_dir=args.cache_dir)
+                        locality_shards=args.locality_shards, cache_dir=args.cache_dir,
+                        fetch_attempts=args.fetch_attempts, fetch_backoff_max_s=args.fetch_backoff_max,
+                        fetch_timeout_s=args.fetch_timeout)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

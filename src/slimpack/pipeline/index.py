@@ -19,6 +19,7 @@ import numpy as np
 
 from slimpack.shards import schema
 from slimpack.shards.mds import ShardInfo
+from slimpack.storage import RetryPolicy, UnsafePathError, check_member
 
 _HASH_PREFERENCE = ("xxh3_64", "sha1")
 
@@ -107,6 +108,7 @@ class _ShardEntries:
             return d
         try:
             stored = d["zip_data"] or d["raw_data"]
+            check_member(stored["basename"], where=self.where)  # before anything reads or writes it
             if d["format"] != "mds":
                 raise DatasetError(f"{self.where}: shard {stored['basename']} has format "
                                    f"{d['format']!r}, not 'mds'")
@@ -120,7 +122,7 @@ class _ShardEntries:
             return (stored["basename"], int(stored["bytes"]), (algo, hashes[algo]) if algo else None,
                     int(d["samples"]), layout)
         except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, DatasetError):
+            if isinstance(err, (DatasetError, UnsafePathError)):
                 raise
             raise DatasetError(f"{self.where}: malformed shard entry ({err!r}); re-run the merge") from err
 
@@ -190,11 +192,12 @@ def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
                         shard_splits=shard_splits, split_names=split_names)
 
 
-def load_index(url: str) -> DatasetIndex:
-    """Read ``slimpack.json``, ``index.json`` and ``sample_tokens.npy`` from a dataset root."""
+def load_index(url: str, *, retry: RetryPolicy | None = None) -> DatasetIndex:
+    """Read ``slimpack.json``, ``index.json`` and ``sample_tokens.npy`` from a dataset root
+    (remote reads retried under ``retry``)."""
     from slimpack.storage import Root
 
-    root = Root(url)
+    root = Root(url, retry=retry)
     files = {}
     for name in (schema.MANIFEST_FILENAME, schema.INDEX_FILENAME, schema.SAMPLE_TOKENS_FILENAME):
         try:

@@ -45,6 +45,7 @@ from slimpack.pipeline import packing
 from slimpack.pipeline.index import DatasetIndex, load_index
 from slimpack.pipeline.order import ORDER_VERSION, epoch_order
 from slimpack.pipeline.store import ShardStore
+from slimpack.storage import RetryPolicy
 
 # Bumped whenever the order (order.ORDER_VERSION), the windows or the rank rule change: old state
 # then refuses to load.
@@ -106,6 +107,12 @@ class LoaderConfig:
     prefetch_factor: int = 4  # micro-batches each DataLoader worker builds ahead
     prefetch_steps: int = 2  # steps of shards the loader downloads ahead (remote roots)
     decoded_cache_bytes: int = 1 << 30  # decoded (or memory-mapped) shards kept per process
+    # Remote roots: each read is tried fetch_attempts times, waiting 0.5 s, 1 s, 2 s... (each wait
+    # at most fetch_backoff_max_s) in between, an attempt giving up on a silent server after
+    # fetch_timeout_s; then it fails naming the URL (storage.RetryPolicy).
+    fetch_attempts: int = 10
+    fetch_backoff_max_s: float = 30.0
+    fetch_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         check_layout(seq_len=self.seq_len, global_batch_tokens=self.global_batch_tokens,
@@ -121,6 +128,15 @@ class LoaderConfig:
                              f"({self.global_batch_tokens:,} tokens)")
         if self.locality_shards is not None and self.locality_shards < 1:
             raise ValueError(f"locality_shards must be >= 1 or None, got {self.locality_shards}")
+        if self.fetch_attempts < 1 or self.fetch_backoff_max_s < 0 or self.fetch_timeout_s <= 0:
+            raise ValueError(f"fetch_attempts must be >= 1, fetch_backoff_max_s >= 0 and fetch_timeout_s "
+                             f"> 0, got {self.fetch_attempts}, {self.fetch_backoff_max_s} and "
+                             f"{self.fetch_timeout_s}")
+
+    @property
+    def retry(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.fetch_attempts, backoff_max_s=self.fetch_backoff_max_s,
+                           timeout_s=self.fetch_timeout_s)
 
     @property
     def sequences_per_step(self) -> int:
@@ -191,7 +207,7 @@ class PackedStream:
                 cache_dir = os.path.join(os.path.expanduser("~/.cache/slimpack"), self.index.fingerprint[:16])
             self._store = ShardStore(self.index, cache_dir=cache_dir,
                                      cache_limit_bytes=cfg.cache_limit_bytes,
-                                     decoded_cache_bytes=cfg.decoded_cache_bytes)
+                                     decoded_cache_bytes=cfg.decoded_cache_bytes, retry=cfg.retry)
             self._store_pid = os.getpid()
         return self._store
 
@@ -341,6 +357,13 @@ def step_digest(micro_batches_by_rank: list[list[MicroBatch]]) -> str:
     return packing.digest_arrays(cat["input_ids"], cat["labels"], cat["position_ids"])
 
 
+@dataclass(frozen=True)
+class _WorkerError:
+    """A data error (bad shard, unreachable store...) met in a DataLoader worker, for the parent."""
+
+    error: BaseException
+
+
 class _MicroBatchDataset(torch.utils.data.Dataset):
     """Map-style: index ``step * grad_accum + micro`` -> that micro-batch of this rank."""
 
@@ -348,9 +371,14 @@ class _MicroBatchDataset(torch.utils.data.Dataset):
         self.stream = stream
         self.grad_accum = stream.cfg.grad_accum
 
-    def __getitem__(self, i: int) -> Transport:
+    def __getitem__(self, i: int) -> Transport | _WorkerError:
         step, micro = divmod(i, self.grad_accum)
-        return pack_transport(self.stream.micro_batch(step, micro))
+        try:
+            return pack_transport(self.stream.micro_batch(step, micro))
+        except (OSError, ValueError, RuntimeError) as err:
+            # Raised here, torch would re-raise it in the parent with the worker's traceback inside
+            # the message; handed back as a value, the parent raises it as it was: one line.
+            return _WorkerError(err)
 
 
 class _IndexRange(torch.utils.data.Sampler):
@@ -411,7 +439,7 @@ class PackedLoader:
 
     def __init__(self, cfg: LoaderConfig, *, index: DatasetIndex | None = None) -> None:
         self.cfg = cfg
-        self.index = index if index is not None else load_index(cfg.path)
+        self.index = index if index is not None else load_index(cfg.path, retry=cfg.retry)
         self.stream = PackedStream(cfg, self.index)
         self.grad_accum = cfg.grad_accum
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -547,7 +575,13 @@ class PackedLoader:
             self._prefetch(step)
             if it is None:
                 return [_tensors(self.stream.micro_batch(step, j), pin=self._pin) for j in range(grad_accum)]
-            return [unpack_transport(next(it), pin=self._pin) for _ in range(grad_accum)]
+            batches = []
+            for _ in range(grad_accum):
+                item = next(it)
+                if isinstance(item, _WorkerError):
+                    raise item.error
+                batches.append(unpack_transport(item, pin=self._pin))
+            return batches
 
         feeder = _Feeder(build, start, end)
         feeder.start()

@@ -7,8 +7,10 @@ is opened, local or not.
 
 Remote datasets (``s3://...``) are downloaded shard by shard into ``cache_dir`` ahead of use:
 the loader knows exactly which samples come next and calls ``prefetch``. Every download is
-checked against the index hash (xxh3_64, else sha1, else size) before an atomic rename, so a
-file in the cache is always whole and correct. ``evict`` keeps the cache under
+checked against the index hash (xxh3_64, else sha1, else size) before an atomic rename, and
+checked again when opened: a cached file cut short or damaged since is deleted and fetched once
+more. Remote reads follow the loader's ``RetryPolicy`` (bounded attempts, capped backoff), then
+fail with one line naming the URL (``storage.StorageError``). ``evict`` keeps the cache under
 ``cache_limit_bytes`` by deleting cached files that are not pinned (needed soon), least
 recently needed first. It only ever deletes files it finds under ``cache_dir`` that the index
 names: a local dataset is never touched.
@@ -27,7 +29,7 @@ import numpy as np
 
 from slimpack.pipeline.index import DatasetIndex
 from slimpack.shards.mds import Shard, ShardFormatError, decode_shard, hash_bytes
-from slimpack.storage import Root, write_atomic
+from slimpack.storage import RetryPolicy, Root, member_path, write_atomic
 
 
 def verify_shard_bytes(index: DatasetIndex, i: int, data: bytes | mmap.mmap, where: str) -> None:
@@ -48,9 +50,10 @@ class ShardStore:
     """Decoded shards by index, from a local root or a remote root through a local cache."""
 
     def __init__(self, index: DatasetIndex, *, cache_dir: str | None, cache_limit_bytes: int,
-                 decoded_cache_bytes: int, download_threads: int = 4) -> None:
+                 decoded_cache_bytes: int, download_threads: int = 4,
+                 retry: RetryPolicy | None = None) -> None:
         self.index = index
-        self.root = Root(index.url)
+        self.root = Root(index.url, retry=retry)
         self.remote = self.root.remote
         self.decoded_cache_bytes = decoded_cache_bytes
         self._decoded: OrderedDict[int, tuple[Shard, int]] = OrderedDict()
@@ -65,6 +68,7 @@ class ShardStore:
         self.downloads = 0
         self.decodes = 0
         self.evicted = 0
+        self.refetched = 0
         if self.remote:
             if self.cache_dir is None:
                 raise ValueError(f"{index.url} is remote: set cache_dir to a local directory for shards")
@@ -72,12 +76,15 @@ class ShardStore:
 
     # ------------------------------------------------------------------ files
 
+    def _cache_path(self, i: int) -> Path:
+        return member_path(self.cache_dir, self.index.shard_names[i], where=f"{self.index.url}: shard {i}")
+
     def local_path(self, i: int) -> Path:
         """Path of shard i's stored file on local disk, downloading (and verifying) it if needed."""
-        name = self.index.shard_names[i]
         if not self.remote:
-            return Path(self.root.path) / name
-        path = self.cache_dir / name
+            return member_path(self.root.path, self.index.shard_names[i],
+                               where=f"{self.index.url}: shard {i}")
+        path = self._cache_path(i)
         if path.exists():
             return path
         with self._lock:
@@ -90,7 +97,7 @@ class ShardStore:
 
     def _download(self, i: int) -> None:
         name = self.index.shard_names[i]
-        path = self.cache_dir / name
+        path = self._cache_path(i)
         if path.exists():
             return
         data = self.root.read_bytes(name)
@@ -108,7 +115,7 @@ class ShardStore:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="slimpack-fetch")
             for i in shard_ids:
-                if i in self._pending or (self.cache_dir / self.index.shard_names[i]).exists():
+                if i in self._pending or self._cache_path(i).exists():
                     continue
                 fut = self._pool.submit(self._download, i)
                 fut.add_done_callback(lambda _f, i=i: self._done(i))
@@ -169,7 +176,7 @@ class ShardStore:
                 if i in self._pending:
                     continue
             try:
-                (self.cache_dir / names[i]).unlink()
+                self._cache_path(i).unlink()
             except FileNotFoundError:
                 continue
             freed += files[names[i]]
@@ -203,10 +210,21 @@ class ShardStore:
             return hit[0]
         info = self.index.shard_info(i)
         data, path = self._open(i, mapped=not info.compression)
-        # Hash every shard as it is opened, local ones too: a flipped bit inside a zstd frame
-        # (no content checksum) or a raw shard would otherwise decode into wrong tokens silently.
-        # xxh3_64 runs at memory speed, far faster than the decompression that follows.
-        verify_shard_bytes(self.index, i, data, str(path))
+        # Hash every shard as it is opened, local ones too: a flipped bit in a zstd frame written
+        # without a content checksum, or in a raw shard, would otherwise decode into wrong tokens
+        # silently. xxh3_64 runs at memory speed, far faster than the decompression that follows.
+        try:
+            verify_shard_bytes(self.index, i, data, str(path))
+        except ShardFormatError:
+            if not self.remote:
+                raise
+            # A cached copy was verified when downloaded, so it was cut short or damaged since
+            # (a full disk, a crash of another tool, a hand edit): fetch it again, once. A fresh
+            # copy that fails too is the remote's own fault, and raised.
+            path.unlink(missing_ok=True)
+            self.refetched += 1
+            data, path = self._open(i, mapped=not info.compression)
+            verify_shard_bytes(self.index, i, data, str(path))
         if info.compression:
             shard = decode_shard(data, info, str(path))
             size = len(shard.raw)

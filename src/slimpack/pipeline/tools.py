@@ -34,7 +34,7 @@ class DigestReport:
 
 def digest_steps(cfg: LoaderConfig, *, start_step: int, steps: int) -> DigestReport:
     """One digest per step over the step's global tokens, from every rank of ``cfg.world_size``."""
-    index = load_index(cfg.path)
+    index = load_index(cfg.path, retry=cfg.retry)
     loaders = []
     for rank in range(cfg.world_size):
         loader = PackedLoader(replace(cfg, rank=rank, epochs=None, max_tokens=None), index=index)

@@ -48,6 +48,7 @@ import numpy as np
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.validate import UnusableInputError
+from slimpack.storage import member_path
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
 
@@ -215,8 +216,9 @@ class StatsReport:
 
 def _stream_starts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, Any]) -> np.ndarray:
     """Stream offset of each shard's first token, from sample_tokens.npy (the loader's input)."""
-    sample_tokens = np.load(root / str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME),
-                            allow_pickle=False).astype(np.int64)
+    name = str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
+    path = member_path(root, name, where=f"{root / schema.MANIFEST_FILENAME}: sample_tokens_file")
+    sample_tokens = np.load(path, allow_pickle=False).astype(np.int64)
     per_shard = np.asarray([int(e["samples"]) for e in entries], np.int64)
     if per_shard.sum() != len(sample_tokens):
         raise ValueError(f"{root}: index.json lists {per_shard.sum()} samples, sample_tokens.npy has "

@@ -7,7 +7,9 @@
 JSON). Every finding names the check, the shard, the sample (and document) and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
-  file present; stored size and hash; zstd decodes; raw size and hash; header sample count equals
+  its name stays inside the dataset root (else nothing is read: `storage.member_path`); file
+  present; stored size and hash; zstd decodes (a failure names the frame and block); raw size and
+  hash; header sample count equals
   the index; offsets monotonic and in bounds; embedded config equals the index entry; columns are
   schema v1 (never pickle); every sample decodes; `invariants.sample_problems` on every sample,
   vectorised over runs of about 1 MB of consecutive samples, and sample by sample only when a
@@ -17,7 +19,8 @@ missing or extra; every input of the tokenize job has a complete part; the manif
 per-part, per-split and per-source counts, per-sample token counts (`sample_tokens.npy`) and
 fingerprint equal what the shards hold.
 `--retokenize N` re-reads N random documents from the recorded input files and compares their ids
-with a fresh tokenization.
+with a fresh tokenization. A report with damaged shards lists their parts and the commands that
+repair them (delete the part directories, re-run the same tokenize command).
 
 Hashes: by default each file is checked with the fastest algorithm its index entry records
 (xxh3_64 when present, ~20 GB/s, so decompression bounds the speed); `--all-hashes` checks every
@@ -29,6 +32,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -43,6 +47,7 @@ from slimpack import exitcodes
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import column_layouts, gather, global_cu_seqlens, sample_runs
 from slimpack.shards.invariants import sample_problems
+from slimpack.storage import UnsafePathError, member_path
 
 # Fastest first; an algorithm not listed here is tried after these.
 HASH_PREFERENCE = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32", "md5", "sha1", "sha256",
@@ -52,23 +57,33 @@ HASH_PREFERENCE = ("xxh3_64", "xxh3_128", "xxh64", "xxh128", "xxh32", "md5", "sh
 _RUN_BYTES = 1 << 20
 MAX_FINDINGS_PER_CHECK = 5  # per shard (or per dataset-level check); the rest are counted
 
+# How a damaged shard is repaired. A re-run of tokenize skips every part whose stats.json exists
+# and whose shards have their recorded sizes (it does not hash them: re-runs stay fast), so a
+# same-size flip survives it until the part's directory is deleted.
+_REDO_PART = ("delete the part's directory and re-run the same `slimpack tokenize` command (it redoes "
+              "only parts that are gone or cut short, then merges; see 'repair' below), or re-copy the "
+              "file from a good copy")
+
 # check -> how to fix it. Every finding carries one of these codes.
 HINTS: dict[str, str] = {
     "index": "the index is malformed: re-run `slimpack shards merge DIR` (or re-tokenize the part)",
-    "missing_shard": "re-copy the file, or delete its part directory and re-run `slimpack tokenize`",
+    "path": "the index or manifest names a file outside the dataset root (absolute, '..', a symlink "
+            "out, or an odd name), so nothing was read from it: this index was not written by "
+            "slimpack or was altered; rebuild it from trusted parts (`slimpack shards merge DIR`) or "
+            "discard the dataset",
+    "missing_shard": f"the file is gone: {_REDO_PART}",
     "unlisted_shard": "a shard file no index lists: delete it, or re-run `slimpack shards merge` if "
                       "its part is complete",
-    "size": "the file is truncated or was overwritten: re-copy it or re-tokenize its part",
-    "hash": "the bytes differ from those written: re-copy the file or re-tokenize its part",
+    "size": f"the file is truncated or was overwritten: {_REDO_PART}",
+    "hash": f"the bytes differ from those written: {_REDO_PART}",
     "no_hashes": "re-write the shards with hashes (slimpack writes sha1 and xxh3_64)",
-    "decompress": "the compressed file is corrupt: re-copy it or re-tokenize its part",
-    "header": "the shard header disagrees with the index: re-copy the shard or re-tokenize its part",
+    "decompress": f"the compressed file is corrupt: {_REDO_PART}",
+    "header": f"the shard header disagrees with the index: {_REDO_PART}",
     "shard_config": "the shard's embedded config differs from its index entry: re-run the merge, "
                     "or re-tokenize the part",
     "columns": "slimpack reads only schema v1 columns (tokens ndarray:uint32, cu_seqlens "
                "ndarray:int32, doc_sources ndarray:uint32), never pickle: re-tokenize the data",
-    "sample": "the sample violates schema v1: re-tokenize its part (and report it if slimpack "
-              "wrote it)",
+    "sample": f"the sample violates schema v1 (report it if slimpack wrote it): {_REDO_PART}",
     "part": "the part is missing, extra or incomplete: re-run `slimpack tokenize` for it, or delete "
             "the stray directory, then `slimpack shards merge DIR`",
     "input": "an input of the tokenize job has no complete part, so its documents are missing: fix "
@@ -80,6 +95,10 @@ HINTS: dict[str, str] = {
     "retokenize": "the shards do not hold what the tokenizer makes of the source today: check that "
                   "the input file, tokenizer and config are those recorded, then re-tokenize the part",
 }
+
+
+# Findings that mean a shard file is missing or its bytes are not those written.
+_DAMAGE = frozenset({"missing_shard", "size", "hash", "decompress"})
 
 
 class UnusableInputError(RuntimeError):
@@ -276,7 +295,11 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
         out.add("index", f"format is {entry.get('format')!r}, not 'mds'", shard=name)
         return False
     columns_ok = _check_columns(entry, out, name)
-    path = root / name
+    try:
+        path = member_path(root, name, where=f"index.json shard {index}")
+    except UnsafePathError as err:
+        out.add("path", f"index.json names {err.name!r}, which {err.reason}; not read", shard=name)
+        return False
     try:
         with open(path, "rb") as f:
             stored = f.read()
@@ -293,7 +316,7 @@ def _check_shard(root: Path, index: int, entry: dict[str, Any], res: ShardResult
         try:
             raw = mds.decompress(entry.get("compression") or "zstd", stored)
         except (zstandard.ZstdError, ValueError) as err:
-            out.add("decompress", f"zstd decompression failed ({err})", shard=name)
+            out.add("decompress", f"zstd decompression failed: {mds.zstd_damage(stored, err)}", shard=name)
             return False
     else:
         raw = stored
@@ -444,6 +467,21 @@ class ValidationReport:
         return (exitcodes.UNUSABLE if self.unusable else exitcodes.FINDINGS if self.findings
                 else exitcodes.OK)
 
+    @property
+    def damaged_parts(self) -> list[str]:
+        """Parts with a shard that is missing or whose bytes are wrong: redo them to repair."""
+        return sorted({schema.part_of(f.shard) for f in self.findings
+                       if f.check in _DAMAGE and f.shard and schema.part_of(f.shard)})
+
+    def repair_lines(self) -> list[str]:
+        """Shell commands that repair the damaged parts (the tokenize re-run redoes exactly those)."""
+        parts = self.damaged_parts
+        if not parts:
+            return []
+        rm = " ".join(shlex.quote(f"{self.path}/{schema.PARTS_DIRNAME}/{p}") for p in parts)
+        return [f"rm -r {rm}",
+                f"slimpack tokenize <the same inputs and options> --out {shlex.quote(self.path)}"]
+
     def counts(self) -> dict[str, int]:
         c = Counter(f.check for f in self.findings)
         c.update(self.suppressed)
@@ -455,6 +493,7 @@ class ValidationReport:
         d["finding_counts"] = self.counts()
         d["ok"], d["exit_status"] = self.ok, self.exit_status
         d["mb_per_s_per_process"] = self.mb_per_s_per_process
+        d["damaged_parts"], d["repair"] = self.damaged_parts, self.repair_lines()
         return d
 
     def summary(self, max_lines: int = 30) -> str:
@@ -486,6 +525,12 @@ class ValidationReport:
                 lines.append(f"      fix: {f.hint}")
         if len(self.findings) > max_lines:
             lines.append(f"  ... {len(self.findings) - max_lines:,} more in the JSON report (--json)")
+        repair = self.repair_lines()
+        if repair:
+            lines.append(f"  repair: {len(self.damaged_parts)} part(s) hold damaged shards; with the "
+                         "inputs still at hand, delete them and re-tokenize (re-runs skip complete parts "
+                         "without hashing them, so only the deleted ones are redone, then merged):")
+            lines += [f"    {cmd}" for cmd in repair]
         return "\n".join(lines)
 
 
@@ -646,7 +691,10 @@ def _check_parts(root: Path, entries: list[dict[str, Any]], manifest: dict[str, 
     for part, idx in sorted(groups.items(), key=lambda kv: str(kv[0])):
         if part is None:
             continue
-        pdir = root / schema.PARTS_DIRNAME / part
+        try:
+            pdir = member_path(root, f"{schema.PARTS_DIRNAME}/{part}", where="index.json")
+        except UnsafePathError:
+            continue  # its shards' names are reported by the shard checks, and nothing is read
         try:
             pindex = json.loads((pdir / schema.INDEX_FILENAME).read_bytes())
             pentries = pindex["shards"]
@@ -741,13 +789,17 @@ def _check_manifest(root: Path, entries: list[dict[str, Any]], manifest: dict[st
              sum(e["samples"] for e in entries if isinstance(e, dict) and isinstance(e.get("samples"), int)))
 
     # sample_tokens.npy: the loader trusts it, so it must equal the shards exactly.
-    npy = root / str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
+    npy_name = str(manifest.get("sample_tokens_file") or schema.SAMPLE_TOKENS_FILENAME)
     complete = all(r.decoded for r in results)
+    recorded_tokens = None
     try:
+        npy = member_path(root, npy_name, where="slimpack.json sample_tokens_file")
         recorded_tokens = np.load(npy, allow_pickle=False)
+    except UnsafePathError as err:
+        out.add("path", f"slimpack.json's sample_tokens_file {err.name!r} {err.reason}; not read")
+        npy = Path(npy_name)
     except (OSError, ValueError) as err:
         out.add("manifest", f"{npy.name} is missing or unreadable ({err})")
-        recorded_tokens = None
     if not complete:
         notes.append("not every shard decoded: document, token and per-sample counts were not "
                      "compared with slimpack.json (fix the findings above and re-run)")

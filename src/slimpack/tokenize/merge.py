@@ -23,7 +23,7 @@ import numpy as np
 from slimpack import __version__
 from slimpack.provenance import git_sha
 from slimpack.shards import schema
-from slimpack.storage import Root
+from slimpack.storage import Root, check_member
 from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
 
 
@@ -174,7 +174,15 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
             entry = json.loads(json.dumps(s))
             for key in ("raw_data", "zip_data"):
                 if entry[key]:
-                    entry[key]["basename"] = f"{part_dir_name(part)}/{entry[key]['basename']}"
+                    name = f"{part_dir_name(part)}/{entry[key]['basename']}"
+                    # A part's index names files in its own directory; the merged index is what
+                    # every reader trusts, so a name that leaves it never gets there.
+                    check_member(name, where=f"{part_dir_name(part)}/{schema.INDEX_FILENAME}")
+                    if schema.part_of(name) != part:
+                        raise MergeError(f"{part_dir_name(part)}/{schema.INDEX_FILENAME} names shard "
+                                         f"{entry[key]['basename']!r}, not a file of the part's own "
+                                         "directory: delete the part and re-run tokenize")
+                    entry[key]["basename"] = name
             shards.append(entry)
         sample_tokens.extend(stats["sample_tokens"])
         split = per_split.setdefault(stats["split"], {"parts": 0, "documents": 0, "tokens": 0})

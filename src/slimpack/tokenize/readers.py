@@ -3,8 +3,8 @@ Hugging Face `datasets` saved with `save_to_disk`.
 
 Readers yield `Record`s (text, source, line) or `BadRecord`s (reason, line, detail); the caller
 decides whether to skip and count them or fail the part. A truncated or corrupt compressed file
-raises `CorruptInputError` naming the path and the compressed byte offset where it broke: nothing
-read from a broken stream is ever kept silently.
+raises `CorruptInputError` naming the path and where it broke (for zstd the frame and block zstd
+refuses, with their byte range): nothing read from a broken stream is ever kept silently.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 import zstandard
 
 from slimpack.tokenize.tokenizer import replace_lone_surrogates
+from slimpack.zstd_blocks import locate_damage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
@@ -201,9 +202,8 @@ def _decompressed_chunks(src: CountingFile) -> Iterator[bytes]:
         try:
             out = d.decompress(data)
         except errors as err:
-            raise CorruptInputError(
-                f"{name}: corrupt {label} data near compressed byte offset {src.offset} ({err}); "
-                "re-download the file or exclude it") from err
+            raise CorruptInputError(f"{name}: corrupt {label} data: {_where_broken(src, label, len(data), err)}; "
+                                    "re-download the file or exclude it") from err
         if out:
             yield out
         if d.eof:
@@ -219,6 +219,22 @@ def _decompressed_chunks(src: CountingFile) -> Iterator[bytes]:
         raise CorruptInputError(
             f"{name}: {label} stream is truncated at compressed byte offset {src.offset} (the file "
             "ends inside a frame); re-download the file or exclude it")
+
+
+def _where_broken(src: CountingFile, label: str, fed: int, err: Exception) -> str:
+    """Where decoding failed, as precisely as the format allows.
+
+    The decoder raises after a whole read (``fed`` bytes ending at ``src.offset``), so the end of
+    that read says little. A zstd file is read again block by block to name the block zstd refuses
+    (see `zstd_blocks`); gzip's decoder cannot be stepped that way, so the read's range is given.
+    """
+    if label == "zstd":
+        with open(src.path, "rb") as f:
+            where = locate_damage(f)
+        if where is not None:
+            return where
+    return (f"somewhere in compressed bytes {src.offset - fed:,}-{src.offset - 1:,} ({err}; the {label} "
+            "decoder raised on this read and does not say where in it)")
 
 
 def _lines(src: CountingFile) -> Iterator[bytes]:
