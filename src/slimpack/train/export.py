@@ -204,11 +204,12 @@ def hf_tokenizer_files(tokenizer: Llama3Tokenizer, *, model_max_length: int) -> 
             "special_tokens_map.json": special_tokens_map}
 
 
-def generation_config(tokenizer: Llama3Tokenizer, cfg: ModelConfig) -> dict[str, object]:
-    """generation_config.json: stop at EOS, greedy unless the caller asks to sample."""
+def generation_config(tokenizer: Llama3Tokenizer) -> dict[str, object]:
+    """generation_config.json: stop at EOS, greedy unless the caller asks to sample. No max_length:
+    callers set max_new_tokens, and transformers warns when both are set."""
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
             "pad_token_id": tokenizer.eos_id,  # base model, no pad token: batches pad with EOS
-            "max_length": cfg.max_seq_len, "do_sample": False}
+            "do_sample": False}
 
 
 def export_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, *,
@@ -238,7 +239,7 @@ def export_hf(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    files = {"config.json": hf_config(cfg, dtype=dtype), "generation_config.json": generation_config(tokenizer, cfg),
+    files = {"config.json": hf_config(cfg, dtype=dtype), "generation_config.json": generation_config(tokenizer),
              **hf_tokenizer_files(tokenizer, model_max_length=cfg.max_seq_len)}
     for name, contents in files.items():
         (out / name).write_text(json.dumps(contents, indent=2, ensure_ascii=False) + "\n")
