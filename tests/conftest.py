@@ -1,9 +1,11 @@
 """Shared fixtures: the real-text corpora every test may use.
 
-`shared_data` is ../shared/data/slimpajama-mini beside the repository (skipped where absent, as in
-a bare checkout); `demo_corpus` is built from Python's own text and exists everywhere;
-`train_data` is a tiny tokenized dataset and `tiny_run` a tiny model trained on it (run directory
-with checkpoints, ledger and loss-by-position records).
+`shared_data` is real SlimPajama web text (a directory of `*.jsonl.zst` files in SlimPajama's
+layout) named by the environment variable SLIMPACK_WEB_TEXT; the repository ships none, so tests
+that need it skip, saying how to run them, where it is not set. `demo_corpus` is built from
+Python's own text and exists everywhere.
+`train_data` is a tiny tokenized dataset and `tiny_run` a tiny model trained on it (run
+directory with checkpoints, ledger and loss-by-position records).
 """
 
 from __future__ import annotations
@@ -20,15 +22,18 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "slimpajama-mini"
+WEB_TEXT_ENV = "SLIMPACK_WEB_TEXT"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (tests on ../shared data run only beside it)")
-    return SHARED_DATA
+    value = os.environ.get(WEB_TEXT_ENV)
+    if not value:
+        pytest.skip(f"needs real web text: set {WEB_TEXT_ENV} to a directory of SlimPajama *.jsonl.zst files")
+    path = Path(value)
+    if not path.is_dir():
+        pytest.fail(f"{WEB_TEXT_ENV}={value} is not a directory; point it at SlimPajama *.jsonl.zst files")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -92,7 +92,15 @@ def test_paper_presets_keep_16k_token_micro_batches_and_gather_once_per_step():
 def test_debug_cpu_preset_and_overrides():
     cfg = load_train_config(CONFIGS / "debug-cpu.toml", ["optim.lr=1e-3", "data.seq_len=128"])
     assert cfg.device == "cpu" and not cfg.parallel.mixed_precision
-    assert cfg.optim.lr == 1e-3 and cfg.data.seq_len == 128 and cfg.data.micro_batch_size == 16
+    assert cfg.optim.lr == 1e-3 and cfg.data.seq_len == 128 and cfg.data.micro_batch_size == 1
+    # The README's command takes no --set: the config reads what `slimpack demo` writes by default,
+    # keeps the real vocabulary, and still accumulates gradients over micro-steps.
+    from slimpack.cli import build_parser
+
+    shipped = load_train_config(CONFIGS / "debug-cpu.toml")
+    demo_out = build_parser().parse_args(["demo"]).out
+    assert Path(shipped.data.path) == Path(demo_out) / "shards"
+    assert model_config(shipped.model.preset).vocab_size == 128_256 and shipped.grad_accum(1) == 2
     with pytest.raises(ValueError, match="unknown key"):
         load_train_config(CONFIGS / "debug-cpu.toml", ["optim.learning_rate=1"])
     with pytest.raises(ValueError, match="min_lr"):

@@ -13,8 +13,8 @@
 3. Training loop: two rank processes, each a loader with 2 DataLoader workers feeding a consumer
    that "computes" at 80k tokens/s (sleep); data wait = time blocked in ``next()`` for a step.
 
-Data: ``--data`` (a merged dataset), else ``../shared/data/slimpajama-mini`` tokenized with the
-default config into a temporary directory, else the demo corpus.
+Data: ``--data`` (a merged dataset), else the demo corpus (``slimpack demo``'s text in SlimPajama's
+layout) tokenized with the default config into a temporary directory.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-SHARED_MINI = Path("../shared/data/slimpajama-mini")
 SCALE_TOKENS = 627_000_000_000
 SCALE_SAMPLE_TOKENS = 65_536
 
@@ -43,14 +42,11 @@ SCALE_SAMPLE_TOKENS = 65_536
 def _prepare_data(data: str | None, scratch: Path) -> tuple[str, str]:
     if data:
         return data, data
+    from slimpack.demo import build_corpus
     from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 
-    source = SHARED_MINI if SHARED_MINI.exists() else None
-    if source is None:
-        from slimpack.demo import build_corpus
-
-        source = scratch / "corpus"
-        build_corpus(source)
+    source = scratch / "corpus"
+    build_corpus(source)
     out = scratch / "shards"
     report = run_tokenize([str(source)], str(out), TokenizeConfig(), workers=2, progress=False)
     if not report.ok:
@@ -307,7 +303,7 @@ def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int =
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("loader", help="packed loader: throughput, 627B-token index scale, training-loop wait")
-    p.add_argument("--data", help="a merged dataset (default: tokenize slimpajama-mini or the demo corpus)")
+    p.add_argument("--data", help="a merged dataset (default: the demo corpus, tokenized)")
     p.add_argument("--min-tokens", type=int, default=200_000_000, help="tokens packed for throughput")
     p.add_argument("--sim-steps", type=int, default=24, help="steps of the training-loop simulation")
     p.add_argument("--skip", action="append", default=[], choices=["throughput", "scale", "train"])

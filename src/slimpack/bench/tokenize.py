@@ -3,7 +3,8 @@
 End to end = `slimpack tokenize` (decompress, parse, tokenize, write shards, merge) as a whole,
 worker start-up included. Raw = `encode_ordinary_batch` over the same texts, already decoded in
 memory, in the same run. Both at 1 and at 2 processes. The input is copied `--repeat` times so
-each run lasts long enough to time.
+each run lasts long enough to time. Without INPUT the demo corpus (`slimpack demo`'s Python
+docs, docstrings and source in SlimPajama's layout) is built into a scratch directory and used.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from slimpack.tokenize.readers import Record, discover, read_records
-
-DEFAULT_INPUT = "../shared/data/slimpajama-mini"
 
 
 def _texts(inputs: list[str]) -> list[list[str]]:
@@ -58,8 +57,14 @@ def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, flo
             "tokens_per_s_per_process": report.tokens / wall / workers}
 
 
-def run_bench(input_dir: str, repeat: int, scratch: Path) -> dict[str, Any]:
-    src = Path(input_dir)
+def run_bench(input_dir: str | None, repeat: int, scratch: Path) -> dict[str, Any]:
+    if input_dir is None:
+        from slimpack.demo import build_corpus
+
+        src = scratch / "demo-corpus"
+        build_corpus(src)
+    else:
+        src = Path(input_dir)
     data = scratch / "input"
     files = sorted(p for p in src.rglob("*") if p.is_file() and p.name.endswith((".jsonl.zst", ".jsonl", ".jsonl.gz")))
     for r in range(repeat):
@@ -109,7 +114,7 @@ def pathological() -> dict[str, dict[str, float]]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenize", help="end-to-end tokenize vs raw tiktoken, 1 and 2 processes")
-    p.add_argument("input", nargs="?", default=DEFAULT_INPUT, help=f"input directory (default {DEFAULT_INPUT})")
+    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
     p.add_argument("--repeat", type=int, default=16, help="copies of the input to process")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--pathological-only", action="store_true",
@@ -118,7 +123,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if not Path(args.input).exists():
+    if args.input is not None and not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     res: dict[str, Any] = {"pathological": pathological()}
     for name, r in res["pathological"].items():

@@ -5,7 +5,8 @@ sha1 + xxh3_64) by tokenizing INPUT with every file repeated `--repeat` times (z
 concatenate, so a repeated file is a valid, bigger file of real text), then times
 `validate_dataset` on it. Baseline in the same run: reading and zstd-decompressing the same shard
 files and nothing else, the floor any validator pays. Files are in the page cache (just written,
-then read once before timing), so this measures the validator, not the disk.
+then read once before timing), so this measures the validator, not the disk. Without INPUT the
+demo corpus (`slimpack demo`'s text in SlimPajama's layout) is built into a scratch directory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-DEFAULT_INPUT = "../shared/data/slimpajama-mini"
 
 
 def _shift(text: str, r: int) -> str:
@@ -149,8 +148,7 @@ def run_bench(input_dir: Path | None, repeat: int, scratch: Path, runs: int = 5,
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="shards validate throughput (MB/s per process) vs decompress-only")
-    p.add_argument("input", nargs="?", default=DEFAULT_INPUT,
-                   help=f"input directory (default {DEFAULT_INPUT}; the demo corpus if absent)")
+    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
     p.add_argument("--repeat", type=int, default=26, help="distinct copies of each input (default 26)")
     p.add_argument("--block-tokens", type=int, default=65_536,
                    help="tokens per sample of the built dataset (default 65,536, the shard default)")
@@ -160,9 +158,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    src = Path(args.input)
+    if args.input is not None and not Path(args.input).exists():
+        raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-validate-") as tmp:
-        res = run_bench(src if src.exists() else None, args.repeat, Path(tmp), args.runs,
+        res = run_bench(Path(args.input) if args.input else None, args.repeat, Path(tmp), args.runs,
                         block_tokens=args.block_tokens)
     base = res["baseline_decompress_only"]
     v1 = res["validate_1proc"]

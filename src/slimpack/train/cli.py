@@ -60,7 +60,7 @@ def run_export(args: argparse.Namespace) -> int:
     export_hf(state_dict, cfg, args.out)
     n_params = sum(t.numel() for t in state_dict.values())
     print(f"exported {path} (step {meta['step']}, {n_params:,} parameters) "
-          f"to {args.out} as LlamaForCausalLM", file=sys.stdout)
+          f"to {args.out} as LlamaForCausalLM with the Llama 3 tokenizer", file=sys.stdout)
     return 0
 
 
@@ -72,5 +72,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Checks the checkpoint's recorded checksums first. Checkpoints are code: "
                        "torch.distributed.checkpoint unpickles them, so export only checkpoints you trust.")
     e.add_argument("checkpoint", help="a step_NNNNNNNN checkpoint directory, or a run directory (newest)")
-    e.add_argument("out", help="output directory (config.json + model.safetensors)")
+    e.add_argument("out", help="output directory (weights, config, tokenizer, generation config)")
     e.set_defaults(func=run_export)

@@ -3,7 +3,8 @@
 Runs `slimpack.train.loop.train` (FSDP2 over a one-process gloo group) on the "small" model with
 256-token windows: half the steps, then a SIGTERM (what Slurm sends before a time limit: the trainer
 saves a checkpoint and returns), then `--resume auto` for the rest, then `export-hf` and, where
-transformers is installed, a check that Hugging Face's logits equal ours. Small batches (512 tokens a
+transformers is installed, a check that Hugging Face's logits equal ours and that its tokenizer and
+text generation run on the export. Small batches (512 tokens a
 step) because every step pays for the 128,256-token vocabulary on two CPU cores.
 
 The simulated pre-emption is the trainer's own SIGTERM (`debug_sigterm_after_step`); a SIGTERM or
@@ -110,3 +111,17 @@ def _compare_with_transformers(run_dir: Path, hf_dir: Path) -> None:
     print(f"transformers LlamaForCausalLM loads {hf_dir}: max |logit difference| vs ours {err:.2e}")
     if err > 1e-4:
         raise RuntimeError(f"exported model disagrees with ours by {err}")
+
+    from transformers import AutoTokenizer
+
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    prompt = "def add(a, b):"
+    ids = tokenizer(prompt, return_tensors="pt")
+    if ids["input_ids"][0].tolist() != Llama3Tokenizer().encode_document(prompt).tolist()[:-1]:
+        raise RuntimeError(f"the exported tokenizer's ids for {prompt!r} differ from slimpack's")
+    with torch.no_grad():
+        out = hf.generate(**ids, max_new_tokens=16)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    print(f"AutoTokenizer loads {hf_dir} (same ids as slimpack); greedy generation: {text!r}")
