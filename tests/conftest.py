@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 WEB_TEXT_ENV = "SLIMPACK_WEB_TEXT"
 
 

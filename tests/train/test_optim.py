@@ -118,15 +118,15 @@ def test_misspelt_device_or_optimizer_implementation_is_refused_not_silently_rep
 
 
 def test_slurm_script_gives_ranks_time_to_save_after_sigterm():
-    # torchrun SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30) after forwarding
-    # SIGTERM; the pre-emption save must fit in that, and that within Slurm's --signal lead time.
+    # Slurm sends SIGTERM --signal's lead time before the limit; the pre-emption save of a 1.3B model
+    # must fit in it. srun starts the ranks itself: torchrun would SIGKILL them
+    # TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s) after forwarding SIGTERM and turn their 75 into 1.
     import re
 
     script = (CONFIGS / "slurm_multinode.sh").read_text()
     lead_s = int(re.search(r"^#SBATCH --signal=TERM@(\d+)$", script, re.M).group(1))
-    grace = re.search(r"^export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=(\d+)$", script, re.M)
-    assert grace is not None, "torchrun's 30 s default kills a 1.3B checkpoint save"
-    assert 120 <= int(grace.group(1)) < lead_s
+    assert lead_s >= 120
+    assert not re.search(r"^[^#]*\btorchrun\b", script, re.M)
 
 
 def test_non_positive_global_batch_tokens_is_a_clear_config_error():
