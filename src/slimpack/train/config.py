@@ -32,6 +32,11 @@ class DataSection:
     seed: int = 0
     num_workers: int = 0
     cache_dir: str | None = None         # local cache for remote shards
+    # Remote reads (pipeline.LoaderConfig): tries, the longest wait between them, and the seconds an
+    # attempt waits for a silent server, then a one-line error naming the URL.
+    fetch_attempts: int = 10
+    fetch_backoff_max_s: float = 30.0
+    fetch_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.seq_len <= 0 or self.micro_batch_size <= 0:

@@ -172,7 +172,8 @@ def build_loader(cfg: TrainConfig, d: Dist, *, path: str | None = None, split: s
         path or cfg.data.path, cfg.data.seq_len,
         global_batch_tokens or cfg.data.global_batch_tokens, cfg.data.micro_batch_size,
         rank=d.rank, world_size=d.world_size, seed=cfg.data.seed, num_workers=cfg.data.num_workers,
-        split=split, epochs=epochs, cache_dir=cfg.data.cache_dir))
+        split=split, epochs=epochs, cache_dir=cfg.data.cache_dir, fetch_attempts=cfg.data.fetch_attempts,
+        fetch_backoff_max_s=cfg.data.fetch_backoff_max_s, fetch_timeout_s=cfg.data.fetch_timeout_s))
 
 
 def build_val_set(cfg: TrainConfig, d: Dist) -> list[dict[str, Any]]:
