@@ -4,7 +4,7 @@
 |---|---|
 | 0 | success |
 | 1 | findings (validate) or failed parts (tokenize): the command ran, the data has problems |
-| 2 | usage error: a bad flag, config value or path; the message says how to fix it |
+| 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
 | 3 | dataset unusable: no index, unreadable manifest, nothing to check |
 | 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |
 """
@@ -16,3 +16,8 @@ FINDINGS = 1
 USAGE = 2
 UNUSABLE = 3
 RESUMABLE = 75
+
+
+class UnusableDatasetError(ValueError):
+    """A dataset that cannot be used at all (index files missing, corrupt or inconsistent; a shard
+    that is not what its index says): the CLI prints the message and exits UNUSABLE."""

@@ -201,7 +201,7 @@ def test_unusable_inputs(copy: Path, tmp_path: Path) -> None:
     assert "not an MDS v2 index" in validate_dataset(copy).unusable
     (copy / schema.MANIFEST_FILENAME).unlink()
     report = validate_dataset(copy)
-    assert report.exit_status == 2 and "slimpack shards merge" in report.unusable
+    assert report.exit_status == 3 and "slimpack shards merge" in report.unusable
 
 
 def test_parts_missing_and_extra(copy: Path) -> None:
@@ -258,7 +258,7 @@ def test_cli_exit_statuses_and_json(copy: Path, tmp_path: Path, capsys: pytest.C
     assert report["finding_counts"]["missing_shard"] == 1 and report["findings"][0]["hint"]
     assert "missing_shard" in capsys.readouterr().out
     (copy / schema.INDEX_FILENAME).unlink()
-    assert main(["shards", "validate", str(copy), "--workers", "1"]) == 2
+    assert main(["shards", "validate", str(copy), "--workers", "1"]) == 3
     assert "UNUSABLE INPUT" in capsys.readouterr().out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from slimpack.exitcodes import UnusableDatasetError
 from slimpack.shards import schema
 from slimpack.storage import write_atomic
 
@@ -40,7 +41,7 @@ _SCALARS = {
 }
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UnusableDatasetError):
     """A shard or index does not follow the MDS format; the message names the file and the fix."""
 
 

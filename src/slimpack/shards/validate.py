@@ -3,8 +3,8 @@
     slimpack shards validate DIR [--workers N] [--all-hashes] [--retokenize N] [--json FILE]
 
 `validate_dataset` returns a `ValidationReport`; the CLI prints its summary and exits 0 when clean,
-1 on any finding, 2 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
-JSON). Every finding names the check, the shard, the sample (and document) and a fix.
+1 on any finding, 3 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
+JSON): `slimpack.exitcodes`. Every finding names the check, the shard, the sample (and document) and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
   file present; stored size and hash; zstd decodes; raw size and hash; header sample count equals
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from slimpack import exitcodes
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import column_layouts, gather, global_cu_seqlens, sample_runs
 from slimpack.shards.invariants import sample_problems
@@ -435,8 +436,10 @@ class ValidationReport:
 
     @property
     def exit_status(self) -> int:
-        """0 clean, 1 findings, 2 unusable input."""
-        return 2 if self.unusable else 1 if self.findings else 0
+        """0 clean, 1 findings, 3 unusable input (`slimpack.exitcodes`)."""
+        if self.unusable:
+            return exitcodes.UNUSABLE
+        return exitcodes.FINDINGS if self.findings else exitcodes.OK
 
     def counts(self) -> dict[str, int]:
         c = Counter(f.check for f in self.findings)
