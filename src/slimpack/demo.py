@@ -21,6 +21,8 @@ from typing import Any
 
 import zstandard
 
+from slimpack.extras import require
+
 # Honest labels: what each document really is (SlimPajama's field, our values).
 SOURCE_TOPICS = "PythonDocsTopics"
 SOURCE_DOCSTRINGS = "PythonStdlibDocstrings"
@@ -187,6 +189,8 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
 
 
 def run_demo(out: Path, *, progress: bool = True) -> dict[str, Any]:
+    for module in ("torch", "matplotlib"):  # the train step and the stats plots: say so before any work
+        require(module)
     ctx: dict[str, Any] = {"out": out, "corpus": out / "corpus", "shards": out / "shards",
                            "progress": progress}
     out.mkdir(parents=True, exist_ok=True)
@@ -204,4 +208,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole pipeline on a corpus built from Python's own text")
     p.add_argument("--out", default="slimpack-demo", help="output directory (default: ./slimpack-demo)")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda a: run_demo(Path(a.out), progress=not a.no_progress) and 0)
+    p.set_defaults(func=lambda a: run_demo(Path(a.out), progress=not a.no_progress and sys.stderr.isatty()) and 0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import fsspec
 from fsspec.utils import glob_translate
 
+from slimpack.extras import require
+
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file whole or not at all: a temporary file (unique per process and thread),
@@ -43,6 +45,8 @@ class Root:
         self.url = str(url).rstrip("/")
         self.remote = is_remote(self.url)
         if self.remote:
+            if self.url.startswith(("s3://", "s3a://")):
+                require("s3fs")  # else fsspec's own ImportError, which names no slimpack extra
             self.fs, self.path = fsspec.core.url_to_fs(self.url)
         else:
             self.fs, self.path = fsspec.filesystem("file"), str(Path(self.url).absolute())

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_merge)
 
     v = shards_sub.add_parser(
-        "validate", help="check every shard, sample and count (exit 0 clean, 1 findings, 2 unusable)")
+        "validate", help="check every shard, sample and count (exit 0 clean, 1 findings, 3 unusable)")
     v.add_argument("path", help="local dataset directory (with index.json and slimpack.json)")
     v.add_argument("--workers", type=int, default=_default_workers(),
                    help="processes over shards (default: CPU count, at most 8)")
@@ -77,8 +77,11 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from slimpack.extras import require
     from slimpack.shards.stats import compute_stats, write_plots
 
+    if args.plots:
+        require("matplotlib")  # before the pass over every shard, not after it
     report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers,
                            progress=not args.no_progress and sys.stderr.isatty())
     print(report.summary())
