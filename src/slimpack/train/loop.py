@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import resource
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,6 +39,8 @@ from slimpack.train.config import TrainConfig
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
 from slimpack.train.optim import build_optimizer, lr_at, set_lr
 from slimpack.train.parallel import Dist, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -243,19 +245,17 @@ def train(cfg: TrainConfig) -> TrainReport:
         run_id = meta.get("run_id", run_id)
         if is_main:
             for aside in ckpt.set_aside_newer(ckpt_root, step):  # a rollback: see set_aside_newer
-                print(f"set aside {aside} (newer than the resumed step {step})", flush=True)
+                log.info(f"set aside {aside} (newer than the resumed step {step})")
         dist.barrier()
-        if is_main:
-            print(f"resumed from {resume} at step {step}", flush=True)
+        log.info(f"resumed from {resume} at step {step}")  # rank 0's, by the logging filter
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
 
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
                             console_every=cfg.log.every_steps, resume_step=step) if is_main else None)
-    if is_main:
-        print(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
-              f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
-              f"{max_steps} steps", flush=True)
+    log.info(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
+             f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
+             f"{max_steps} steps")
     flops_tok = model_flops_per_token(mcfg, n_params, cfg.data.seq_len)
 
     def save(at_step: int) -> Path:
@@ -305,7 +305,9 @@ def train(cfg: TrainConfig) -> TrainReport:
                 logger.log({"kind": "train", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
                             "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tokens_per_s": tps,
                             "tokens_per_s_per_gpu": tps / d.world_size,
-                            "mfu": mfu(tps / d.world_size, flops_tok), "data_wait_s": data_wait,
+                            # MFU is against a GPU's bf16 peak: meaningless on a CPU, so None there.
+                            "mfu": mfu(tps / d.world_size, flops_tok) if d.device.type == "cuda" else None,
+                            "data_wait_s": data_wait,
                             "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device)})
             if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
                 val_loss, val_tokens = evaluate(model, val_set, d.device, max_seqlen)
@@ -316,7 +318,7 @@ def train(cfg: TrainConfig) -> TrainReport:
             if periodic or final or stopping:
                 last_ckpt = save(step)
                 if is_main:
-                    print(f"saved checkpoint {last_ckpt}", flush=True)
+                    log.info(f"saved checkpoint {last_ckpt}")
             if stopping:
                 break
     finally:
@@ -337,13 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m slimpack.train` / `torchrun -m slimpack.train`: same flags as `slimpack train`."""
     import argparse
 
+    from slimpack.cli import run_handler
     from slimpack.train.cli import add_train_arguments, run_train
 
     parser = argparse.ArgumentParser(prog="slimpack.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"slimpack.train: error: {err}", file=sys.stderr)
-        return 2
+    return run_handler("slimpack.train", run_train, args)
