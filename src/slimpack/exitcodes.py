@@ -3,7 +3,7 @@
 | status | meaning |
 |---|---|
 | 0 | success |
-| 1 | findings (validate) or failed parts (tokenize): the command ran, the data has problems |
+| 1 | findings (validate), failed parts (tokenize), failed checks (bench): the command ran, the result has problems |
 | 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
 | 3 | dataset unusable: no index, unreadable manifest, nothing to check |
 | 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from slimpack import exitcodes
 from slimpack.train.metrics import H100_BF16_PEAK_FLOPS, model_flops_per_token
 
 # ----------------------------------------------------------------------------- data
@@ -765,4 +766,4 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
-    return 0 if result["ok"] else 1
+    return exitcodes.OK if result["ok"] else exitcodes.FINDINGS  # a failed check or configuration
