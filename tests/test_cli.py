@@ -1,5 +1,6 @@
 """The `slimpack` command as a whole."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -115,3 +116,42 @@ def test_cpu_tools_run_without_the_extras(tmp_path):
     ]
     # stderr is a pipe here, as in a batch job's log file: no progress bar is drawn into it.
     assert "%|" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_tokenize_draws_its_progress_bar_on_a_terminal_only(tmp_path):
+    import fcntl
+    import json
+    import os
+    import pty
+    import struct
+    import termios
+    import threading
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus" / "train"
+    corpus.mkdir(parents=True)
+    (corpus / "a.jsonl").write_text(json.dumps({"text": "A line of text. " * 500}) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+    def tokenize(out: str, stderr: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "slimpack", "tokenize", str(corpus.parent), "--out",
+                               str(tmp_path / out)], stdout=subprocess.PIPE, stderr=stderr, env=env, timeout=120)
+
+    master, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal's size
+    drawn: list[bytes] = []
+
+    def read() -> None:  # keep the terminal drained; EIO once the child and we closed it
+        with contextlib.suppress(OSError):
+            while data := os.read(master, 4096):
+                drawn.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert tokenize("on-a-terminal", terminal).returncode == 0
+    os.close(terminal)
+    reader.join(10)
+    os.close(master)
+    assert b"tokenize: 100%" in b"".join(drawn)
+    piped = tokenize("into-a-file", subprocess.PIPE)
+    assert piped.returncode == 0 and b"%|" not in piped.stderr
