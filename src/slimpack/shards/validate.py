@@ -4,7 +4,8 @@
 
 `validate_dataset` returns a `ValidationReport`; the CLI prints its summary and exits 0 when clean,
 1 on any finding, 3 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
-JSON): `slimpack.exitcodes`. Every finding names the check, the shard, the sample (and document) and a fix.
+JSON; `slimpack.exitcodes`). Every finding names the check, the shard, the sample (and document)
+and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
   file present; stored size and hash; zstd decodes; raw size and hash; header sample count equals
