@@ -5,7 +5,7 @@
 | 0 | success |
 | 1 | findings (validate), failed parts (tokenize), failed checks (bench): the command ran, the result has problems |
 | 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
-| 3 | dataset unusable: no index, unreadable manifest, nothing to check |
+| 3 | dataset unusable: no index, unreadable or inconsistent manifest, a shard unlike its index entry |
 | 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |
 """
 
