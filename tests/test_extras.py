@@ -1,4 +1,7 @@
-"""Optional dependencies: a missing extra is one line naming the `pip install` that adds it."""
+"""Optional dependencies: a missing extra is one line naming the `pip install` that adds it.
+
+The CLI side (every command, in an interpreter without the extras) is tests/test_cli.py.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import sys
 
 import pytest
 
-from slimpack.cli import main
 from slimpack.extras import EXTRAS, MissingExtraError, require
 
 
@@ -33,10 +35,3 @@ def test_every_extra_named_exists_in_pyproject():
         "optional-dependencies"]
     assert set(EXTRAS.values()) <= set(extras)
 
-
-def test_the_cli_turns_a_missing_extra_into_one_line(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "torch", None)
-    for name in [m for m in sys.modules if m.startswith("slimpack.train")]:
-        monkeypatch.delitem(sys.modules, name)  # re-imported, and failing, as in a fresh process
-    assert main(["train", "--config", str(tmp_path / "x.toml")]) == 2
-    assert capsys.readouterr().err == "slimpack train: error: needs torch: pip install 'slimpack[train]'\n"
