@@ -1,6 +1,8 @@
 """The `slimpack` command: one subcommand per stage, each registered by its own module.
 
-Registering imports nothing heavy; a subcommand's handler imports what it needs.
+Registering imports nothing heavy; a subcommand's handler imports what it needs. Errors a user can
+fix end in one line, `slimpack CMD: error: ...`, with a status from `exitcodes`: a bad flag, value,
+path or a missing extra (`extras`) is a usage error, a dataset that cannot be used is UNUSABLE.
 """
 
 from __future__ import annotations
@@ -8,8 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from slimpack import __version__, exitcodes
+from slimpack.extras import missing_extra
+from slimpack.log import configure_logging
 
 # (module with a `register(subparsers)` function) in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -44,14 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_handler(f"slimpack {args.command}", args.func, args)
+
+
+def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a command's handler with logging configured; an error the user can fix becomes one line,
+    ``PROG: error: ...``, and its exit status (`exitcodes`)."""
+    configure_logging()
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
+    except exitcodes.UnusableDatasetError as err:
+        return _fail(prog, err, exitcodes.UNUSABLE)
+    except ModuleNotFoundError as err:
+        missing = missing_extra(err)
+        if missing is None:
+            raise  # not an optional dependency: a broken install, with its traceback
+        return _fail(prog, missing, exitcodes.USAGE)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"slimpack {args.command}: error: {err}", file=sys.stderr)
-        return exitcodes.USAGE
+        return _fail(prog, err, exitcodes.USAGE)
     except KeyboardInterrupt:  # Ctrl-C where nothing catches it (train saves first: see train/loop.py)
-        print(f"slimpack {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return exitcodes.INTERRUPTED
+
+
+def _fail(prog: str, err: Exception, status: int) -> int:
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

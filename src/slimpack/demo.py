@@ -22,6 +22,7 @@ from typing import Any
 import zstandard
 
 from slimpack import exitcodes
+from slimpack.extras import require
 
 # Honest labels: what each document really is (SlimPajama's field, our values).
 SOURCE_TOPICS = "PythonDocsTopics"
@@ -220,6 +221,8 @@ STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
 
 
 def run_demo(out: Path, *, progress: bool = True) -> dict[str, Any]:
+    for module in ("torch", "matplotlib"):  # the train step and the stats plots: say so before any work
+        require(module)
     ctx: dict[str, Any] = {"out": out, "corpus": out / "corpus", "shards": out / "shards",
                            "progress": progress}
     out.mkdir(parents=True, exist_ok=True)
@@ -244,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
     from slimpack.train.demo import DemoStopped
 
     try:
-        run_demo(Path(args.out), progress=not args.no_progress)
+        run_demo(Path(args.out), progress=not args.no_progress and sys.stderr.isatty())
     except DemoStopped as stop:
         print(f"slimpack demo: stopped by {stop.signal_name} (a run of `slimpack demo` starts over)", file=sys.stderr)
         return exitcodes.INTERRUPTED if stop.signal_name == "SIGINT" else exitcodes.TERMINATED

@@ -3,9 +3,9 @@
 | status | meaning |
 |---|---|
 | 0 | success |
-| 1 | findings (validate) or failed parts (tokenize): the command ran, the data has problems |
-| 2 | usage error: a bad flag, config value or path; the message says how to fix it |
-| 3 | dataset unusable: no index, unreadable manifest, nothing to check |
+| 1 | findings (validate), failed parts (tokenize), failed checks (bench): the command ran, the result has problems |
+| 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
+| 3 | dataset unusable: no index, unreadable or inconsistent manifest, a shard unlike its index entry |
 | 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |
 | 130 | stopped by Ctrl-C (SIGINT; `train` saves first, resumable by hand but not requeued) |
 | 143 | `demo` stopped by SIGTERM (the shell's 128 + 15; the demo starts over when run again) |
@@ -20,3 +20,8 @@ UNUSABLE = 3
 RESUMABLE = 75
 INTERRUPTED = 130
 TERMINATED = 143
+
+
+class UnusableDatasetError(ValueError):
+    """A dataset that cannot be used at all (index files missing, corrupt or inconsistent; a shard
+    that is not what its index says): the CLI prints the message and exits UNUSABLE."""

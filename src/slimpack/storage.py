@@ -29,6 +29,8 @@ from typing import TypeVar
 import fsspec
 from fsspec.utils import glob_translate
 
+from slimpack.extras import require
+
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write a local file whole or not at all: a temporary file (unique per process and thread),
@@ -168,6 +170,8 @@ class Root:
         self.remote = is_remote(self.url)
         self.retry = retry if self.remote else None
         if self.remote:
+            if self.url.startswith(("s3://", "s3a://")):
+                require("s3fs")  # else fsspec's own ImportError, which names no slimpack extra
             s3 = retry is not None and self.url.startswith(("s3://", "s3a://"))
             options = {}
             if s3:

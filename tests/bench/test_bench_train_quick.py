@@ -38,7 +38,7 @@ def test_bench_train_quick(tmp_path):
     names = [r["name"] for r in result["runs"]]
     assert names == ["ours-128", "ours-256", "hf-128-eager"]
     for r in result["runs"]:
-        assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["mfu"] > 0
+        assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["mfu"] is None  # no MFU on a CPU
         assert r["last_loss"] == pytest.approx(11.76, abs=0.5)  # ln(128256) at init: a real loss
         # Two micro-batches per step under the default reshard="step": the accumulating path runs.
         assert r["grad_accum"] == 2 and r["reshard"] == "step" and r["world_size"] == 1

@@ -169,7 +169,9 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrup
     (broken / ".metadata").write_bytes(b"torn")
 
     second = _train(2, [*_overrides(run, dataset), "--resume", "auto"])
-    assert "resumed from" in second.stdout and "step_00000003" in second.stdout
+    # Logged on stderr, once: the logging filter drops rank 1's copy.
+    assert second.stderr.count("resumed from") == 1 and "step_00000003" in second.stderr
+    assert second.stderr.count("model tiny:") == 1
     assert not broken.exists()
     assert json.loads((run / "run.json").read_text())["run_id"] == run_id
 
@@ -200,9 +202,10 @@ def test_resume_after_sigterm_is_bitwise_identical(tmp_path, dataset, uninterrup
 
 def test_metrics_record_what_the_brief_lists(uninterrupted):
     rec = _records(uninterrupted, "train")[0]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "data_wait_s",
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_gpu", "data_wait_s",
                 "peak_memory_gib", "tokens"):
         assert isinstance(rec[key], (int, float)), key
+    assert rec["mfu"] is None  # against a GPU's peak: meaningless on the CPU this ran on
     assert rec["tokens_per_s_per_gpu"] == pytest.approx(rec["tokens_per_s"] / 2)
     meta = json.loads((list_checkpoints(uninterrupted / "checkpoints")[-1] / "meta.json").read_text())
     assert meta["config"]["data"]["seq_len"] == 64 and meta["model_config"]["hidden_size"] == 64

@@ -38,3 +38,19 @@ def test_mfu_formula_on_the_paper_model():
     non_embedding = n - 128_256 * 2048
     assert per_token == 6 * non_embedding + 12 * 22 * 32 * 64 * 2048
     assert abs(mfu(10_000, per_token) - 10_000 * per_token / 989e12) < 1e-15
+
+
+def test_console_line_shows_mfu_and_the_per_gpu_rate_only_on_gpus(tmp_path, capsys):
+    from slimpack.log import configure_logging
+
+    configure_logging()
+    logger = MetricsLogger(tmp_path, config={}, run_id="r", use_wandb=False, wandb_mode="offline",
+                           wandb_project="p", console_every=1)
+    record = {"kind": "train", "max_steps": 2, "loss": 1.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 1000.0,
+              "tokens_per_s_per_gpu": 500.0, "data_wait_s": 0.001, "peak_memory_gib": 1.0}
+    logger.log({**record, "step": 1, "mfu": None})  # what the loop records on a CPU
+    logger.log({**record, "step": 2, "mfu": 0.4})
+    logger.close()
+    cpu, gpu = [line for line in capsys.readouterr().err.splitlines() if "| loss" in line]
+    assert "1,000 tok/s | data" in cpu and "mfu" not in cpu and "/gpu" not in cpu
+    assert "1,000 tok/s (500/gpu) | mfu 40.0% | data" in gpu

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+from slimpack import exitcodes
 from slimpack.train.metrics import H100_BF16_PEAK_FLOPS, model_flops_per_token
 
 # ----------------------------------------------------------------------------- data
@@ -483,7 +484,9 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 # Compile and autotuning: the first step's time beyond a steady step's.
                 "compile_seconds_est": max(0.0, first - elapsed / timed_steps),
                 "tokens_per_s": tps, "tokens_per_s_all_gpus": tps * d.world_size,
-                "mfu": tps * flops_tok / peak_flops, "flops_per_token": flops_tok,
+                # MFU is a GPU's figure (its bf16 peak); on a CPU it would be a meaningless fraction.
+                "mfu": tps * flops_tok / peak_flops if device.type == "cuda" else None,
+                "flops_per_token": flops_tok,
                 "data_wait_seconds": wait, "data_wait_fraction": wait / elapsed,
                 # Position-frequency ledger: host seconds per step and as a share of step time.
                 "ledger_host_seconds_per_step": (_max_over_ranks(ledger_host[0], device) / timed_steps
@@ -672,7 +675,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(result, indent=1))
             if "tokens_per_s" in r and d.rank == 0:
-                print(f"  {r['tokens_per_s']:,.0f} tok/s per GPU, MFU {100 * r['mfu']:.1f}%, "
+                print(f"  {r['tokens_per_s']:,.0f} tok/s per GPU, MFU {_percent(r['mfu'], 1)}, "
                       f"{r['step_seconds']:.2f} s/step, data wait {100 * r['data_wait_fraction']:.2f}%"
                       f"{_stall_text(r)}, {_ledger_text(r)}"
                       f"first step {r['first_step_seconds']:.1f} s", flush=True)
@@ -693,8 +696,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.2f}%"
+def _percent(fraction: float | None, digits: int = 2) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.{digits}f}%"
 
 
 def _ledger_text(r: dict[str, Any]) -> str:
@@ -723,7 +726,7 @@ def table(result: dict[str, Any]) -> str:
             continue
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
         lines.append(f"{r['name']:20s} {r['seq_len']:5d} {r['micro_batch_size']:3d} {r['grad_accum']:5d} "
-                     f"{r['tokens_per_s']:10,.0f} {100 * r['mfu']:5.1f}% {mem:>8s} "
+                     f"{r['tokens_per_s']:10,.0f} {_percent(r['mfu'], 1):>6s} {mem:>8s} "
                      f"{100 * r['data_wait_fraction']:5.2f}% {_percent(r['data_stall_fraction']):>6s} "
                      f"{_percent(r.get('ledger_fraction')):>6s} {r['first_step_seconds']:10.1f}")
     for k, v in result.get("speedup_vs_hf", {}).items():
@@ -783,4 +786,4 @@ def _run(args: argparse.Namespace) -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=1))
         print(table(result), flush=True)
-    return 0 if result["ok"] else 1
+    return exitcodes.OK if result["ok"] else exitcodes.FINDINGS  # a failed check or configuration

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from slimpack.exitcodes import UnusableDatasetError
 from slimpack.shards import schema
 from slimpack.shards.mds import ShardInfo
 from slimpack.storage import RetryPolicy, UnsafePathError, check_member
@@ -24,7 +25,7 @@ from slimpack.storage import RetryPolicy, UnsafePathError, check_member
 _HASH_PREFERENCE = ("xxh3_64", "sha1")
 
 
-class DatasetError(ValueError):
+class DatasetError(UnusableDatasetError):
     """Index files missing, corrupt or inconsistent; the message says which and how to fix."""
 
 

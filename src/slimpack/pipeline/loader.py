@@ -8,6 +8,10 @@
                                           # cu_seqlens (k+1,) int32, max_seqlen int; pinned CPU
     state = loader.state_dict()           # resume: PackedLoader(cfg).load_state_dict(state)
 
+Batches are torch tensors (pinned when CUDA is present). Without torch (the core install, `pip
+install slimpack`) they are numpy arrays with the same keys, dtypes and values, and
+``num_workers`` must be 0: worker processes are torch's DataLoader.
+
 What each step holds is a pure function of (dataset fingerprint, split, seed, seq_len,
 global_batch_tokens, locality_shards): step t reads global sequences ``[t*G, (t+1)*G)``, and
 global sequence g is window ``g % S`` of epoch ``g // S``'s stream, S windows per epoch (see
@@ -39,13 +43,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
+from slimpack.extras import require
 from slimpack.pipeline import packing
 from slimpack.pipeline.index import DatasetIndex, load_index
 from slimpack.pipeline.order import ORDER_VERSION, epoch_order
 from slimpack.pipeline.store import ShardStore
 from slimpack.storage import RetryPolicy
+
+try:
+    import torch
+except ModuleNotFoundError:  # the core install: numpy batches (see the module docstring)
+    torch = None
 
 # Bumped whenever the order (order.ORDER_VERSION), the windows or the rank rule change: old state
 # then refuses to load.
@@ -317,13 +326,16 @@ def pack_transport(batch: dict[str, Any]) -> Transport:
 
 
 def unpack_transport(item: Transport, *, pin: bool = False) -> MicroBatch:
-    """The micro-batch dict: views into the one (pinned) buffer."""
+    """The micro-batch dict: views into the one (pinned) buffer; tensors, or numpy without torch."""
     array, n, k, max_seqlen = item
-    buf = torch.from_numpy(array)
-    if pin:
-        buf = buf.pin_memory()
+    if torch is None:
+        buf, int32 = array, np.int32
+    else:
+        buf, int32 = torch.from_numpy(array), torch.int32
+        if pin:
+            buf = buf.pin_memory()
     return {"input_ids": buf[:n], "labels": buf[n:2 * n], "position_ids": buf[2 * n:3 * n],
-            "cu_seqlens": buf[3 * n:].view(torch.int32)[:k], "max_seqlen": max_seqlen}
+            "cu_seqlens": buf[3 * n:].view(int32)[:k], "max_seqlen": max_seqlen}
 
 
 def _tensors(batch: dict[str, Any], pin: bool = False) -> MicroBatch:
@@ -364,8 +376,9 @@ class _WorkerError:
     error: BaseException
 
 
-class _MicroBatchDataset(torch.utils.data.Dataset):
-    """Map-style: index ``step * grad_accum + micro`` -> that micro-batch of this rank."""
+class _MicroBatchDataset:
+    """Map-style (DataLoader needs only ``__getitem__``): index ``step * grad_accum + micro`` -> that
+    micro-batch of this rank."""
 
     def __init__(self, stream: PackedStream) -> None:
         self.stream = stream
@@ -381,8 +394,8 @@ class _MicroBatchDataset(torch.utils.data.Dataset):
             return _WorkerError(err)
 
 
-class _IndexRange(torch.utils.data.Sampler):
-    """Indices ``[begin, end)``, or from ``begin`` on forever when ``end`` is None."""
+class _IndexRange:
+    """Sampler: indices ``[begin, end)``, or from ``begin`` on forever when ``end`` is None."""
 
     def __init__(self, begin: int, end: int | None) -> None:
         self.begin, self.end = begin, end
@@ -451,7 +464,9 @@ class PackedLoader:
         if cfg.max_tokens is not None:
             limits.append(cfg.max_tokens // cfg.global_batch_tokens)
         self.total_steps: int | None = min(limits) if limits else None
-        self._pin = torch.cuda.is_available()
+        self._pin = torch is not None and torch.cuda.is_available()
+        if cfg.num_workers > 0:
+            require("torch")  # worker processes are torch's DataLoader
         self._last_need: dict[int, int] = {}
 
     # ------------------------------------------------------------------ sizes
@@ -563,7 +578,7 @@ class PackedLoader:
         start, end, grad_accum = self.step, self.total_steps, self.grad_accum
         it = None
         if self.cfg.num_workers > 0:
-            loader = torch.utils.data.DataLoader(
+            loader = require("torch.utils.data").DataLoader(
                 _MicroBatchDataset(self.stream), batch_size=None,
                 sampler=_IndexRange(start * grad_accum, None if end is None else end * grad_accum),
                 num_workers=self.cfg.num_workers, collate_fn=_as_is, worker_init_fn=_init_worker,

@@ -90,9 +90,12 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    from slimpack.extras import require
     from slimpack.shards.stats import compute_stats, write_plots
     from slimpack.shards.validate import UnusableInputError
 
+    if args.plots:
+        require("matplotlib")  # before the pass over every shard, not after it
     try:
         report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
                                seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())

@@ -28,6 +28,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from slimpack.exitcodes import UnusableDatasetError
 from slimpack.shards import schema
 from slimpack.storage import check_member, member_path, write_atomic
 from slimpack.zstd_blocks import locate_damage
@@ -44,7 +45,7 @@ _SCALARS = {
 }
 
 
-class ShardFormatError(ValueError):
+class ShardFormatError(UnusableDatasetError):
     """A shard or index does not follow the MDS format; the message names the file and the fix."""
 
 

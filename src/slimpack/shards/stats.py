@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from slimpack.extras import require
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.validate import UnusableInputError
@@ -371,8 +372,7 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
 
 def write_plots(report: StatsReport, out_dir: str | os.PathLike) -> list[Path]:
     """PNG plots: document-length histogram, position-frequency curves, per-source shares."""
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

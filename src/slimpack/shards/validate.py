@@ -4,7 +4,8 @@
 
 `validate_dataset` returns a `ValidationReport`; the CLI prints its summary and exits 0 when clean,
 1 on any finding, 3 when the input is unusable (no `index.json`, no `slimpack.json`, unreadable
-JSON). Every finding names the check, the shard, the sample (and document) and a fix.
+JSON; `slimpack.exitcodes`). Every finding names the check, the shard, the sample (and document)
+and a fix.
 
 Checks, per shard (in parallel over shards, one shard in memory per process):
   its name stays inside the dataset root (else nothing is read: `storage.member_path`); file

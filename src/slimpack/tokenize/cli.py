@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
+from slimpack import exitcodes
 from slimpack.cli import positive_int
 
 
@@ -27,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-compression", action="store_true", help="write uncompressed shards")
     p.add_argument("--staging-dir", help="local scratch for parts bound for remote storage")
     p.add_argument("--json", help="also write the report to this file")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none unless stderr is "
+                   "a terminal: log files get the summary only)")
     p.set_defaults(func=run)
 
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_tokenize_config(args)
     report = run_tokenize(args.inputs, args.out, cfg, workers=args.workers, node_rank=args.node_rank,
-                          num_nodes=args.num_nodes, progress=not args.no_progress,
+                          num_nodes=args.num_nodes, progress=not args.no_progress and sys.stderr.isatty(),
                           staging_dir=args.staging_dir)
     print(report.summary())
     if args.json:
@@ -67,4 +70,4 @@ def run(args: argparse.Namespace) -> int:
                 json.dump(asdict(report), f, indent=1)
         except OSError as err:
             raise RuntimeError(f"could not write the report to {args.json} ({err.strerror or err})") from err
-    return 0 if report.ok else 1
+    return exitcodes.OK if report.ok else exitcodes.FINDINGS

@@ -35,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from slimpack import __version__
+from slimpack.extras import require
 from slimpack.shards import mds, schema
 from slimpack.storage import Root
 from slimpack.tokenize.readers import (
     JSONL_SUFFIXES,
+    KIND_MODULES,
     BadRecord,
     InputFile,
     discover,
@@ -455,7 +457,7 @@ def run_tokenize(
     workers: int = 1,
     node_rank: int | None = None,
     num_nodes: int | None = None,
-    progress: bool = True,
+    progress: bool = False,
     staging_dir: str | None = None,
 ) -> TokenizeReport:
     """Tokenize this node's share of the inputs into `out`, then merge if every part is done."""
@@ -470,6 +472,8 @@ def run_tokenize(
         seen = f" ({len(ignored)} other file(s), e.g. {ignored[0]})" if ignored else ""
         raise ValueError(f"no input files found in {list(inputs)}{seen}; inputs are "
                          f"{', '.join(JSONL_SUFFIXES)}, .parquet or save_to_disk directories")
+    for module in sorted({KIND_MODULES[i.kind] for i in items if i.kind in KIND_MODULES}):
+        require(module)  # a missing extra: one line now, not one failed part per input later
     root = Root(out)
     if not root.remote and Path(root.path).exists() and not Path(root.path).is_dir():
         raise ValueError(f"--out {out} is an existing file, not a directory; pass a directory path "
@@ -595,6 +599,10 @@ def _run_parts(todo: list[InputFile], cfg: TokenizeConfig, root_url: str, worker
                 job.wait(0.2)
                 drain()
             results.append(job.get())
+        # Let the workers exit on their own: leaving the block terminates them, which can drop
+        # progress counts their queue's feeder thread has not flushed yet (the result pipe is faster).
+        pool.close()
+        pool.join()
     drain()
     bar.close()
     return results

@@ -20,12 +20,15 @@ from typing import Any
 
 import zstandard
 
+from slimpack.extras import require
 from slimpack.tokenize.tokenizer import replace_lone_surrogates
 from slimpack.zstd_blocks import locate_damage
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst")
 PARQUET_SUFFIXES = (".parquet",)
 _SPLITS = ("train", "validation", "test")
+# The optional library each input kind reads with (an extra of pyproject.toml; see extras.py).
+KIND_MODULES = {"parquet": "pyarrow.parquet", "hf": "datasets"}
 _READ_BYTES = 1 << 20
 
 BAD_REASONS = (
@@ -327,8 +330,7 @@ def read_records(
         finally:
             src.close()
     elif item.kind == "parquet":
-        import pyarrow.parquet as pq
-
+        pq = require(KIND_MODULES["parquet"])
         pf = pq.ParquetFile(item.path)
         names = pf.schema_arrow.names
         if text_path[0] not in names:
@@ -346,9 +348,7 @@ def read_records(
         if on_bytes:
             on_bytes(os.path.getsize(item.path))
     elif item.kind == "hf":
-        import datasets
-
-        ds = datasets.load_from_disk(item.path)
+        ds = require(KIND_MODULES["hf"]).load_from_disk(item.path)
         for row, obj in enumerate(ds, 1):
             yield _to_record(obj, row, text_path, source_path, default_source)
     else:

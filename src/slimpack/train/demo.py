@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +91,15 @@ def step_train(ctx: dict[str, Any]) -> None:
 
 def _compare_with_transformers(run_dir: Path, hf_dir: Path) -> None:
     try:
+        import transformers
         from transformers import LlamaForCausalLM
     except ImportError:
         print("transformers is not installed: skipping the logits comparison of the export")
         return
     import torch
+
+    if not sys.stderr.isatty():  # its weight-loading bar, like ours, only on a terminal
+        transformers.utils.logging.disable_progress_bar()
 
     from slimpack.train.checkpoint import latest_checkpoint, load_model_state_dict
     from slimpack.train.model import ModelConfig, Transformer

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import resource
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from slimpack import __version__, exitcodes
+from slimpack import __version__
 from slimpack.provenance import git_sha
 from slimpack.storage import write_atomic
 from slimpack.train import checkpoint as ckpt
@@ -49,6 +49,8 @@ from slimpack.train.ledger import (
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
 from slimpack.train.optim import build_optimizer, lr_at, set_lr
 from slimpack.train.parallel import Dist, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -240,8 +242,8 @@ class _StopFlag:
         if self.signal is None:
             self.signal = signal.Signals(signum).name
             if signum == signal.SIGINT:
-                print("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort without "
-                      "saving)", file=sys.stderr, flush=True)
+                log.warning("Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort "
+                            "without saving)")
 
     def restore(self) -> None:
         for s, previous in self._previous.items():
@@ -294,11 +296,10 @@ def train(cfg: TrainConfig) -> TrainReport:
         run_id = meta.get("run_id", run_id)
         if is_main:
             for aside in ckpt.set_aside_newer(ckpt_root, step):  # a rollback: see set_aside_newer
-                print(f"set aside {aside} (newer than the resumed step {step})", flush=True)
+                log.info(f"set aside {aside} (newer than the resumed step {step})")
             prune_history(run_dir, step)
         dist.barrier()
-        if is_main:
-            print(f"resumed from {resume} at step {step}", flush=True)
+        log.info(f"resumed from {resume} at step {step}")  # rank 0's, by the logging filter
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
     niah = None
     if cfg.eval.niah_every_tokens > 0:
@@ -309,10 +310,9 @@ def train(cfg: TrainConfig) -> TrainReport:
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
                             console_every=cfg.log.every_steps, resume_step=step) if is_main else None)
-    if is_main:
-        print(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
-              f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
-              f"{max_steps} steps", flush=True)
+    log.info(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
+             f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
+             f"{max_steps} steps")
     flops_tok = model_flops_per_token(mcfg, n_params, cfg.data.seq_len)
 
     def save(at_step: int) -> Path:
@@ -373,7 +373,9 @@ def train(cfg: TrainConfig) -> TrainReport:
                 logger.log({"kind": "train", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
                             "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tokens_per_s": tps,
                             "tokens_per_s_per_gpu": tps / d.world_size,
-                            "mfu": mfu(tps / d.world_size, flops_tok), "data_wait_s": data_wait,
+                            # MFU is against a GPU's bf16 peak: meaningless on a CPU, so None there.
+                            "mfu": mfu(tps / d.world_size, flops_tok) if d.device.type == "cuda" else None,
+                            "data_wait_s": data_wait,
                             "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device),
                             **ledger.summary()})
             if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
@@ -387,14 +389,14 @@ def train(cfg: TrainConfig) -> TrainReport:
                 record = niah.run(model, step=step, tokens=tokens_seen)  # a collective; rank 0 evaluates
                 if logger is not None:
                     logger.log(record)
-                    print(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
-                          f"({record['niah_seconds']:.1f} s)", flush=True)
+                    log.info(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
+                             f"({record['niah_seconds']:.1f} s)")
             periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
             final = step == max_steps and cfg.checkpoint.save_final
             if periodic or final or stopping:
                 last_ckpt = save(step)
                 if is_main:
-                    print(f"saved checkpoint {last_ckpt}", flush=True)
+                    log.info(f"saved checkpoint {last_ckpt}")
             if stopping:
                 break
     finally:
@@ -418,16 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m slimpack.train` / `torchrun -m slimpack.train`: same flags as `slimpack train`."""
     import argparse
 
+    from slimpack.cli import run_handler
     from slimpack.train.cli import add_train_arguments, run_train
 
     parser = argparse.ArgumentParser(prog="slimpack.train", description=__doc__.splitlines()[0])
     add_train_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run_train(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"slimpack.train: error: {err}", file=sys.stderr)
-        return exitcodes.USAGE
-    except KeyboardInterrupt:
-        print("slimpack.train: interrupted before a checkpoint could be saved", file=sys.stderr)
-        return exitcodes.INTERRUPTED
+    return run_handler("slimpack.train", run_train, args)

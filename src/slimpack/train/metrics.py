@@ -14,12 +14,14 @@ bf16 peak of an H100/H200 SXM, 989 TFLOP/s.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 H100_BF16_PEAK_FLOPS = 989e12
+
+log = logging.getLogger(__name__)
 
 
 def flops_per_token(*, params: int, embedding_params: int, num_layers: int, num_heads: int, head_dim: int,
@@ -67,10 +69,10 @@ class MetricsLogger:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                            step=record.get("step"))
         if record.get("kind") == "train" and record["step"] % self.console_every == 0:
-            print(_console_line(record), flush=True)
+            log.info(_console_line(record))
         elif record.get("kind") == "eval":
-            print(f"step {record['step']:>7} | val loss {record['val_loss']:.4f} "
-                  f"({record['val_tokens']:,} tokens)", flush=True)
+            log.info(f"step {record['step']:>7} | val loss {record['val_loss']:.4f} "
+                     f"({record['val_tokens']:,} tokens)")
 
     def close(self) -> None:
         self.file.close()
@@ -93,7 +95,7 @@ def _truncate_after(path: Path, step: int) -> None:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # the line a kill cut short (without its newline)
-            print(f"{path}:{number}: dropping a torn record {line.strip()[:80]!r}", file=sys.stderr)
+            log.warning(f"{path}:{number}: dropping a torn record {line.strip()[:80]!r}")
             continue
         if record.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
@@ -104,9 +106,11 @@ def _truncate_after(path: Path, step: int) -> None:
 
 
 def _console_line(r: dict[str, Any]) -> str:
+    # Per-GPU rate and MFU only where there are GPUs (the loop records mfu None on a CPU).
+    gpu = (f" ({r['tokens_per_s_per_gpu']:,.0f}/gpu) | mfu {100 * r['mfu']:.1f}%"
+           if r.get("mfu") is not None else "")
     return (f"step {r['step']:>7}/{r['max_steps']} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s "
-            f"({r['tokens_per_s_per_gpu']:,.0f}/gpu) | mfu {100 * r['mfu']:.1f}% | "
+            f"gnorm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s{gpu} | "
             f"data {1000 * r['data_wait_s']:.0f} ms | mem {r['peak_memory_gib']:.1f} GiB")
 
 
@@ -117,11 +121,11 @@ def _start_wandb(run_dir: Path, *, config: dict[str, Any], run_id: str, mode: st
     try:
         import wandb
     except ImportError:
-        print("wandb is not installed; metrics go to metrics.jsonl only", file=sys.stderr)
+        log.warning("wandb is not installed (pip install 'slimpack[train]'); metrics go to metrics.jsonl only")
         return None
     try:
         return wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), config=config,
                           mode=os.environ.get("WANDB_MODE", mode))
     except Exception as err:  # a wandb outage must not stop a training run
-        print(f"wandb.init failed ({err}); metrics go to metrics.jsonl only", file=sys.stderr)
+        log.warning(f"wandb.init failed ({err}); metrics go to metrics.jsonl only")
         return None
