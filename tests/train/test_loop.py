@@ -226,8 +226,8 @@ def test_resume_auto_past_a_truncated_newest_checkpoint_is_bitwise_identical(tmp
     proc = _train(2, [*_overrides(run, dataset), "--resume", "auto"])
     assert "step_00000004 is corrupt: __1_0.distcp has 1,000 bytes" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert f"set aside corrupt {ckpts / 'step_00000004'}" in proc.stdout
-    assert f"resumed from {ckpts / 'step_00000002'}" in proc.stdout
+    assert f"set aside corrupt {ckpts / 'step_00000004'}" in proc.stderr  # log records: stderr
+    assert f"resumed from {ckpts / 'step_00000002'}" in proc.stderr
     assert (ckpts / "step_00000004.corrupt" / "__1_0.distcp").stat().st_size == 1000  # kept for the user
     ref, got = _records(uninterrupted, "train"), _records(run, "train")
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
@@ -322,7 +322,7 @@ def test_slurm_script_requeues_a_preempted_run_and_the_requeued_job_finishes(tmp
 
     second = subprocess.run(["bash", *script, *args], env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "step_00000002" in second.stdout
+    assert "resumed from" in second.stderr and "step_00000002" in second.stderr
     assert log.read_text() == "requeue 4242\n"  # no second requeue
     assert list_checkpoints(run / "checkpoints")[-1].name == "step_00000004"
     assert not list(tmp_path.glob(".slimpack-*"))

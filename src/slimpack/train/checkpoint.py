@@ -35,10 +35,10 @@ meta.json). Resume and export only checkpoints you or your cluster wrote.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +50,8 @@ import torch.distributed.checkpoint as dcp
 import xxhash
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+log = logging.getLogger(__name__)
 
 META = "meta.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -243,9 +245,8 @@ def verify_checkpoint(path: str | Path, meta: dict[str, Any] | None = None) -> N
     meta = read_meta(path) if meta is None else meta
     files = meta.get("files")
     if files is None:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"warning: checkpoint {path} records no checksums (saved by an older slimpack); "
-                  f"loading it unverified", file=sys.stderr, flush=True)
+        log.warning(f"checkpoint {path} records no checksums (saved by an older slimpack); loading it "
+                    f"unverified")  # rank 0's, by the logging filter
         return
     if not isinstance(files, dict) or ".metadata" not in files:
         raise CheckpointCorrupt(f"checkpoint {path}: {META} has no valid 'files' record; resume from an "
@@ -315,12 +316,12 @@ def load_for_resume(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             if not fall_back:
                 raise
             if is_main:
-                print(f"{err}", file=sys.stderr, flush=True)
+                log.warning(f"{err}")
             bad.append(candidate)
             continue
         if is_main:
             for corrupt in bad:
-                print(f"set aside corrupt {corrupt} as {_set_aside(corrupt, 'corrupt')}", flush=True)
+                log.warning(f"set aside corrupt {corrupt} as {_set_aside(corrupt, 'corrupt')}")
         _barrier()
         return candidate, meta
     raise CheckpointCorrupt(f"no checkpoint under {path.parent} verifies ({len(bad)} tried, see above); "
