@@ -340,15 +340,10 @@ def load_slimpack_model(path: str | Path, *, device: Any, dtype: Any, backend: s
     """A checkpoint directory (or a run directory: its newest checkpoint) as an eval-mode Transformer."""
     import dataclasses
 
-    from slimpack.train.checkpoint import latest_checkpoint, load_model_state_dict
+    from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
     from slimpack.train.model import ModelConfig, Transformer
 
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        newest = latest_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
-        path = newest
+    path = resolve_checkpoint(path)
     state_dict, meta = load_model_state_dict(path)
     cfg = ModelConfig(**meta["model_config"])
     model = Transformer(cfg, attention_backend=backend)

@@ -182,17 +182,6 @@ def document_batches(docs: list[np.ndarray], seq_len: int, per_batch: int) -> li
 # ----------------------------------------------------------------------------- the command
 
 
-def _resolve_checkpoint(path: Path) -> Path:
-    from slimpack.train.checkpoint import latest_checkpoint
-
-    if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
-        newest = latest_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
-        return newest
-    return path
-
-
 def load_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The checkpoint's model (fp32, eval mode) on `device`, with its ModelConfig and meta.json."""
     from slimpack.train.checkpoint import load_model_state_dict
@@ -221,7 +210,9 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
     """The loss-by-position record of one checkpoint (see the module docstring)."""
     import torch
 
-    ckpt = _resolve_checkpoint(Path(checkpoint))
+    from slimpack.train.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, mcfg, meta = load_model(ckpt, dev)

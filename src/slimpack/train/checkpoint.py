@@ -81,6 +81,17 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path / "checkpoints")
+        if newest is None:
+            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
+        return newest
+    return path
+
+
 def set_aside_newer(root: str | Path, step: int) -> list[Path]:
     """Rename complete checkpoints newer than `step` to `step_N.abandoned[K]`; returns the new paths.
 

@@ -42,7 +42,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from slimpack.train.checkpoint import latest_checkpoint, load_model_state_dict
+    from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
     from slimpack.train.export import export_hf
     from slimpack.train.model import ModelConfig
 
@@ -50,11 +50,7 @@ def run_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # checked first: loading a 1.3B checkpoint takes a while
         raise ValueError(f"export-hf: {out} is an existing file; pass a directory (it is created if absent)")
-    if (path / "checkpoints").is_dir():  # a run directory: its newest checkpoint
-        newest = latest_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
-        path = newest
+    path = resolve_checkpoint(path)  # a run directory: its newest checkpoint
     state_dict, meta = load_model_state_dict(path)
     cfg = ModelConfig(**meta["model_config"])
     export_hf(state_dict, cfg, args.out)
