@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -165,9 +166,10 @@ def test_train_step_gradient_is_that_of_the_mean_over_all_micro_batch_tokens(dis
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
-def _damage(path, how: str) -> str:
-    """Truncate or flip one byte of the checkpoint's (one-rank) data file, as a disk or copy would."""
-    data = path / "__0_0.distcp"
+def _damage(path, how: str, name: str = "__0_0.distcp") -> str:
+    """Truncate or flip one byte of a checkpoint file (the one rank's data file by default), as a disk
+    or copy would."""
+    data = path / name
     raw = bytearray(data.read_bytes())
     if how == "truncate":
         data.write_bytes(raw[: len(raw) // 2])
@@ -177,13 +179,17 @@ def _damage(path, how: str) -> str:
     return data.name
 
 
-@pytest.mark.parametrize("how", ["truncate", "flip"])
-def test_a_damaged_checkpoint_is_named_before_anything_is_loaded(dist1, tmp_path, how):
+@pytest.mark.parametrize("how,name", [("truncate", "__0_0.distcp"), ("flip", "__0_0.distcp"),
+                                      ("flip", "position_frequency.npy")])
+def test_a_damaged_checkpoint_is_named_before_anything_is_loaded(dist1, tmp_path, how, name):
     model, opt = _trained(dist1, seed=0)
-    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=3)
+    ledger = np.arange(64, dtype=np.int64).tobytes()  # an extra file, as the position ledger is saved
+    path = ckpt.save_checkpoint(tmp_path, 2, model, opt, {}, keep_last=3,
+                                extra_files={"position_frequency.npy": ledger})
     files = json.loads((path / "meta.json").read_text())["files"]
-    assert set(files) == {p.name for p in path.iterdir()} - {"meta.json"} and ".metadata" in files
-    name = _damage(path, how)
+    assert set(files) == {p.name for p in path.iterdir()} - {"meta.json"}
+    assert {".metadata", "position_frequency.npy"} <= set(files)
+    name = _damage(path, how, name)
     other, other_opt = _trained(dist1, seed=1)
     before = _full(other)
     with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(f"checkpoint {path} is corrupt: {name} has")):

@@ -89,7 +89,7 @@ def test_ledger_summary_and_persistence(tmp_path: Path) -> None:
                                 "pf_far_share": pytest.approx(20 / 78)}
 
     data = ledger.to_bytes()
-    meta = ledger.meta(data)
+    meta = ledger.meta()
     (tmp_path / FILENAME).write_bytes(data)
     restored = PositionLedger(8)
     restored.load(tmp_path, meta)
@@ -100,9 +100,6 @@ def test_ledger_summary_and_persistence(tmp_path: Path) -> None:
         PositionLedger(16).load(tmp_path, meta)
     with pytest.raises(ValueError, match="no position-frequency ledger"):
         PositionLedger(8).load(tmp_path, None)
-    (tmp_path / FILENAME).write_bytes(data[:-8] + np.int64(7).tobytes())  # one count changed
-    with pytest.raises(ValueError, match=r"does not match the sha256 in meta\.json"):
-        PositionLedger(8).load(tmp_path, meta)
     (tmp_path / FILENAME).unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         PositionLedger(8).load(tmp_path, meta)

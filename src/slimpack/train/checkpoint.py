@@ -4,7 +4,7 @@ Layout under `RUN_DIR/checkpoints/`:
 
     step_00001000/          a complete checkpoint (only complete ones carry this name)
       .metadata, __0_0.distcp, ...   DCP files: {"model": ..., "optim": ...}, each rank its shards
-      position_frequency.npy  the position-frequency ledger (train/ledger.py; sha256 in meta.json)
+      position_frequency.npy  the position-frequency ledger (train/ledger.py)
       meta.json             step, tokens, schedule, loader state, wandb id, resolved config,
                             model config, provenance, and the size and xxh3_128 of every other
                             file ("files"): written last, before the rename

@@ -323,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainReport:
                 "world_size": d.world_size, "config": cfg.to_dict(), "model_config": dataclasses.asdict(mcfg),
                 "slimpack_version": __version__, "git_sha": git_sha(), "saved_at": time.time()}
         ledger_bytes = ledger.to_bytes()
-        meta["position_frequency"] = ledger.meta(ledger_bytes)
+        meta["position_frequency"] = ledger.meta()
         if is_main:  # the run's history of f, kept when old checkpoints are pruned (plot reads it)
             write_position_frequency(run_dir, at_step, ledger_bytes)
         return ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, meta,
