@@ -64,6 +64,37 @@ def test_loss_by_position_equals_each_document_alone(tiny_run: Path, train_data:
     assert rec["buckets"][-1]["loss"] < rec["buckets"][0]["loss"]
 
 
+def test_string_flags_evaluate_through_remapped_positions(tiny_run: Path, train_data: Path, tmp_path: Path) -> None:
+    """`--string-shift S --string-window W`: each document's loss through STRING's forward; positions
+    below S are untouched (no distance reaches S there), later ones change."""
+    from slimpack.eval.inference import forward_packed
+    from slimpack.train.model import ModelConfig, Transformer
+    from slimpack.train.string_attention import StringConfig
+
+    args = ["eval", "positions", str(tiny_run), "--data", str(train_data), "--max-documents", "2",
+            "--buckets", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--string-shift", "24", "--string-window", "4", "--out", str(tmp_path / "string")]) == 0
+    plain = json.loads((tmp_path / "plain" / "step_00000006.json").read_text())
+    rec = json.loads((tmp_path / "string" / "step_00000006.json").read_text())
+    assert rec["string"] == {"shift": 24, "window": 4} and plain["string"] is None
+
+    weights, meta = load_model_state_dict(latest_checkpoint(tiny_run / "checkpoints"))
+    model = Transformer(ModelConfig(**meta["model_config"]), attention_backend="sdpa_ref")
+    model.load_state_dict(weights)
+    losses = []
+    with torch.no_grad():
+        for doc in _validation_documents(train_data, 65)[:2]:
+            ids = torch.from_numpy(doc[:65])
+            hidden = forward_packed(model, ids[:-1], torch.arange(64), torch.tensor([0, 64], dtype=torch.int32), 64,
+                                    string=StringConfig(24, 4))
+            logits = model.output(hidden).float()
+            losses.append(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none"))
+    np.testing.assert_allclose(rec["mean_loss"], torch.stack(losses).double().mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(rec["mean_loss"][:24], plain["mean_loss"][:24], rtol=1e-5)
+    assert not np.allclose(rec["mean_loss"][24:], plain["mean_loss"][24:], rtol=1e-5)
+
+
 def test_bad_inputs_are_one_line_errors(tiny_run: Path, train_data: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture) -> None:
     base = ["eval", "positions", str(tiny_run), "--data", str(train_data), "--out", str(tmp_path), "--device", "cpu"]

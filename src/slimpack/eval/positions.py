@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from slimpack.eval.niah import add_string_arguments, string_from_args
+
 if TYPE_CHECKING:  # registering the command imports no torch
     import torch
     from torch import nn
@@ -38,8 +40,9 @@ IGNORE_INDEX = -100
 
 
 def position_loss_sums(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
-                       seq_len: int, *, chunk_tokens: int = 1024) -> torch.Tensor:
-    """(2, L) float64 on `device`: summed token loss and token count at each position id.
+                       seq_len: int, *, chunk_tokens: int = 1024, string: Any = None) -> torch.Tensor:
+    """(2, L) float64 on `device`: summed token loss and token count at each position id; with
+    `string` (a `StringConfig`), through STRING's remapped positions (`eval.inference.forward_packed`).
 
     Logits are made `chunk_tokens` rows at a time (a 128K vocabulary makes whole-window logits
     large). Under FSDP the root stays unsharded after its forward, so `model.output.weight` is whole.
@@ -50,19 +53,22 @@ def position_loss_sums(model: nn.Module, micro_batches: list[dict[str, Any]], de
     model.eval()
     out = torch.zeros(2, seq_len, dtype=torch.float64, device=device)
     with torch.no_grad():
-        _add_position_losses(model, micro_batches, device, out, chunk_tokens)
+        _add_position_losses(model, micro_batches, device, out, chunk_tokens, string)
     model.train(was_training)
     return out
 
 
 def _add_position_losses(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
-                         out: torch.Tensor, chunk_tokens: int) -> None:
+                         out: torch.Tensor, chunk_tokens: int, string: Any) -> None:
     import torch
     from torch import nn
 
+    from slimpack.eval.inference import forward_packed
+
     for mb in micro_batches:
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-        hidden = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
+        inputs = (mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
+        hidden = model(*inputs) if string is None else forward_packed(model, *inputs, string=string)
         weight = model.output.weight
         for start in range(0, hidden.shape[0], chunk_tokens):
             labels = mb["labels"][start:start + chunk_tokens]
@@ -206,8 +212,9 @@ def load_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, Any, 
 
 def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "validation",
                        seq_len: int | None = None, max_documents: int = 64, per_batch: int = 4,
-                       device: str = "auto", buckets: int = 16) -> dict[str, Any]:
-    """The loss-by-position record of one checkpoint (see the module docstring)."""
+                       device: str = "auto", buckets: int = 16, string: Any = None) -> dict[str, Any]:
+    """The loss-by-position record of one checkpoint (see the module docstring), with STRING when
+    `string` (a `StringConfig`) is given."""
     import torch
 
     from slimpack.train.checkpoint import resolve_checkpoint
@@ -223,12 +230,13 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
     if max_documents < 1:
         raise ValueError(f"--max-documents must be >= 1, got {max_documents}")
     docs, found, longest = long_documents(data, split=split, seq_len=L, max_documents=max_documents)
-    sums = position_loss_sums(model, document_batches(docs, L, per_batch), dev, L).cpu().numpy()
+    sums = position_loss_sums(model, document_batches(docs, L, per_batch), dev, L, string=string).cpu().numpy()
     return curve_record(sums[0], sums[1], step=int(meta["step"]), tokens=int(meta.get("tokens", 0)),
                         source=f"eval positions: {len(docs)} {split} documents of >= {L + 1} tokens",
                         buckets=buckets, checkpoint=str(ckpt), data=str(data), split=split,
                         documents=len(docs), documents_long_enough=found, longest_document=longest,
-                        model_config=dataclasses.asdict(mcfg))
+                        model_config=dataclasses.asdict(mcfg),
+                        string=dataclasses.asdict(string) if string is not None else None)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -243,13 +251,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU if present), cuda or cpu")
     p.add_argument("--run-dir", help="write into RUN_DIR/eval/positions (default: the checkpoint's run)")
     p.add_argument("--out", help="write into this directory instead")
+    add_string_arguments(p)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     record = evaluate_positions(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
                                 max_documents=args.max_documents, per_batch=args.per_batch,
-                                device=args.device, buckets=args.buckets)
+                                device=args.device, buckets=args.buckets, string=string_from_args(args))
     ckpt = Path(record["checkpoint"])
     out = Path(args.out) if args.out else Path(args.run_dir or ckpt.parent.parent) / "eval" / "positions"
     replaced = (out / f"step_{record['step']:08d}.json").is_file()
