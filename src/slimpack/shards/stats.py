@@ -34,7 +34,6 @@ counted independently, so shards are counted in parallel and summed.
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import time
@@ -48,7 +47,7 @@ import numpy as np
 from slimpack.extras import require
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
-from slimpack.shards.validate import UnusableInputError
+from slimpack.shards.validate import UnusableInputError, read_dataset_json
 from slimpack.storage import member_path
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
@@ -246,15 +245,8 @@ def _epoch_sample_starts(root: Path, split: str, seed: int) -> tuple[np.ndarray,
     return starts, int(lengths.sum())
 
 
-def _read_dataset_json(path: Path) -> Any:
-    if not path.is_file():
-        raise UnusableInputError(f"{path} does not exist: not a merged dataset; point at one, or run "
-                                 "`slimpack shards merge DIR` once every part is tokenized")
-    try:
-        return json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UnusableInputError(f"{path} is not readable JSON ({err}): re-run `slimpack shards "
-                                 "merge DIR`") from err
+_NOT_MERGED = ("not a merged dataset; point at one, or run `slimpack shards merge DIR` once every part is "
+               "tokenized")
 
 
 def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4096), workers: int = 1,
@@ -271,8 +263,8 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
     if not root.is_dir():
         raise UnusableInputError(f"{root} does not exist or is not a directory: point at a local "
                                  "dataset directory (the --out of `slimpack tokenize`)")
-    manifest = _read_dataset_json(root / schema.MANIFEST_FILENAME)
-    index = _read_dataset_json(root / schema.INDEX_FILENAME)
+    manifest = read_dataset_json(root / schema.MANIFEST_FILENAME, _NOT_MERGED)
+    index = read_dataset_json(root / schema.INDEX_FILENAME, _NOT_MERGED)
     entries = index.get("shards") if isinstance(index, dict) else None
     if not isinstance(entries, list) or not isinstance(manifest, dict):
         raise UnusableInputError(f"{root}: index.json or slimpack.json is not a slimpack dataset's; "

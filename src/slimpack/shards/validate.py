@@ -102,8 +102,9 @@ HINTS: dict[str, str] = {
 _DAMAGE = frozenset({"missing_shard", "size", "hash", "decompress"})
 
 
-class UnusableInputError(RuntimeError):
-    """The input cannot be validated (or described) at all: exit status 3, `exitcodes.UNUSABLE`."""
+class UnusableInputError(exitcodes.UnusableDatasetError):
+    """The input cannot be validated (or described) at all: exit status 3, `exitcodes.UNUSABLE` (the
+    CLI's one error path prints it)."""
 
 
 @dataclass(frozen=True)
@@ -538,7 +539,8 @@ class ValidationReport:
 # ----------------------------------------------------------------------------- the dataset
 
 
-def _load_json(path: Path, what: str) -> Any:
+def read_dataset_json(path: Path, what: str) -> Any:
+    """A dataset's index.json or slimpack.json; `what` says why it is needed and how to fix it."""
     if not path.exists():
         raise UnusableInputError(f"{path} does not exist: {what}")
     try:
@@ -591,9 +593,9 @@ def _validate(root: Path, report: ValidationReport, *, workers: int, all_hashes:
     if not root.is_dir():
         raise UnusableInputError(f"{root} is not a local directory: point at a dataset directory "
                                  "(for remote shards, copy or mount them locally first)")
-    index = _load_json(root / schema.INDEX_FILENAME,
+    index = read_dataset_json(root / schema.INDEX_FILENAME,
                        "no MDS index; point at a dataset directory or run `slimpack shards merge`")
-    manifest = _load_json(root / schema.MANIFEST_FILENAME,
+    manifest = read_dataset_json(root / schema.MANIFEST_FILENAME,
                           "no slimpack manifest; run `slimpack shards merge DIR` on a complete dataset")
     if not isinstance(index, dict) or index.get("version") != schema.MDS_VERSION \
             or not isinstance(index.get("shards"), list):
