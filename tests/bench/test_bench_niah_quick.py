@@ -27,8 +27,25 @@ def test_bench_niah_quick(tmp_path):
     res = json.loads(out.read_text())
     assert res["ok"] and res["checks"]["cache"]["fp32"]["tokens_equal"] and res["checks"]["string"]["ok"]
     assert res["checks"]["string"]["max_abs_err"] < 1e-4
+    # The sweep decoded exactly the paper protocol's prompts (rebuilt here) and 16 tokens for each
+    # (random weights emit no EOS); prefill and decode times add up to no more than the sweep's.
+    from slimpack.bench.niah import _haystack
+    from slimpack.eval.niah import NiahConfig, build_samples
+    from slimpack.tokenize.tokenizer import Llama3Tokenizer
+
+    tok = Llama3Tokenizer()
+    text = _haystack(tok.encoding.encode_ordinary, 4 * 256, "paper")
+    cfg = NiahConfig(lengths=(128, 256), samples=4, max_new_tokens=16)
+    prompts = [s for n in cfg.lengths for s in build_samples(text, n, cfg, tok.encoding.encode_ordinary,
+                                                             bos_id=tok.bos_id)]
     sweep = res["sweep"]
-    assert sweep["prefill_tokens"] == 4 * (128 + 256) and sweep["decode_tokens"] > 0
-    assert res["hf"]["samples"] == 2 and res["hf"]["tokens_per_s"] > 0
-    assert res["string_cost"]["time_ratio"] > 0
-    assert "STRING (S=64, W=16)" in proc.stdout
+    assert res["protocol"] == "paper" and sweep["samples"] == 4
+    assert sweep["prefill_tokens"] == sum(len(s.tokens) for s in prompts)
+    assert sweep["decode_tokens"] == 8 * 16 and sweep["generated_tokens"] == 8 * 16
+    assert sweep["prefill_s"] + sweep["decode_s"] <= sweep["seconds"]
+    assert res["hf"]["samples"] == 2 and res["hf"]["prompt_tokens"] == res["ours_at_hf_samples"]["prompt_tokens"]
+    # STRING auto: S = int(0.5 x (L - 16)) per length, recorded; its cost is a ratio of two sweeps.
+    assert res["string"]["shift"] == "auto" and res["string"]["window"] == 16
+    cost = res["string_cost"]
+    assert cost["time_ratio"] == pytest.approx(cost["string"]["seconds"] / cost["plain"]["seconds"])
+    assert "STRING S=0.5L W=16 scale 1.0693 costs" in proc.stdout

@@ -1,7 +1,11 @@
 """Batched greedy decoding with a KV cache: equal to recomputing the whole sequence every step (with
-and without STRING), and our cached logits equal Hugging Face's on the exported model."""
+and without STRING), prompts of different lengths in one batch equal to each alone, the early stop
+on EOS, STRING's paper mode (prefill with the overlap, decode without), and our cached logits equal
+Hugging Face's on the exported model."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -43,7 +47,7 @@ def _uncached(model, prompts, new, string):
     return seq[:, prompts.shape[1]:], logits_seen
 
 
-@pytest.mark.parametrize("string", [None, StringConfig(shift=9, window=3)])
+@pytest.mark.parametrize("string", [None, StringConfig(shift=9, window=3, overlap=False)])
 def test_cached_greedy_equals_full_recomputation(model, string):
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, 1000, (3, 13), generator=g)
@@ -56,6 +60,58 @@ def test_cached_greedy_equals_full_recomputation(model, string):
     for step in range(8):
         torch.testing.assert_close(logits, want_logits[step], rtol=1e-4, atol=1e-4)
         logits = decode_step(model, want[:, step], cache, string=string)
+
+
+@pytest.mark.parametrize("string", [None, StringConfig(shift=9, window=3)])
+def test_prompts_of_different_lengths_decode_as_each_alone(model, string):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 1000, (n,), generator=g) for n in (13, 5, 21, 9)]
+    together = greedy_generate(model, prompts, 7, string=string, chunk_tokens=30)  # chunks of 1-3 prompts
+    for row, p in zip(together, prompts, strict=True):
+        assert torch.equal(row, greedy_generate(model, p[None], 7, string=string)[0])
+
+
+def test_decoding_stops_once_every_sample_has_an_eos(model):
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, 1000, (3, 13), generator=g)
+    full = greedy_generate(model, prompts, 12)
+    # A token each sample emits within its first 4 steps stands in for EOS: checked every 4 steps,
+    # decoding ends after step 4, and the tokens up to each sample's EOS are unchanged.
+    eos = {int(t) for row in full[:, :4] for t in row[:1]}
+    assert all(any(int(t) in eos for t in row[:4]) for row in full)
+    short = greedy_generate(model, prompts, 12, eos_ids=sorted(eos))
+    assert short.shape == (3, 4) and torch.equal(short, full[:, :4])
+    assert greedy_generate(model, prompts, 12, eos_ids=[999_999]).shape == (3, 12)  # never emitted: all 12
+
+
+def test_paper_string_prefills_with_the_overlap_and_decodes_without():
+    """The paper's code: prefill keeps the key at d = S in both parts, decoding splits at d < S. One
+    layer, so the cached keys do not depend on attention: a decoded token's logits equal the packed
+    forward without the overlap at that position, and prefill's equal it with the overlap."""
+    torch.manual_seed(0)
+    one = Transformer(dataclasses.replace(model_config("tiny"), num_layers=1), attention_backend="sdpa_ref").eval()
+    with torch.no_grad():
+        for p in one.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    paper = StringConfig(shift=9, window=3)
+    exclusive = dataclasses.replace(paper, overlap=False)
+    prompt = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(3))
+
+    def last_logits(ids, string):
+        cu = torch.tensor([0, ids.shape[1]], dtype=torch.int32)
+        with torch.no_grad():
+            hidden = forward_packed(one, ids[0], torch.arange(ids.shape[1]), cu, ids.shape[1], string=string)
+        return one.output(hidden[-1:]).float()
+
+    cache = KVCache(one, 1, 22)
+    logits = prefill(one, prompt, cache, string=paper)
+    torch.testing.assert_close(logits, last_logits(prompt, paper), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits, last_logits(prompt, exclusive), rtol=1e-4, atol=1e-4)
+    token = logits.argmax(-1)
+    decoded = decode_step(one, token, cache, string=paper)
+    torch.testing.assert_close(decoded, last_logits(torch.cat([prompt, token[:, None]], 1), exclusive),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_string_changes_the_continuation_of_long_prompts(model):
@@ -73,10 +129,13 @@ def test_forward_packed_equals_the_model(model):
         torch.testing.assert_close(forward_packed(model, ids, pos, cu, 13), model(ids, pos, cu, 13))
 
 
-def test_string_with_a_shift_beyond_the_sequence_changes_nothing(model):
+def test_string_with_a_shift_beyond_the_sequence_changes_nothing_but_its_scale(model):
     prompts = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(greedy_generate(model, prompts, 5, string=StringConfig(shift=64, window=8)),
+    assert torch.equal(greedy_generate(model, prompts, 5, string=StringConfig(shift=64, window=8, scale=1.0)),
                        greedy_generate(model, prompts, 5))
+    cache, plain = KVCache(model, 2, 10), KVCache(model, 2, 10)
+    assert not torch.allclose(prefill(model, prompts, cache, string=StringConfig(shift=64, window=8)),
+                              prefill(model, prompts, plain))
 
 
 def test_cached_logits_equal_hugging_face(model, tmp_path):
@@ -100,7 +159,7 @@ def test_cached_logits_equal_hugging_face(model, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("string", [None, StringConfig(shift=96, window=16)])
+@pytest.mark.parametrize("string", [None, StringConfig(shift=96, window=16, overlap=False)])
 def test_fused_cached_decoding_on_gpu_matches_fp32_recomputation(model, string):
     """bf16 on CUDA: prefill through the fused seam (varlen/cudnn; STRING on varlen), decode with
     FlashAttention over the cache in place, against fp32 full recomputation with the reference."""
@@ -118,3 +177,31 @@ def test_fused_cached_decoding_on_gpu_matches_fp32_recomputation(model, string):
         scale = want_logits[step].abs().max()
         assert (logits - want_logits[step]).abs().max() / scale < 0.05
         logits = decode_step(bf16, want[:, step], cache, string=string)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("string", [None, StringConfig(shift=96, window=16)])
+def test_fused_ragged_batch_on_gpu_matches_each_prompt_in_fp32(model, string):
+    """Prompts of different lengths in one bf16 batch (packed prefill, per-sample cache fill, decode
+    with per-sample seqused_k) against each prompt alone in fp32."""
+    import copy
+
+    fp32 = copy.deepcopy(model).cuda()
+    bf16 = copy.deepcopy(model).cuda().bfloat16()
+    for layer in bf16.layers:
+        layer.attention.backend = "auto"
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).cuda() for n in (300, 257, 40, 129)]
+    cache = KVCache(bf16, 4, 304)
+    logits = prefill(bf16, prompts, cache, string=string, chunk_tokens=400)
+    tokens = logits.argmax(-1)
+    decoded = decode_step(bf16, tokens, cache, string=string)
+    for b, p in enumerate(prompts):
+        want = _uncached(fp32, p[None], 2, string)[1]
+        for got, ref in ((logits[b], want[0][0]), (decoded[b], None)):
+            if ref is None:  # the decode step fed our token: compare with fp32 on the same token
+                one = KVCache(fp32, 1, 304)
+                prefill(fp32, p[None], one, string=string)
+                ref = decode_step(fp32, tokens[b:b + 1], one, string=string)[0]
+            assert (got - ref).abs().max() / ref.abs().max() < 0.05

@@ -86,8 +86,8 @@ def _train(llama3, haystack: np.ndarray) -> Transformer:
     for step in range(STEPS):
         length = int(rng.integers(TRAIN_LENGTHS[0], TRAIN_LENGTHS[1] + 1))
         # Seeds 1.. : `slimpack eval niah` draws its prompts with seed 0, so none is a training prompt.
-        niah = NiahConfig(lengths=(length,), samples=PROMPTS_PER_STEP, needles=1, digits=1, min_retrieved=1,
-                          seed=1 + step)
+        niah = NiahConfig(lengths=(length,), protocol="keyed", samples=PROMPTS_PER_STEP, needles=1, digits=1,
+                          min_retrieved=1, seed=1 + step)
         samples = build_samples(haystack, length, niah, encode, bos_id=llama3.bos_id)
         # The answer as the needle writes it: " ", the digit, "." (without the full stop the model
         # goes on with more digits, and " 37" does not retrieve 3).
@@ -127,12 +127,12 @@ def test_a_trained_model_retrieves_inside_its_training_length_and_fails_beyond(l
     ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", STEPS, model, torch.optim.AdamW(model.parameters()),
                          meta, keep_last=1)
 
-    out = tmp_path / "niah.json"
     lengths = (*TRAIN_LENGTHS, *BEYOND)
-    assert main(["eval", "niah", str(tmp_path / "run"), "--haystack", str(haystack_file), "--needles", "1",
-                 "--digits", "1", "--min-retrieved", "1", "--lengths", ",".join(map(str, lengths)),
-                 "--samples", "60", "--device", "cpu", "--out", str(out), "--no-progress"]) == 0
-    accuracy = {int(k): v for k, v in json.loads(out.read_text())["accuracy"].items()}
+    assert main(["eval", "niah", str(tmp_path / "run"), "--protocol", "keyed", "--haystack", str(haystack_file),
+                 "--needles", "1", "--digits", "1", "--min-retrieved", "1", "--lengths", ",".join(map(str, lengths)),
+                 "--samples", "60", "--device", "cpu", "--out", str(tmp_path / "niah"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "niah" / f"step_{STEPS:08d}.json").read_text())
+    accuracy = {int(k): v for k, v in report["accuracy"].items()}
     # Chance is 1/9 (numbers 1..9). Seen here (2-core CPU): 1.0 at 48 and 80, then 0.90 at 512,
     # 0.50 at 1024 and 0.38 at 2048: the retrieval holds a while past training and then decays.
     trained = min(accuracy[n] for n in TRAIN_LENGTHS)

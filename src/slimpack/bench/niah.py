@@ -9,11 +9,14 @@ text (as `slimpack demo` builds it). In order:
 - checks: cached greedy decoding equals full recomputation (fp32, reference attention: tokens
   exactly, logits to 1e-3; and the bf16 fused path's logits within 5% of that), and STRING through
   the fused kernel ("varlen") equals the dense fp32 reference that builds the remapped positions;
-- sweep: the paper's protocol, lengths 128..2048 in 128-token steps x 500 samples (4 needles,
-  greedy, KV cache), prefill batched per length (chunks of --prefill-tokens) and decode batched over
-  all samples of a length; prefill and decode timed apart (tokens/s each);
+- sweep: the paper's protocol (`--protocol paper`: its prompts, up to 128 new tokens), lengths
+  128..2048 in 128-token steps x 500 samples (4 needles, greedy, KV cache), prefill batched per
+  length (chunks of --prefill-tokens) and decode batched over all samples of a length; prefill and
+  decode timed apart (tokens/s each). Random weights never emit EOS, so every sample decodes all
+  128 tokens: the worst case of the early stop;
 - hf: Hugging Face `generate` (greedy, its KV cache, SDPA) on the exported model, --hf-samples per
-  length, tokens/s against ours on the same samples; its full sweep time is scaled from them;
+  length (prompts of one token count batched together, as HF needs no padding then), tokens/s
+  against ours on the same samples; its full sweep time is scaled from them;
 - string: the sweep with STRING (--string-shift, default training length 2048 / 3; window 128) and
   without, on --string-samples per length: STRING's cost as a ratio of times.
 """
@@ -38,53 +41,53 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def _haystack(encode: Any, tokens: int) -> np.ndarray:
+def _haystack(encode: Any, tokens: int, protocol: str) -> str | np.ndarray:
+    """The demo corpus's documents, joined by a paragraph break, up to `tokens` tokens: text for the
+    paper protocol, tokens for keyed."""
     from slimpack.demo import iter_corpus
 
-    parts, total = [], 0
+    texts, total = [], 0
     for _, _, text in iter_corpus():
-        ids = encode(text)
-        parts.append(np.asarray(ids, dtype=np.int64))
-        total += len(ids)
+        texts.append(text)
+        total += len(encode(text))
         if total >= tokens:
             break
-    return np.concatenate(parts)
+    joined = "\n\n".join(texts)
+    return joined if protocol == "paper" else np.asarray(encode(joined), dtype=np.int64)
 
 
 class _TimedGenerate:
-    """Our batched greedy generation with prefill and decode timed apart."""
+    """Our batched greedy generation (`greedy_generate`, EOS stop included) with prefill and decode
+    timed apart."""
 
-    def __init__(self, model: Any, *, string: Any, prefill_tokens: int) -> None:
-        self.model, self.string, self.prefill_tokens = model, string, prefill_tokens
+    def __init__(self, model: Any, *, prefill_tokens: int, eos_ids: tuple[int, ...] = ()) -> None:
+        self.model, self.prefill_tokens, self.eos_ids = model, prefill_tokens, eos_ids
         self.device = model.tok_embeddings.weight.device
         self.prefill_s = self.decode_s = 0.0
         self.prefill_tokens_done = self.decode_tokens_done = 0
 
-    def __call__(self, prompts: np.ndarray, new: int) -> np.ndarray:
+    def __call__(self, prompts: list[np.ndarray], new: int, string: Any) -> list[list[int]]:
         import torch
 
-        from slimpack.eval.inference import KVCache, decode_step, prefill
+        from slimpack.eval.inference import greedy_generate
 
-        ids = torch.as_tensor(prompts, device=self.device)
-        B, L = ids.shape
+        batch = [torch.as_tensor(p, device=self.device) for p in prompts]
+        marks = []
+
+        def prefilled() -> None:
+            _sync(self.device)
+            marks.append(time.perf_counter())
+
         _sync(self.device)
         t0 = time.perf_counter()
-        cache = KVCache(self.model, B, L + new)
-        logits = prefill(self.model, ids, cache, string=self.string, chunk_tokens=self.prefill_tokens)
-        _sync(self.device)
-        t1 = time.perf_counter()
-        out = []
-        for step in range(new):
-            token = logits.argmax(-1)
-            out.append(token)
-            if step + 1 < new:
-                logits = decode_step(self.model, token, cache, string=self.string)
-        result = torch.stack(out, dim=1).cpu().numpy()  # the copy syncs
+        out = greedy_generate(self.model, batch, new, eos_ids=self.eos_ids, string=string,
+                              chunk_tokens=self.prefill_tokens, after_prefill=prefilled)
+        result = out.cpu().tolist()  # the copy syncs
         t2 = time.perf_counter()
-        self.prefill_s += t1 - t0
-        self.decode_s += t2 - t1
-        self.prefill_tokens_done += B * L
-        self.decode_tokens_done += B * new
+        self.prefill_s += marks[0] - t0
+        self.decode_s += t2 - marks[0]
+        self.prefill_tokens_done += sum(len(p) for p in prompts)
+        self.decode_tokens_done += out.numel()
         return result
 
     def figures(self) -> dict[str, float]:
@@ -124,7 +127,7 @@ def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str
             logits = decode_step(m, want[:, step], cache)
         res[name] = {"max_rel_logit_err": max(errs)}
     res["fp32"]["tokens_equal"] = bool(torch.equal(
-        torch.as_tensor(_TimedGenerate(fp32, string=None, prefill_tokens=1 << 16)(prompts.cpu().numpy(), 8)),
+        torch.as_tensor(_TimedGenerate(fp32, prefill_tokens=1 << 16)(list(prompts.cpu().numpy()), 8, None)),
         want.cpu()))
     res["ok"] = (res["fp32"]["tokens_equal"] and res["fp32"]["max_rel_logit_err"] < 1e-3
                  and res["model_dtype"]["max_rel_logit_err"] < 0.05)
@@ -135,6 +138,7 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
                   head_dim: int, lengths: list[int]) -> dict[str, Any]:
     import torch
 
+    from slimpack.eval.inference import query_rope
     from slimpack.train.model import apply_rope, rope_cos_sin
     from slimpack.train.string_attention import string_attention, string_attention_dense
 
@@ -146,9 +150,9 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
     pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
     cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32, device=device)
     cos, sin = rope_cos_sin(pos, head_dim, theta)
-    cos_s, sin_s = rope_cos_sin(pos - string.shift + string.window, head_dim, theta)
+    qc, qs, qc_s, qs_s = query_rope(pos, head_dim, theta, string)  # carrying STRING's logit scale
     backend = "varlen" if device.type == "cuda" else "sdpa_ref"
-    inputs = [x.to(dtype) for x in (apply_rope(q, cos, sin), apply_rope(q, cos_s, sin_s), apply_rope(k, cos, sin), v)]
+    inputs = [x.to(dtype) for x in (apply_rope(q, qc, qs), apply_rope(q, qc_s, qs_s), apply_rope(k, cos, sin), v)]
     got = string_attention(*inputs, cu, max(lengths), string=string, backend=backend).float()
     ref = string_attention(*inputs, cu, max(lengths), string=string, backend="sdpa_ref").float()
     want = string_attention_dense(q, k, v, cu, string=string, rope_theta=theta)
@@ -163,7 +167,8 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from slimpack.eval.niah import NiahConfig, default_lengths, hf_engine, run_niah
+    from slimpack.eval.engines import hf_engine
+    from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah
     from slimpack.tokenize.tokenizer import Llama3Tokenizer
     from slimpack.train.export import export_hf
     from slimpack.train.model import Transformer, model_config
@@ -172,7 +177,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.quick:
         args.preset, args.samples, args.hf_samples, args.string_samples = "tiny", 4, 2, 4
         args.lengths = args.lengths or "128,256"
-        args.string_shift = args.string_shift or 64
+        args.max_new_tokens = args.max_new_tokens or 16
         args.string_window = min(args.string_window, 16)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     if device.type != "cuda" and not args.quick:
@@ -180,7 +185,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(args.preset)
     lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else default_lengths(2048)
-    string = StringConfig(args.string_shift or max(lengths) // 3, args.string_window)
+    string = StringChoice(args.string_shift or None, args.string_ratio, args.string_window)  # per length
+    check_string = StringConfig(max(lengths) // 3, args.string_window)  # the fused-vs-dense check's
     torch.manual_seed(0)
     with torch.device(device):  # initialised on the GPU: the 1.3B init on the host takes a while
         fp32 = Transformer(cfg, attention_backend="sdpa_ref").eval()
@@ -188,16 +194,17 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.load_state_dict(fp32.state_dict())
     res: dict[str, Any] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                            "torch": torch.__version__, "preset": args.preset, "dtype": str(dtype),
-                           "lengths": list(lengths), "samples": args.samples, "string": vars(string).copy()}
+                           "lengths": list(lengths), "samples": args.samples, "protocol": args.protocol,
+                           "string": string.describe()}
     print(f"bench niah: {args.preset} on {res['device']} ({dtype}), lengths {lengths[0]}..{lengths[-1]}",
           flush=True)
 
     t0 = time.perf_counter()
     res["checks"] = {
         "cache": _check_cache(model, fp32, device, length=min(512, max(lengths))),
-        "string": _check_string(device, dtype, string, cfg.rope_theta, heads=cfg.num_heads,
+        "string": _check_string(device, dtype, check_string, cfg.rope_theta, heads=cfg.num_heads,
                                 kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                                lengths=[max(lengths), string.shift, string.shift + 1, 7]),
+                                lengths=[max(lengths), check_string.shift, check_string.shift + 1, 7]),
     }
     res["checks"]["seconds"] = time.perf_counter() - t0
     del fp32
@@ -208,15 +215,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     tok = Llama3Tokenizer()
     encode = tok.encoding.encode_ordinary
-    haystack = _haystack(encode, 4 * max(lengths))
+    haystack = _haystack(encode, 4 * max(lengths), args.protocol)
+    eos = (tok.eos_id,)
 
-    def sweep(generate: Any, samples: int, *, name: str, string_cfg: Any = None) -> dict[str, Any]:
-        niah = NiahConfig(lengths=lengths, samples=samples)
+    def niah_config(samples: int, sweep_lengths: tuple[int, ...] = lengths) -> NiahConfig:
+        return NiahConfig(lengths=sweep_lengths, protocol=args.protocol, samples=samples,
+                          max_new_tokens=args.max_new_tokens)
+
+    def ours() -> _TimedGenerate:
+        return _TimedGenerate(model, prefill_tokens=args.prefill_tokens, eos_ids=eos)
+
+    def sweep(generate: Any, samples: int, *, name: str, string_choice: Any = None) -> dict[str, Any]:
         _sync(device)
         start = time.perf_counter()
-        report = run_niah(generate, tok.decode, encode, haystack, niah, bos_id=tok.bos_id,
-                          eos_ids=(tok.eos_id,), model=name,
-                          string=vars(string_cfg).copy() if string_cfg else None)
+        report = run_niah(generate, tok.decode, encode, haystack, niah_config(samples), bos_id=tok.bos_id,
+                          eos_ids=eos, model=name, string=string_choice)
         _sync(device)
         seconds = time.perf_counter() - start
         out = {"samples": samples, "seconds": seconds, "prompt_tokens": report.prompt_tokens,
@@ -229,23 +242,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         return out
 
     # Warm-up: one small sweep so kernels, allocator and tokenizer caches do not land in the timings.
-    run_niah(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), tok.decode, encode,
-             haystack, NiahConfig(lengths=lengths[:2], samples=2), bos_id=tok.bos_id)
-    res["sweep"] = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), args.samples,
-                         name="ours")
-    res["ours_at_hf_samples"] = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens),
-                                      args.hf_samples, name="ours (hf sample count)")
+    run_niah(ours(), tok.decode, encode, haystack, niah_config(2, lengths[-2:]), bos_id=tok.bos_id, eos_ids=eos)
+    res["sweep"] = sweep(ours(), args.samples, name="ours")
+    res["ours_at_hf_samples"] = sweep(ours(), args.hf_samples, name="ours (hf sample count)")
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model.state_dict(), cfg, Path(tmp) / "hf", dtype=dtype)
-        engine = hf_engine(Path(tmp) / "hf", device=device, dtype=dtype)
+        engine = hf_engine(Path(tmp) / "hf", device=device, dtype=dtype, eos_ids=eos)
         res["hf"] = sweep(engine.generate, args.hf_samples, name="hf generate")
         del engine
     res["hf"]["scaled_sweep_seconds"] = res["hf"]["seconds"] * args.samples / args.hf_samples
     res["speedup_vs_hf"] = res["hf"]["seconds"] / res["ours_at_hf_samples"]["seconds"]
-    plain = sweep(_TimedGenerate(model, string=None, prefill_tokens=args.prefill_tokens), args.string_samples,
-                  name="ours without STRING")
-    with_string = sweep(_TimedGenerate(model, string=string, prefill_tokens=args.prefill_tokens),
-                        args.string_samples, name="ours with STRING", string_cfg=string)
+    plain = sweep(ours(), args.string_samples, name="ours without STRING")
+    with_string = sweep(ours(), args.string_samples, name="ours with STRING", string_choice=string)
     res["string_cost"] = {"plain": plain, "string": with_string,
                           "time_ratio": with_string["seconds"] / plain["seconds"]}
     res["ok"] = res["checks"]["cache"]["ok"] and res["checks"]["string"]["ok"]
@@ -253,16 +261,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(res: dict[str, Any]) -> str:
+    from slimpack.eval.niah import string_label
+
     s, hf = res["sweep"], res["hf"]
     return "\n".join([
-        f"niah bench on {res['device']} ({res['preset']}, {res['dtype']}): checks "
+        f"niah bench on {res['device']} ({res['preset']}, {res['dtype']}, {res['protocol']} protocol): checks "
         f"{'pass' if res['ok'] else 'FAIL'}",
         f"  sweep {res['samples']} samples x {len(res['lengths'])} lengths: {s['seconds']:.1f} s; prefill "
         f"{s['prefill_tokens_per_s']:,.0f} tok/s, decode {s['decode_tokens_per_s']:,.0f} tok/s",
         f"  HF generate at {hf['samples']} samples: {hf['tokens_per_s']:,.0f} tok/s vs ours "
         f"{res['ours_at_hf_samples']['tokens_per_s']:,.0f} ({res['speedup_vs_hf']:.2f}x); HF's full sweep "
         f"~{hf['scaled_sweep_seconds']:.0f} s (scaled)",
-        f"  STRING (S={res['string']['shift']}, W={res['string']['window']}) costs "
+        f"  {string_label(res['string'], before='')} costs "
         f"{res['string_cost']['time_ratio']:.2f}x the time of the plain sweep",
     ])
 
@@ -284,7 +294,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--hf-samples", type=int, default=25, help="samples per length for the HF baseline")
     p.add_argument("--string-samples", type=int, default=100, help="samples per length for STRING's cost")
-    p.add_argument("--string-shift", type=int, default=0, help="default: the longest length / 3")
+    p.add_argument("--protocol", choices=("paper", "keyed"), default="paper")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the protocol's (paper 128; --quick 16)")
+    p.add_argument("--string-shift", type=int, default=0, help="default 0: auto, int(ratio x each prompt budget)")
+    p.add_argument("--string-ratio", type=float, default=0.5)
     p.add_argument("--string-window", type=int, default=128)
     p.add_argument("--prefill-tokens", type=int, default=131_072, help="tokens per prefill chunk")
     p.add_argument("--json", help="write the figures here")

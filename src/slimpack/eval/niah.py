@@ -1,42 +1,50 @@
-"""`slimpack eval niah CHECKPOINT`: needle in a haystack, the paper's effective-context-length probe.
+"""Needle in a haystack, the paper's effective-context-length probe: prompts, scoring, the report.
 
-    slimpack eval niah RUN_DIR/checkpoints/step_00010000 --data SHARDS [--lengths 128,256,...]
-    slimpack eval niah HF_DIR --haystack essays.txt --string-shift 682 --string-window 128
+No torch here: a model reaches this module as a `generate(prompts, max_new_tokens, string)` callable
+(`eval/engines.py`), and the command lives in `eval/niah_cli.py`.
 
-The protocol of arXiv 2410.18745 (section 3, appendix A.2): for each length L, `samples` prompts of
-exactly L tokens, each hiding `needles` (4) six-digit numbers under distinct keys, one at a random
-depth inside each of `needles` equal slices of the haystack (one per quarter); the model answers by
-greedy decoding, and a sample succeeds when at least `min_retrieved` (2) of its numbers appear in
-the answer. A prompt is
+Two protocols, each seeded and reproducible:
 
-    <|begin_of_text|> haystack ... NEEDLE_1 ... haystack ... NEEDLE_4 ... haystack QUESTION
+`paper` (the default): the 4-needle test of the paper's public code (HKUNLP/STRING,
+`niah/test_niah_llama.py`), re-implemented rule for rule; docs/effective-context.md lists each rule
+and every known difference:
 
-    NEEDLE:   " The special magic number for {key} is: {number}."
-    QUESTION: "\\nWhat are the special magic numbers for {k1}, {k2}, {k3} and {k4} mentioned in the
-              provided text? The special magic numbers for {k1}, {k2}, {k3} and {k4} mentioned in
-              the provided text are:"      (one needle: "What is the special magic number for ... is:")
+    <|begin_of_text|>TASK haystack-sentences ". " NEEDLE ... ". \\n" QUESTION
 
-Needles go in at token boundaries of the haystack (text tokens with document boundaries and special
-tokens removed): from the dataset's validation split (`--data`), or any text file (`--haystack`).
-Everything random (keys, numbers, depths, haystack windows) comes from a generator seeded by
-(seed, length), so a length's samples are the same whatever other lengths run.
+    TASK     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize
+              them. I will quiz you about the important information there.\\n"
+    NEEDLE   " One of the magic number is: {n}. "   (4 keyless needles; n = randint(100000, 1000000),
+              drawn once per run, so every sample and length hides the same numbers)
+    QUESTION "\\n\\nWhat are the magic numbers mentioned in the provided text?\\nThe numbers are"
+
+  The haystack text is split on "." and grown one sentence at a time (50 above 64,000 tokens); the
+  prompt is the first one whose token count, the task counted apart and each count with its BOS,
+  exceeds L - max_new_tokens (128): a "length L" prompt has about L - 128 tokens and leaves room for
+  the answer. Needle j goes in before sentence int(depth_j * sentences), depth_j = j 0.99/4 +
+  U(0, 0.99/4) drawn per sample. Greedy decoding of up to 128 tokens; a needle counts when its
+  number is a substring of the lower-cased answer (whitespace runs joined); a sample succeeds with
+  at least 2 of 4. Randomness is Python's `random.Random(seed)` (seed 42, as the script's
+  `random.seed(42)`), restarted per length as the script is run once per length, drawing in the
+  script's order: the same needles and depths as the paper's runs.
+
+`keyed`: slimpack's own variant (kept for comparison with earlier reports). Needles carry distinct
+keys (" The special magic number for {key} is: {number}."), the numbers and a random haystack
+window are fresh per sample, prompts are exactly L tokens at token boundaries, and a number counts
+only as a whole number. Fresh numbers and windows per sample make samples independent, so its
+accuracy has the binomial error the sample count suggests; the paper's fixed numbers and fixed
+haystack start make its 500 samples of a length differ only in needle depths.
 
 The effective length is the longest tested length up to which every length's accuracy is at least
 `threshold` (default 0.5; the paper does not state its threshold). Accuracy per needle depth (10
-bins) per length is the heatmap (the paper's figure 4). Output: a JSON report and a PNG beside it.
-The model is a slimpack checkpoint (our KV-cache decoder, `eval/inference.py`, with optional STRING)
-or a Hugging Face Llama directory (transformers `generate`, offline; no STRING), tokenized with
-slimpack's Llama 3 tokenizer either way.
+bins) per length is the heatmap (the paper's figure 4).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import itertools
-import json
+import math
+import random
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,7 +53,18 @@ from typing import Any
 
 import numpy as np
 
-# Distinct one-token keys (each " word" is a single Llama 3 token).
+PROTOCOLS = ("paper", "keyed")
+
+# The paper's script, verbatim.
+PAPER_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+              "I will quiz you about the important information there.\n")
+PAPER_NEEDLE = " One of the magic number is: {number}. "
+PAPER_QUESTION = "\n\nWhat are the magic numbers mentioned in the provided text?\nThe numbers are"
+PAPER_SEED = 42
+PAPER_MAX_NEW_TOKENS = 128
+PAPER_LONG_CONTEXT = 64_000  # above this budget the script grows the haystack 50 sentences at a time
+
+# slimpack's keyed variant. Distinct one-token keys (each " word" is a single Llama 3 token).
 KEYS = ("apple", "river", "violin", "tiger", "silver", "garden", "rocket", "pepper", "castle", "forest",
         "candle", "mirror", "dragon", "island", "hammer", "orange", "pencil", "rabbit", "winter", "bridge",
         "copper", "eagle", "lemon", "marble", "ocean", "planet", "shadow", "thunder", "velvet", "wolf")
@@ -60,51 +79,149 @@ FIRST_SPECIAL_ID = 128_000  # Llama 3: ids from here on are special tokens, neve
 @dataclass(frozen=True)
 class NiahConfig:
     lengths: tuple[int, ...]
+    protocol: str = "paper"
     samples: int = 500          # prompts per length
     needles: int = 4
     min_retrieved: int = 2      # a sample succeeds when at least this many numbers are in the answer
-    digits: int = 6
+    digits: int = 6             # keyed only: the paper draws randint(100000, 1000000)
     threshold: float = 0.5      # a length is effective when this fraction of its samples succeed
     depth_bins: int = 10
-    max_new_tokens: int = 0     # 0: enough for the answer (see `answer_tokens`)
-    seed: int = 0
+    max_new_tokens: int = 0     # 0: 128 for paper (also its prompt reserve), enough for the answer for keyed
+    seed: int | None = None     # None: 42 for paper (the script's), 0 for keyed
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"niah protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if not self.lengths or min(self.lengths) <= 0:
             raise ValueError(f"niah lengths must be positive token counts; got {self.lengths}")
         if not 1 <= self.needles <= len(KEYS):
             raise ValueError(f"niah needles={self.needles}: choose 1..{len(KEYS)}")
         if not 1 <= self.min_retrieved <= self.needles:
             raise ValueError(f"niah min_retrieved={self.min_retrieved} must lie in 1..needles={self.needles}")
-        if not 1 <= self.digits <= 12 or self.samples <= 0:
-            raise ValueError("niah digits must lie in 1..12 and samples must be positive")
+        if not 1 <= self.digits <= 12 or self.samples <= 0 or self.max_new_tokens < 0:
+            raise ValueError("niah digits must lie in 1..12, samples must be positive and max_new_tokens >= 0")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"niah threshold={self.threshold} must lie in (0, 1]")
 
     @property
     def answer_tokens(self) -> int:
-        """Greedy steps: per number its digits (3 a token) plus a space and a separator, and 2 spare."""
+        """Greedy steps at most. keyed's default: per number its digits (3 a token), a space and a
+        separator, and 2 spare."""
         if self.max_new_tokens:
             return self.max_new_tokens
+        if self.protocol == "paper":
+            return PAPER_MAX_NEW_TOKENS
         return self.needles * (-(-self.digits // 3) + 2) + 2
+
+    @property
+    def rng_seed(self) -> int:
+        return self.seed if self.seed is not None else (PAPER_SEED if self.protocol == "paper" else 0)
+
+    def budget(self, length: int) -> int:
+        """The prompt's token budget at `length`: paper L - max_new_tokens (exceeded by a few
+        tokens), keyed exactly L."""
+        return length - self.answer_tokens if self.protocol == "paper" else length
 
 
 @dataclass
 class Sample:
-    tokens: np.ndarray          # (length,) int64: the prompt
-    keys: list[str]
+    tokens: np.ndarray          # (prompt_tokens,) int64: the prompt, BOS first
     numbers: list[str]
-    depths: list[float]         # each needle's position in the haystack, 0 (start) .. 1 (end)
+    depths: list[float]         # each needle's depth in the haystack, 0 (start) .. 1 (end)
+    keys: list[str] = field(default_factory=list)  # keyed only
+
+
+# ----------------------------------------------------------------------------- paper protocol
+
+
+def paper_context(chunks: Sequence[str], depths: Sequence[float], needles: Sequence[str], question: str) -> str:
+    """The script's `context` for haystack chunks `res` and needle depths (its joins, verbatim:
+    "." inside a stretch, ". " before each needle, ". " between the last stretch's chunks)."""
+    places = [0, *(int(d * len(chunks)) for d in depths)]
+    context = ""
+    for j, needle in enumerate(needles, start=1):
+        context += ".".join(chunks[places[j - 1]:places[j]]) + ". " + needle
+    return context + ". ".join(chunks[places[-1]:]) + ". \n" + question
+
+
+def paper_depths(rng: random.Random, needles: int) -> list[float]:
+    """The script's `generate_random_segments`: one depth in each of `needles` slices of [0, 0.99)."""
+    width = 0.99 / needles
+    return [j * width + rng.uniform(0, width) for j in range(needles)]
+
+
+def build_paper_samples(text: str, length: int, cfg: NiahConfig, encode: Callable[[str], list[int]], *,
+                        bos_id: int) -> list[Sample]:
+    """`cfg.samples` prompts as the paper's script builds them for test length `length`."""
+    budget = cfg.budget(length)
+    if budget <= 0:
+        raise ValueError(f"length {length} leaves no prompt budget after {cfg.answer_tokens} answer tokens "
+                         f"(the paper's prompts hold length - max_new_tokens); drop it from --lengths")
+    rng = random.Random(cfg.rng_seed)  # the script's random.seed(42), once per length's run
+    numbers = [str(rng.randint(100_000, 1_000_000)) for _ in range(cfg.needles)]
+    needles = [PAPER_NEEDLE.format(number=n) for n in numbers]
+    sentences = text.split(".")
+    step = 50 if budget > PAPER_LONG_CONTEXT else 1
+    chunks = [".".join(sentences[i:i + step]) for i in range(0, len(sentences), step)]
+    task_tokens = len(encode(PAPER_TASK)) + 1  # the script counts with the tokenizer's BOS, twice
+    out, hint = [], 0
+    for _ in range(cfg.samples):
+        depths = paper_depths(rng, cfg.needles)
+
+        def exceeds(k: int, depths: list[float] = depths) -> bool:
+            return len(encode(paper_context(chunks[:k], depths, needles, PAPER_QUESTION))) + 1 + task_tokens > budget
+
+        k = _first_true(exceeds, len(chunks), hint)
+        if k == len(chunks):
+            raise ValueError(f"the haystack text ({len(sentences):,} sentences) is too short for length {length}: "
+                             f"give a longer --haystack file (or more --data), or shorter lengths")
+        hint = k
+        context = paper_context(chunks[:k], depths, needles, PAPER_QUESTION)
+        if context.startswith("."):
+            context = context[1:]
+        tokens = np.asarray([bos_id, *encode(PAPER_TASK + context)], dtype=np.int64)
+        out.append(Sample(tokens, numbers, depths))
+    return out
+
+
+def _first_true(pred: Callable[[int], bool], n: int, hint: int) -> int:
+    """The smallest k in [0, n) with pred(k) (n if none), for a pred that turns true once and stays
+    so (the script's scan: a prompt's token count grows with its haystack). Starts at `hint`, the
+    previous sample's answer, so a run of samples costs about two evaluations each."""
+    lo, hi = 0, n  # the answer lies in [lo, hi]
+    if 0 < hint < n:
+        if pred(hint):
+            hi = hint
+            if not pred(hint - 1):
+                return hint
+        else:
+            lo = hint + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def paper_found(answer: str, numbers: Sequence[str]) -> list[bool]:
+    """The script's scoring: each number as a substring of the answer, lower-cased, whitespace joined."""
+    text = " ".join(answer.split()).lower()
+    return [n.lower() in text for n in numbers]
+
+
+# ----------------------------------------------------------------------------- keyed protocol
 
 
 def _join_keys(keys: Sequence[str]) -> str:
     return keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
 
 
-def build_samples(haystack: np.ndarray, length: int, cfg: NiahConfig, encode: Callable[[str], list[int]],
-                  *, bos_id: int) -> list[Sample]:
+def build_keyed_samples(haystack: np.ndarray, length: int, cfg: NiahConfig, encode: Callable[[str], list[int]],
+                        *, bos_id: int) -> list[Sample]:
     """`cfg.samples` prompts of exactly `length` tokens; deterministic in (cfg.seed, length)."""
-    rng = np.random.default_rng([cfg.seed, length])
+    rng = np.random.default_rng([cfg.rng_seed, length])
     out = []
     for _ in range(cfg.samples):
         keys = [KEYS[i] for i in rng.choice(len(KEYS), cfg.needles, replace=False)]
@@ -131,13 +248,28 @@ def build_samples(haystack: np.ndarray, length: int, cfg: NiahConfig, encode: Ca
             prev = cut
         pieces += [hay[prev:], question]
         tokens = np.concatenate([np.asarray(p, dtype=np.int64) for p in pieces])
-        out.append(Sample(tokens, keys, numbers, [c / budget for c in cuts]))
+        out.append(Sample(tokens, numbers, [c / budget for c in cuts], keys))
     return out
 
 
-def retrieved(answer: str, numbers: Sequence[str]) -> list[bool]:
+def keyed_found(answer: str, numbers: Sequence[str]) -> list[bool]:
     """Which numbers appear in the answer as whole numbers (not inside a longer run of digits)."""
     return [re.search(rf"(?<!\d){n}(?!\d)", answer) is not None for n in numbers]
+
+
+# ----------------------------------------------------------------------------- both
+
+
+def build_samples(haystack: str | np.ndarray, length: int, cfg: NiahConfig, encode: Callable[[str], list[int]],
+                  *, bos_id: int) -> list[Sample]:
+    """The protocol's prompts at `length`: paper from haystack text, keyed from haystack tokens."""
+    if cfg.protocol == "paper":
+        if not isinstance(haystack, str):
+            raise TypeError("the paper protocol's haystack is text")
+        return build_paper_samples(haystack, length, cfg, encode, bos_id=bos_id)
+    if isinstance(haystack, str):
+        haystack = np.asarray(encode(haystack), dtype=np.int64)
+    return build_keyed_samples(haystack, length, cfg, encode, bos_id=bos_id)
 
 
 def effective_length(accuracy: dict[int, float], threshold: float) -> int:
@@ -154,7 +286,7 @@ def effective_length(accuracy: dict[int, float], threshold: float) -> int:
 class NiahReport:
     model: str
     config: dict[str, Any]
-    string: dict[str, int] | None
+    string: dict[str, Any] | None
     accuracy: dict[int, float] = field(default_factory=dict)          # share of samples that succeed
     mean_retrieved: dict[int, float] = field(default_factory=dict)    # numbers found per sample
     depth_accuracy: dict[int, list[float | None]] = field(default_factory=dict)  # per needle, by depth bin
@@ -172,52 +304,184 @@ class NiahReport:
 
     def summary(self) -> str:
         rows = " ".join(f"{length}:{acc:.2f}" for length, acc in sorted(self.accuracy.items()))
-        string = (f" with STRING (shift {self.string['shift']}, window {self.string['window']})"
-                  if self.string else "")
         c = self.config
-        return (f"niah {self.model}{string}: {c['samples']} samples x {len(self.accuracy)} lengths, "
-                f"{c['needles']} needles, success = at least {c['min_retrieved']} retrieved\n"
+        return (f"niah {self.model} ({c['protocol']} protocol{string_label(self.string)}): {c['samples']} samples "
+                f"x {len(self.accuracy)} lengths, {c['needles']} needles, success = at least "
+                f"{c['min_retrieved']} retrieved, up to {c['max_new_tokens']} new tokens\n"
                 f"accuracy by length {rows}\n"
                 f"effective length {self.effective_length} (accuracy >= {c['threshold']} up to it); "
                 f"{self.seconds:.1f} s")
 
 
-def run_niah(generate: Callable[[np.ndarray, int], np.ndarray], decode: Callable[[Sequence[int]], str],
-             encode: Callable[[str], list[int]], haystack: np.ndarray, cfg: NiahConfig, *, bos_id: int,
-             eos_ids: Sequence[int] = (), model: str = "", string: dict[str, int] | None = None,
-             progress: bool = False) -> NiahReport:
-    """Build, answer and score every length's samples. `generate(prompts (B, L), n) -> (B, n)` ids."""
+def string_label(string: dict[str, Any] | None, before: str = ", ") -> str:
+    """`before` + "STRING S=... W=... scale ..." for a report's `string` record ("" without STRING)."""
+    if not string:
+        return ""
+    shift = f"S={string['ratio']}L" if string.get("shift") == "auto" else f"S={string['shift']}"
+    return f"{before}STRING {shift} W={string['window']} scale {string['scale']:.4f}"
+
+
+Generate = Callable[[list[np.ndarray], int, Any], list[list[int]]]
+
+
+def run_niah(generate: Generate, decode: Callable[[Sequence[int]], str], encode: Callable[[str], list[int]],
+             haystack: str | np.ndarray, cfg: NiahConfig, *, bos_id: int, eos_ids: Sequence[int] = (),
+             model: str = "", string: Any = None, progress: bool = False) -> NiahReport:
+    """Build, answer and score every length's samples.
+
+    `generate(prompts, max_new_tokens, string_config)` returns each prompt's new token ids (cut
+    here at the first of `eos_ids`). `string`: None, or a `StringChoice` (`string_for(prompt
+    budget)` gives each length's STRING configuration)."""
     from tqdm import tqdm
 
-    report = NiahReport(model=model, config=asdict(cfg), string=string)
+    new = cfg.answer_tokens
+    report = NiahReport(model=model, config={**asdict(cfg), "max_new_tokens": new, "seed": cfg.rng_seed},
+                        string=string.describe() if string is not None else None)
+    found_fn = paper_found if cfg.protocol == "paper" else keyed_found
     t0 = time.perf_counter()
     # Build every length's samples first: a too-short length or haystack fails before any decoding.
     samples = {length: build_samples(haystack, length, cfg, encode, bos_id=bos_id) for length in cfg.lengths}
     for length in tqdm(cfg.lengths, desc="niah lengths", disable=not progress):
-        prompts = np.stack([s.tokens for s in samples[length]])
-        answers = generate(prompts, cfg.answer_tokens)
-        report.prompt_tokens += prompts.size
-        report.generated_tokens += answers.size
+        string_cfg = string.for_budget(cfg.budget(length)) if string is not None else None
+        if report.string is not None:
+            report.string["shift_by_length"][str(length)] = string_cfg.shift if string_cfg else None
+        answers = generate([s.tokens for s in samples[length]], new, string_cfg)
         hits = np.zeros(cfg.depth_bins)
         seen = np.zeros(cfg.depth_bins)
         found = []
-        for i, (sample, ids) in enumerate(zip(samples[length], answers.tolist(), strict=True)):
-            stops = [j for j, t in enumerate(ids) if t in eos_ids]
-            text = decode(ids[:stops[0]] if stops else ids)
-            got = retrieved(text, sample.numbers)
+        for i, (sample, ids) in enumerate(zip(samples[length], answers, strict=True)):
+            ids = list(itertools.takewhile(lambda t: t not in eos_ids, ids))
+            report.prompt_tokens += len(sample.tokens)
+            report.generated_tokens += len(ids)
+            text = decode(ids)
+            got = found_fn(text, sample.numbers)
             found.append(sum(got))
             for depth, ok in zip(sample.depths, got, strict=True):
                 b = min(int(depth * cfg.depth_bins), cfg.depth_bins - 1)
                 seen[b] += 1
                 hits[b] += ok
             if i == 0:
-                report.examples[length] = {"keys": sample.keys, "numbers": sample.numbers, "answer": text}
+                report.examples[length] = {
+                    "numbers": sample.numbers, "depths": [round(d, 6) for d in sample.depths],
+                    **({"keys": sample.keys} if sample.keys else {}), "prompt_tokens": len(sample.tokens),
+                    "budget": cfg.budget(length), "prompt_head": decode(sample.tokens[1:41].tolist()),
+                    "prompt_tail": decode(sample.tokens[-40:].tolist()), "answer": text}
         report.accuracy[length] = float(np.mean([n >= cfg.min_retrieved for n in found]))
         report.mean_retrieved[length] = float(np.mean(found))
         report.depth_accuracy[length] = [float(h / s) if s else None for h, s in zip(hits, seen, strict=True)]
     report.effective_length = effective_length(report.accuracy, cfg.threshold)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@dataclass(frozen=True)
+class StringChoice:
+    """STRING as asked on the command line: a fixed shift, or `auto`: int(ratio x the length's prompt
+    budget) per length, as the paper's scripts set `shifted_offset` (none where that is <= 1, as
+    there). Window, scale and overlap as `StringConfig`'s."""
+
+    shift: int | None       # None: auto
+    ratio: float = 0.5      # the needle script's default `--shifted_ratio` (its README suggests 0.33)
+    window: int = 128
+    scale: float = 0.1 * math.log(2) + 1  # the paper code's attention_factor (string_attention.PAPER_SCALE)
+    overlap: bool = True
+
+    def for_budget(self, budget: int) -> Any:
+        """The `StringConfig` for a prompt budget (None: STRING off at this length)."""
+        from slimpack.train.string_attention import StringConfig  # the model layer; torch from here on
+
+        shift = self.shift if self.shift is not None else int(self.ratio * budget)
+        return StringConfig(shift, self.window, self.scale, self.overlap) if shift > 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"shift": "auto" if self.shift is None else self.shift,
+                "ratio": self.ratio if self.shift is None else None, "window": self.window, "scale": self.scale,
+                "overlap": self.overlap, "shift_by_length": {}}
+
+
+def default_lengths(max_length: int, step: int = 128) -> tuple[int, ...]:
+    return tuple(range(step, max_length + 1, step)) or (max_length,)
+
+
+def haystack_tokens(lengths: Sequence[int]) -> int:
+    """Dataset tokens read for a haystack: 4x the longest length (keyed windows move within it)."""
+    return 4 * max(lengths)
+
+
+def results_dir(protocol: str, string: Any) -> str:
+    """RUN_DIR/eval/<this>/ for a checkpoint's reports: niah (paper, plain RoPE), niah-string,
+    niah-keyed, niah-keyed-string. `slimpack plot` reads the paper ones."""
+    return "niah" + ("-keyed" if protocol == "keyed" else "") + ("-string" if string is not None else "")
+
+
+# ----------------------------------------------------------------------------- haystacks
+
+
+def text_haystack(path: str | Path) -> str:
+    """A haystack text file: plain UTF-8 text (undecodable bytes replaced), or a JSON object with a
+    "text" field (the paper's `PaulGrahamEssays.json` layout)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--haystack {path}: no such file; give a UTF-8 text file or a JSON file "
+                                f"with a \"text\" field")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json":
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--haystack {path}: not valid JSON ({err}); give a JSON object with a \"text\" "
+                             f"field, or plain text in a file not named .json") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+            raise ValueError(f"--haystack {path}: a JSON haystack needs a string field \"text\" "
+                             f"(as the paper's PaulGrahamEssays.json)")
+        return doc["text"]
+    return raw
+
+
+def dataset_documents(path: str, *, split: str = "validation", tokens: int,
+                      cache_dir: str | None = None) -> list[np.ndarray]:
+    """Text-token documents of a shard dataset's split in index order (special tokens dropped) until
+    about `tokens` tokens. Shards are hash-checked."""
+    from slimpack.pipeline.index import load_index
+    from slimpack.pipeline.store import ShardStore
+
+    index = load_index(path)
+    store = ShardStore(index, cache_dir=cache_dir, cache_limit_bytes=1 << 34, decoded_cache_bytes=1 << 28)
+    docs, total = [], 0
+    try:
+        for sample_id in index.split_samples(split):
+            ids, cu = store.sample(int(sample_id))
+            for a, b in itertools.pairwise(cu.tolist()):
+                doc = ids[a:b].astype(np.int64)
+                doc = doc[doc < FIRST_SPECIAL_ID]
+                if len(doc):
+                    docs.append(doc)
+                    total += len(doc)
+            if total >= tokens:
+                break
+    finally:
+        store.close()
+    if not docs:
+        raise ValueError(f"{path}: split {split!r} holds no text tokens to build a haystack from; "
+                         f"give --haystack FILE or another --split")
+    return docs
+
+
+def dataset_haystack(path: str, encode: Callable[[str], list[int]], decode: Callable[[Sequence[int]], str], *,
+                     protocol: str, split: str = "validation", tokens: int,
+                     cache_dir: str | None = None) -> str | np.ndarray:
+    """The split's documents in index order, separated by a paragraph break: as text for the paper
+    protocol (decoded), as tokens for keyed."""
+    docs = dataset_documents(path, split=split, tokens=tokens, cache_dir=cache_dir)
+    if protocol == "paper":
+        return "\n\n".join(decode(d.tolist()) for d in docs)
+    sep = np.asarray(encode("\n\n"), dtype=np.int64)
+    return np.concatenate([x for d in docs for x in (d, sep)])
+
+
+# ----------------------------------------------------------------------------- the heatmap
 
 
 def write_heatmap(report: NiahReport, path: str | Path) -> Path:
@@ -227,21 +491,10 @@ def write_heatmap(report: NiahReport, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted(report.depth_accuracy)
-    grid = np.array([[np.nan if a is None else a for a in report.depth_accuracy[n]] for n in lengths]).T
-    bins = grid.shape[0]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(lengths) + 2), 4.5))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=60, fontsize=8)
-    ax.set_yticks(range(bins), [f"{100 * (b + 0.5) / bins:.0f}%" for b in range(bins)], fontsize=8)
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("needle depth")
-    if report.effective_length:
-        ax.axvline(lengths.index(report.effective_length) + 0.5, color="black", linestyle="--", linewidth=1)
-    string = f", STRING S={report.string['shift']} W={report.string['window']}" if report.string else ""
-    ax.set_title(f"needle retrieval: {report.model}{string}\neffective length {report.effective_length}",
-                 fontsize=9)
-    fig.colorbar(im, ax=ax, label="needles retrieved")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(report.depth_accuracy) + 2), 4.5))
+    draw_heatmap(ax, report.depth_accuracy, report.effective_length, fig=fig)
+    ax.set_title(f"needle retrieval: {report.model} ({report.config['protocol']}{string_label(report.string)})\n"
+                 f"effective length {report.effective_length}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,316 +503,16 @@ def write_heatmap(report: NiahReport, path: str | Path) -> Path:
     return path
 
 
-# ----------------------------------------------------------------------------- haystacks
-
-
-def _paragraph_break(encode: Callable[[str], list[int]]) -> list[int]:
-    return encode("\n\n")
-
-
-def text_haystack(path: str | Path, encode: Callable[[str], list[int]]) -> np.ndarray:
-    """Tokens of a text file (UTF-8; undecodable bytes replaced)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--haystack {path}: no such file; give a UTF-8 text file")
-    return np.asarray(encode(path.read_text(encoding="utf-8", errors="replace")), dtype=np.int64)
-
-
-def dataset_haystack(path: str, encode: Callable[[str], list[int]], *, split: str = "validation",
-                     tokens: int, cache_dir: str | None = None) -> np.ndarray:
-    """About `tokens` text tokens from a shard dataset's split, documents in index order, special
-    tokens (BOS/EOS) dropped and documents separated by a paragraph break. Shards are hash-checked."""
-    from slimpack.pipeline.index import load_index
-    from slimpack.pipeline.store import ShardStore
-
-    index = load_index(path)
-    store = ShardStore(index, cache_dir=cache_dir, cache_limit_bytes=1 << 34, decoded_cache_bytes=1 << 28)
-    sep = np.asarray(_paragraph_break(encode), dtype=np.int64)
-    parts, total = [], 0
-    try:
-        for sample_id in index.split_samples(split):
-            ids, cu = store.sample(int(sample_id))
-            for a, b in itertools.pairwise(cu.tolist()):
-                doc = ids[a:b].astype(np.int64)
-                doc = doc[doc < FIRST_SPECIAL_ID]
-                if len(doc):
-                    parts += [doc, sep]
-                    total += len(doc) + len(sep)
-            if total >= tokens:
-                break
-    finally:
-        store.close()
-    if not parts:
-        raise ValueError(f"{path}: split {split!r} holds no text tokens to build a haystack from; "
-                         f"give --haystack FILE or another --split")
-    return np.concatenate(parts)
-
-
-# ----------------------------------------------------------------------------- models
-
-
-@dataclass
-class Engine:
-    """A loaded model: a name, its longest usable prompt, and batched greedy generation."""
-
-    name: str
-    max_length: int
-    train_length: int | None
-    generate: Callable[[np.ndarray, int], np.ndarray]
-
-
-def _device(name: str) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def slimpack_engine(model: Any, *, name: str, train_length: int | None, string: Any = None,
-                    batch_samples: int = 0, prefill_tokens: int = 65_536) -> Engine:
-    """An Engine over a slimpack `Transformer` already on its device (eval mode)."""
-    import torch
-
-    from slimpack.eval.inference import greedy_generate
-
-    device = model.tok_embeddings.weight.device
-
-    def generate(prompts: np.ndarray, new: int) -> np.ndarray:
-        step = batch_samples or len(prompts)
-        outs = []
-        for b0 in range(0, len(prompts), step):
-            batch = torch.as_tensor(prompts[b0:b0 + step], device=device)
-            outs.append(greedy_generate(model, batch, new, string=string, chunk_tokens=prefill_tokens).cpu())
-        return torch.cat(outs).numpy()
-
-    return Engine(name, model.cfg.max_seq_len, train_length, generate)
-
-
-def load_slimpack_model(path: str | Path, *, device: Any, dtype: Any, backend: str = "auto") -> tuple[Any, dict]:
-    """A checkpoint directory (or a run directory: its newest checkpoint) as an eval-mode Transformer."""
-    import dataclasses
-
-    from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
-    from slimpack.train.model import ModelConfig, Transformer
-
-    path = resolve_checkpoint(path)
-    state_dict, meta = load_model_state_dict(path)
-    cfg = ModelConfig(**meta["model_config"])
-    model = Transformer(cfg, attention_backend=backend)
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line or "Missing" in line
-                      or "Unexpected" in line), str(err).splitlines()[0])
-        raise ValueError(f"{path}: the checkpoint's weights do not fit the model its meta.json describes "
-                         f"({dataclasses.asdict(cfg)}): {first}; evaluate the checkpoint its run wrote, "
-                         f"unedited") from None
-    meta["path"] = str(path)
-    return model.to(device=device, dtype=dtype).eval(), meta
-
-
-def hf_engine(path: str | Path, *, device: Any, dtype: Any, batch_samples: int = 0) -> Engine:
-    """A Hugging Face Llama directory through transformers' own `generate` (greedy, KV cache)."""
-    import torch
-    import transformers
-
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{path}/config.json has model_type {config.get('model_type')!r}; eval niah reads "
-                         f"Llama models (slimpack export-hf output or another LlamaForCausalLM)")
-    if config.get("vocab_size", 0) < FIRST_SPECIAL_ID + 256:
-        raise ValueError(f"{path}: vocab_size {config.get('vocab_size')} is smaller than Llama 3's 128,256; "
-                         f"prompts use slimpack's Llama 3 tokenizer, so the model must share its vocabulary")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
-    model = model.to(device).eval()
-
-    def generate(prompts: np.ndarray, new: int) -> np.ndarray:
-        step = batch_samples or len(prompts)
-        outs = []
-        for b0 in range(0, len(prompts), step):
-            ids = torch.as_tensor(prompts[b0:b0 + step], device=device)
-            with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                                     min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
-            outs.append(out[:, ids.shape[1]:].cpu())
-        return torch.cat(outs).numpy()
-
-    return Engine(f"{path.name} (transformers)", int(config.get("max_position_embeddings", 0)) or 1 << 30,
-                  None, generate)
-
-
-def check_lengths(lengths: Sequence[int], engine: Engine, where: str) -> None:
-    too_long = [n for n in lengths if n > engine.max_length]
-    if too_long:
-        raise ValueError(f"length {max(too_long)} exceeds {where}'s maximum of {engine.max_length} tokens "
-                         f"(max_seq_len); pass --lengths up to {engine.max_length}")
-
-
-def default_lengths(max_length: int, step: int = 128) -> tuple[int, ...]:
-    return tuple(range(step, max_length + 1, step)) or (max_length,)
-
-
-# ----------------------------------------------------------------------------- command
-
-
-def run_command(args: argparse.Namespace) -> int:
-    import torch
-
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
-    if (args.data is None) == (args.haystack is None):
-        raise ValueError("give exactly one of --data DIR (its validation split) or --haystack FILE")
-    string = string_from_args(args)
-    device = _device(args.device)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "fp32": torch.float32,
-             "bf16": torch.bfloat16}[args.dtype]
-    path = Path(args.checkpoint)
-    slimpack_dir = (path / "meta.json").is_file() or (path / "checkpoints").is_dir()  # a run dir has config.json too
-    if not slimpack_dir and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a slimpack checkpoint (meta.json), a run directory "
-                                f"(checkpoints/) nor a Hugging Face directory (config.json)")
-    if not slimpack_dir:
-        if string is not None:
-            raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
-                             f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
-        engine = hf_engine(path, device=device, dtype=dtype, batch_samples=args.batch_samples)
-    else:
-        model, meta = load_slimpack_model(path, device=device, dtype=dtype, backend=args.attention_backend)
-        train_length = (meta.get("config") or {}).get("data", {}).get("seq_len")
-        engine = slimpack_engine(model, name=f"{Path(meta['path']).parent.parent.name}/{Path(meta['path']).name}",
-                                 train_length=train_length, string=string, batch_samples=args.batch_samples)
-    if args.lengths:
-        lengths = tuple(int(x) for x in args.lengths.split(","))
-    else:
-        lengths = default_lengths(args.max_length or engine.train_length or engine.max_length, args.length_step)
-    check_lengths(lengths, engine, str(path))
-    cfg = NiahConfig(lengths=lengths, samples=args.samples, needles=args.needles,
-                     min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
-                     seed=args.seed, max_new_tokens=args.max_new_tokens)
-    tok = Llama3Tokenizer()
-    encode = tok.encoding.encode_ordinary
-    if args.haystack:
-        haystack = text_haystack(args.haystack, encode)
-    else:
-        haystack = dataset_haystack(args.data, encode, split=args.split, tokens=8 * max(lengths))
-    report = run_niah(engine.generate, tok.decode, encode, haystack, cfg, bos_id=tok.bos_id,
-                      eos_ids=(tok.eos_id,), model=engine.name,
-                      string=asdict(string) if string else None, progress=not args.no_progress)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_dict(), indent=1) + "\n")
-    png = write_heatmap(report, out.with_suffix(".png"))
-    print(report.summary())
-    print(f"report {out}; heatmap {png}", file=sys.stdout)
-    return 0
-
-
-def add_string_arguments(p: argparse.ArgumentParser) -> None:
-    """--string-shift / --string-window, shared with other evaluations (`StringConfig` from them)."""
-    p.add_argument("--string-shift", type=int, default=0, metavar="S",
-                   help="STRING: use relative distances d >= S as d - S + W (paper: S = training length / 3; "
-                        "0 = off)")
-    p.add_argument("--string-window", type=int, default=128, metavar="W", help="STRING's local window W (128)")
-
-
-def string_from_args(args: argparse.Namespace) -> Any:
-    """The `StringConfig` that `add_string_arguments`' flags ask for, or None (STRING off)."""
-    from slimpack.train.string_attention import StringConfig
-
-    return StringConfig(args.string_shift, args.string_window) if args.string_shift else None
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("niah", help="needle in a haystack: accuracy by length and depth, effective length")
-    p.add_argument("checkpoint", help="a slimpack checkpoint (step_NNNNNNNN or a run directory: its newest) "
-                                      "or a Hugging Face Llama directory")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="shard dataset whose --split (validation) is the haystack")
-    src.add_argument("--haystack", help="a UTF-8 text file as the haystack")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--lengths", help="comma-separated prompt lengths (default: --length-step steps up to "
-                                     "the training length, else the model's maximum)")
-    p.add_argument("--length-step", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=0)
-    p.add_argument("--samples", type=int, default=500, help="prompts per length (500)")
-    p.add_argument("--needles", type=int, default=4)
-    p.add_argument("--min-retrieved", type=int, default=2, help="numbers a sample must retrieve (2)")
-    p.add_argument("--digits", type=int, default=6)
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="accuracy that makes a length effective (0.5; the paper does not state one)")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="greedy steps (0: enough for the answer)")
-    p.add_argument("--seed", type=int, default=0)
-    add_string_arguments(p)
-    p.add_argument("--batch-samples", type=int, default=0, help="samples decoded together (0: all of a length)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--out", default="niah.json", help="JSON report; the heatmap PNG goes beside it")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_command)
-
-
-# ----------------------------------------------------------------------------- during training
-
-
-class TrainingSweep:
-    """The trainer's periodic sweep (`eval.niah_every_tokens`): every rank gathers the full weights
-    (a collective), rank 0 loads them into a replica and runs a small NIAH sweep on the held-out
-    split, writes RUN_DIR/eval/niah/step_NNNNNNNN.json (+ .png) and returns a metrics record."""
-
-    def __init__(self, cfg: Any, model_cfg: Any, device: Any, run_dir: Path, *, is_main: bool) -> None:
-        self.cfg, self.model_cfg, self.device, self.is_main = cfg, model_cfg, device, is_main
-        self.every = cfg.eval.niah_every_tokens
-        self.out = run_dir / "eval" / "niah"
-        self.niah = NiahConfig(lengths=default_lengths(cfg.data.seq_len, cfg.eval.niah_length_step),
-                               samples=cfg.eval.niah_samples, seed=cfg.seed)
-        self._replica: Any = None
-        if is_main:  # the haystack and the prompts' lengths are checked now, not after hours of training
-            from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
-            self._tok = Llama3Tokenizer()
-            self._haystack = dataset_haystack(cfg.eval.path or cfg.data.path, self._tok.encoding.encode_ordinary,
-                                              split=cfg.eval.split, tokens=8 * cfg.data.seq_len,
-                                              cache_dir=cfg.data.cache_dir)
-            for length in (min(self.niah.lengths), max(self.niah.lengths)):
-                try:
-                    build_samples(self._haystack, length, dataclasses.replace(self.niah, samples=1),
-                                  self._tok.encoding.encode_ordinary, bos_id=self._tok.bos_id)
-                except ValueError as err:
-                    raise ValueError(f"eval.niah_every_tokens: {err} (raise eval.niah_length_step or "
-                                     f"data.seq_len, or give eval.path a longer held-out split)") from None
-
-    def due(self, tokens_before: int, tokens_after: int) -> bool:
-        return self.every > 0 and tokens_after // self.every > tokens_before // self.every
-
-    def run(self, model: Any, *, step: int, tokens: int) -> dict[str, Any] | None:
-        import torch
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        from slimpack.storage import write_atomic
-        from slimpack.train.export import _strip_wrappers
-        from slimpack.train.model import Transformer
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.is_main:
-            return None
-        if self._replica is None:
-            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-            self._replica = Transformer(self.model_cfg, attention_backend=self.cfg.model.attention_backend)
-            self._replica.to(device=self.device, dtype=dtype).eval()
-        self._replica.load_state_dict({_strip_wrappers(k): v for k, v in full.items()})
-        engine = slimpack_engine(self._replica, name=f"step {step}", train_length=self.cfg.data.seq_len)
-        tok = self._tok
-        report = run_niah(engine.generate, tok.decode, tok.encoding.encode_ordinary, self._haystack, self.niah,
-                          bos_id=tok.bos_id, eos_ids=(tok.eos_id,), model=f"step {step}")
-        record = {"step": step, "tokens": tokens, **report.to_dict()}
-        path = self.out / f"step_{step:08d}.json"
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, (json.dumps(record, indent=1) + "\n").encode())
-        write_heatmap(report, path.with_suffix(".png"))
-        return {"kind": "niah", "step": step, "tokens": tokens, "niah_effective_length": report.effective_length,
-                "niah_accuracy": {str(k): v for k, v in report.accuracy.items()},
-                "niah_seconds": report.seconds,
-                **{f"niah_acc_{k}": v for k, v in report.accuracy.items()}}
+def draw_heatmap(ax: Any, depth_accuracy: dict[Any, list[float | None]], effective: int, *, fig: Any) -> None:
+    """The heatmap on `ax`: one column per length, one row per depth bin (shared with `slimpack plot`)."""
+    lengths = sorted(depth_accuracy, key=int)
+    grid = np.array([[np.nan if a is None else a for a in depth_accuracy[n]] for n in lengths]).T
+    bins = grid.shape[0]
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=60, fontsize=8)
+    ax.set_yticks(range(bins), [f"{100 * (b + 0.5) / bins:.0f}%" for b in range(bins)], fontsize=8)
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("needle depth")
+    if effective and effective in [int(n) for n in lengths]:
+        ax.axvline([int(n) for n in lengths].index(effective) + 0.5, color="black", linestyle="--", linewidth=1)
+    fig.colorbar(im, ax=ax, label="needles retrieved")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from slimpack.eval.niah import add_string_arguments, string_from_args
+from slimpack.eval.options import add_string_arguments, string_choice
 
 if TYPE_CHECKING:  # registering the command imports no torch
     import torch
@@ -188,41 +188,17 @@ def document_batches(docs: list[np.ndarray], seq_len: int, per_batch: int) -> li
 # ----------------------------------------------------------------------------- the command
 
 
-def load_model(checkpoint: Path, device: torch.device) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """The checkpoint's model (fp32, eval mode) on `device`, with its ModelConfig and meta.json."""
-    from slimpack.train.checkpoint import load_model_state_dict
-    from slimpack.train.model import ModelConfig, Transformer
-
-    weights, meta = load_model_state_dict(checkpoint)
-    if "model_config" not in meta:
-        raise ValueError(f"{checkpoint}/meta.json records no model_config; it was not written by "
-                         f"`slimpack train`")
-    mcfg = ModelConfig(**meta["model_config"])
-    model = Transformer(mcfg, attention_backend="auto" if device.type == "cuda" else "sdpa_ref")
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in weights.items()}
-    if expected != got:
-        wrong = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
-        raise ValueError(f"{checkpoint}: its weights do not have the shape its meta.json model_config "
-                         f"describes (first difference: {wrong[0]}: {got.get(wrong[0])} vs "
-                         f"{expected.get(wrong[0])}); the checkpoint is damaged or mixed: use another")
-    model.load_state_dict(weights)
-    return model.to(device).eval(), mcfg, meta
-
-
 def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "validation",
                        seq_len: int | None = None, max_documents: int = 64, per_batch: int = 4,
                        device: str = "auto", buckets: int = 16, string: Any = None) -> dict[str, Any]:
     """The loss-by-position record of one checkpoint (see the module docstring), with STRING when
-    `string` (a `StringConfig`) is given."""
-    import torch
+    `string` (a `StringChoice`: its shift, or int(ratio x L) for auto) is given."""
+    from slimpack.eval.engines import load_slimpack_model, resolve_device
+    from slimpack.train.model import ModelConfig
 
-    from slimpack.train.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(checkpoint)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, mcfg, meta = load_model(ckpt, dev)
+    dev = resolve_device(device)
+    model, meta = load_slimpack_model(checkpoint, device=dev)
+    ckpt, mcfg = Path(meta["path"]), ModelConfig(**meta["model_config"])
     L = seq_len or int(meta.get("config", {}).get("data", {}).get("seq_len") or mcfg.max_seq_len)
     if not 0 < L <= mcfg.max_seq_len:
         raise ValueError(f"--seq-len {L} is beyond this model's maximum of {mcfg.max_seq_len} positions "
@@ -230,13 +206,15 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
     if max_documents < 1:
         raise ValueError(f"--max-documents must be >= 1, got {max_documents}")
     docs, found, longest = long_documents(data, split=split, seq_len=L, max_documents=max_documents)
-    sums = position_loss_sums(model, document_batches(docs, L, per_batch), dev, L, string=string).cpu().numpy()
+    string_cfg = string.for_budget(L) if string is not None else None
+    sums = position_loss_sums(model, document_batches(docs, L, per_batch), dev, L, string=string_cfg).cpu().numpy()
     return curve_record(sums[0], sums[1], step=int(meta["step"]), tokens=int(meta.get("tokens", 0)),
                         source=f"eval positions: {len(docs)} {split} documents of >= {L + 1} tokens",
                         buckets=buckets, checkpoint=str(ckpt), data=str(data), split=split,
                         documents=len(docs), documents_long_enough=found, longest_document=longest,
                         model_config=dataclasses.asdict(mcfg),
-                        string=dataclasses.asdict(string) if string is not None else None)
+                        string=({**string.describe(), "shift_by_length": {str(L): string_cfg.shift if string_cfg
+                                                                           else None}} if string else None))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -258,7 +236,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     record = evaluate_positions(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
                                 max_documents=args.max_documents, per_batch=args.per_batch,
-                                device=args.device, buckets=args.buckets, string=string_from_args(args))
+                                device=args.device, buckets=args.buckets, string=string_choice(args))
     ckpt = Path(record["checkpoint"])
     out = Path(args.out) if args.out else Path(args.run_dir or ckpt.parent.parent) / "eval" / "positions"
     replaced = (out / f"step_{record['step']:08d}.json").is_file()

@@ -124,12 +124,15 @@ class EvalSection:
     # Needle in a haystack (slimpack.eval.niah) every N training tokens, 0: never (the paper: every
     # 10B). A smaller sweep than `slimpack eval niah`: niah_samples prompts at each multiple of
     # niah_length_step up to data.seq_len, haystack from the held-out split above; rank 0 runs it
-    # on a replica of the weights and writes RUN_DIR/eval/niah/step_NNNNNNNN.json.
+    # on a replica of the weights and writes RUN_DIR/eval/niah/step_NNNNNNNN.json (eval/sweep.py).
     niah_every_tokens: int = 0
     niah_samples: int = 50
     niah_length_step: int = 128
+    niah_protocol: str = "paper"  # or "keyed" (slimpack's own; eval/niah.py)
 
     def __post_init__(self) -> None:
+        if self.niah_protocol not in ("paper", "keyed"):
+            raise ValueError(f"eval.niah_protocol={self.niah_protocol!r}: choose paper or keyed")
         if self.niah_every_tokens < 0 or self.niah_samples <= 0 or self.niah_length_step <= 0:
             raise ValueError(f"eval.niah_every_tokens={self.niah_every_tokens} must be >= 0 (0: off) and "
                              f"eval.niah_samples={self.niah_samples}, eval.niah_length_step="

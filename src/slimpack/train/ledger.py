@@ -18,6 +18,12 @@ input still predicts the next token of the same document), and adds max(m' - i, 
 So f(0) is the number of valid labels: the tokens the loss averages over. `slimpack shards stats`
 counts the same pairs for one epoch of the train split (tested equal).
 
+Beside it the ledger counts the windows trained on, N, which gives the curve of the same windows
+*without* document masking, f_unmasked(i) = N (L - i): every window one causal segment of L
+tokens, as a stack without document masking trains. The paper's statements (f(1280) of about
+100B for an effective length of 1,280) are about its training sequences; docs/effective-context.md
+says which curve they compare with and why.
+
 Cost: per micro-batch one gather of the segments' last labels and a bincount of their lengths
 (O(segments)); per step two suffix sums over L + 1 bins (O(L)). All numpy on the host, from the
 micro-batches' CPU tensors: no GPU sync. Ranks count their own micro-batches; the loop sums the
@@ -34,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from slimpack.shards.stats import distance_frequency
+from slimpack.shards.stats import distance_frequency, unmasked_distance_frequency
 
 FILENAME = "position_frequency.npy"
 IGNORE_INDEX = -100
@@ -51,10 +57,15 @@ def segment_lengths(cu_seqlens: np.ndarray, labels: np.ndarray, seq_len: int) ->
 
 
 def step_segment_counts(micro_batches: list[dict[str, Any]], seq_len: int) -> np.ndarray:
-    """c[m], m = 0..L: segments with m label-carrying query positions over this rank's micro-batches
-    of one step (CPU tensors or numpy arrays). One bincount for the step."""
+    """(L + 2,) int64: c[m], m = 0..L, the segments with m label-carrying query positions over this
+    rank's micro-batches of one step (CPU tensors or numpy arrays; one bincount for the step), then
+    the number of windows of L tokens they hold."""
     lengths = [segment_lengths(_numpy(mb["cu_seqlens"]), _numpy(mb["labels"]), seq_len) for mb in micro_batches]
-    return np.bincount(np.concatenate(lengths), minlength=seq_len + 1).astype(np.int64)
+    tokens = sum(int(_numpy(mb["cu_seqlens"])[-1]) for mb in micro_batches)
+    if tokens % seq_len:
+        raise ValueError(f"micro-batches of {tokens} tokens are not whole windows of seq_len {seq_len}")
+    counts = np.bincount(np.concatenate(lengths), minlength=seq_len + 1).astype(np.int64)
+    return np.append(counts, tokens // seq_len)
 
 
 def counts_to_device(segment_counts: np.ndarray, device: Any) -> Any:
@@ -78,22 +89,32 @@ class PositionLedger:
     def __init__(self, seq_len: int) -> None:
         self.seq_len = seq_len
         self.frequency = np.zeros(seq_len, np.int64)
+        self.windows = 0  # windows of L tokens trained on (the unmasked curve is windows * (L - i))
         self.steps = 0  # steps added (from the run's start, across resumes)
 
+    @property
+    def unmasked(self) -> np.ndarray:
+        """f(i) of the same windows without document masking."""
+        return unmasked_distance_frequency(self.windows, self.seq_len)
+
     def add_segments(self, segment_counts: np.ndarray) -> None:
-        """Add one step's segment counts c[0..L], already summed over ranks."""
+        """Add one step's `step_segment_counts` (c[0..L] and the windows), already summed over ranks."""
         c = np.asarray(segment_counts)
-        if c.shape != (self.seq_len + 1,):
-            raise ValueError(f"segment counts of shape {c.shape}, expected ({self.seq_len + 1},)")
-        self.frequency += distance_frequency(c.astype(np.int64))
+        if c.shape != (self.seq_len + 2,):
+            raise ValueError(f"segment counts of shape {c.shape}, expected ({self.seq_len + 2},)")
+        self.frequency += distance_frequency(c[:-1].astype(np.int64))
+        self.windows += int(c[-1])
         self.steps += 1
 
     def summary(self) -> dict[str, float | int]:
-        """A few numbers for metrics.jsonl: f at L/2, 3L/4 and L-1, and the share of pairs at i >= L/2."""
-        f, L = self.frequency, self.seq_len
+        """A few numbers for metrics.jsonl: f at L/2, 3L/4 and L-1, masked and unmasked, and the
+        masked share of pairs at i >= L/2."""
+        f, u, L = self.frequency, self.unmasked, self.seq_len
         total = int(f.sum())
         return {"pf_half": int(f[L // 2]), "pf_three_quarters": int(f[3 * L // 4]), "pf_last": int(f[L - 1]),
-                "pf_far_share": float(f[L // 2:].sum() / total) if total else 0.0}
+                "pf_far_share": float(f[L // 2:].sum() / total) if total else 0.0,
+                "pf_unmasked_half": int(u[L // 2]), "pf_unmasked_three_quarters": int(u[3 * L // 4]),
+                "pf_unmasked_last": int(u[L - 1])}
 
     # ------------------------------------------------------------------ persistence
 
@@ -104,12 +125,15 @@ class PositionLedger:
 
     def meta(self) -> dict[str, Any]:
         """What meta.json records about the array written beside it (`to_bytes()`)."""
-        return {"file": FILENAME, "seq_len": self.seq_len, "steps": self.steps,
-                "counts": "query-key pairs whose query has a label"}
+        return {"file": FILENAME, "seq_len": self.seq_len, "steps": self.steps, "windows": self.windows,
+                "counts": "query-key pairs whose query has a label",
+                "unmasked": "windows * (seq_len - i): the same windows without document masking"}
 
-    def load(self, checkpoint: str | Path, meta: dict[str, Any] | None) -> None:
+    def load(self, checkpoint: str | Path, meta: dict[str, Any] | None, *, windows_per_step: int) -> None:
         """Restore from a checkpoint directory whose files `checkpoint.load_for_resume` has verified
-        (the ledger is one of the files whose size and xxh3_128 meta.json records)."""
+        (the ledger is one of the files whose size and xxh3_128 meta.json records). A ledger saved
+        before the window count was recorded gets steps x `windows_per_step` (every step trains the
+        same number of windows)."""
         path = Path(checkpoint) / FILENAME
         if meta is None:
             raise ValueError(f"{checkpoint} has no position-frequency ledger (written before slimpack "
@@ -126,6 +150,7 @@ class PositionLedger:
                              f"({self.seq_len},)")
         self.frequency = frequency
         self.steps = int(meta.get("steps", 0))
+        self.windows = int(meta.get("windows", self.steps * windows_per_step))
 
 
 def load_frequency(path: str | Path) -> np.ndarray:

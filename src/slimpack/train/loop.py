@@ -291,7 +291,8 @@ def train(cfg: TrainConfig) -> TrainReport:
         resume, meta = ckpt.load_for_resume(resume, model, optimizer, check=check_model,
                                             fall_back=cfg.checkpoint.resume == "auto")
         loader.load_state_dict(meta["loader"])
-        ledger.load(resume, meta.get("position_frequency"))
+        ledger.load(resume, meta.get("position_frequency"),
+                    windows_per_step=cfg.data.global_batch_tokens // cfg.data.seq_len)
         step, tokens_seen = meta["step"], meta["tokens"]
         run_id = meta.get("run_id", run_id)
         if is_main:
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
     niah = None
     if cfg.eval.niah_every_tokens > 0:
-        from slimpack.eval.niah import TrainingSweep
+        from slimpack.eval.sweep import TrainingSweep
 
         niah = TrainingSweep(cfg, mcfg, d.device, run_dir, is_main=is_main)
 

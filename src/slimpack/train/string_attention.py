@@ -21,6 +21,20 @@ FlashAttention calls merged by their log-sum-exp (lse):
 Queries with i < S have no shifted part and keep O_diag. Packed documents (cu_seqlens) are handled
 one document at a time by the reference and as ragged segments by the fused kernel.
 
+Two details follow the paper's public code (HKUNLP/STRING, `string_for_llama.py`) by default:
+
+- Logit scale. Its rotary tables are cos and sin multiplied by `attention_factor = 0.1 ln 2 + 1`
+  whenever STRING is on ("STRING will make the attention map smooth, we use the attention_factor to
+  recover it"), so q and k are both scaled and every logit, below S too, by its square (~1.143), in
+  prefill and decode. `StringConfig.scale` is that factor (1.0 turns it off); the queries carry
+  scale**2, which is the same product q.k.
+- The diagonal part in prefill. Its FlashAttention window `window_size=[S, 0]` is inclusive: the
+  diagonal part keeps d <= S, and the shifted part d >= S, so the key at distance exactly S is in
+  both (one key per query i >= S, scored once at position S and once at W). Its decode splits at
+  d < S / d >= S, each key once. `StringConfig.overlap=True` (default) does the same: packed
+  forwards (prefill, loss by position) keep d <= S in the diagonal part, decoding d < S.
+  `overlap=False` is slimpack's exact partition everywhere.
+
     string_attention(q_diag, q_shift, k, v, cu_seqlens, max_seqlen, shift=S, window=W, backend=...)
     string_attention_dense(q, k, v, cu_seqlens, shift=S, window=W, rope_theta=...)  # the reference
 
@@ -43,17 +57,34 @@ import torch
 from slimpack.train.model import rope_cos_sin
 
 
+PAPER_SCALE = 0.1 * math.log(2) + 1  # the paper code's attention_factor on cos and sin (logits x its square)
+
+
 @dataclass(frozen=True)
 class StringConfig:
-    """STRING's shift S and local window W (positions d >= S are used as d - S + W)."""
+    """STRING's shift S and local window W (positions d >= S are used as d - S + W), the factor on
+    cos and sin (`scale`; logits scale by its square) and whether packed forwards keep the key at
+    d = S in both parts as the paper's prefill does (`overlap`; see the module docstring)."""
 
     shift: int
     window: int = 128
+    scale: float = PAPER_SCALE
+    overlap: bool = True
 
     def __post_init__(self) -> None:
-        if self.shift <= 0 or not 0 <= self.window < self.shift:
-            raise ValueError(f"STRING needs 0 <= window < shift; got shift {self.shift}, window "
-                             f"{self.window} (the paper uses shift = training length / 3, window 128)")
+        if self.shift <= 0 or self.window < 0 or not self.scale > 0:
+            raise ValueError(f"STRING needs shift > 0, window >= 0 and scale > 0; got shift {self.shift}, window "
+                             f"{self.window}, scale {self.scale} (the paper: shift = 0.33-0.5 x length, window 128)")
+
+    @property
+    def logit_scale(self) -> float:
+        """What every q.k is multiplied by: the factor on cos and sin, squared."""
+        return self.scale * self.scale
+
+    @property
+    def diagonal_window(self) -> int:
+        """Keys kept by the diagonal part of a packed forward: d < this (S + 1 with the overlap)."""
+        return self.shift + 1 if self.overlap else self.shift
 
 
 def string_positions(length: int, string: StringConfig | None, device: torch.device | None = None) -> torch.Tensor:
@@ -70,12 +101,16 @@ def string_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
                            rows_per_block: int | None = None) -> torch.Tensor:
     """The reference: q (T, H, D), k/v (T, Hkv, D) NOT rotated; fp32 output (T, H, D).
 
-    Per document, score[h, i, j] = rope(q_i, P[i, j]) . k_j / sqrt(D), using that RoPE's
-    rope(q, i) . rope(k, j) equals rope(q, i - j) . k. Query rows go in blocks of `rows_per_block`,
+    Per document, score[h, i, j] = c rope(q_i, P[i, j]) . k_j / sqrt(D), c = string.logit_scale,
+    using that RoPE's rope(q, i) . rope(k, j) equals rope(q, i - j) . k. With `string.overlap`, query
+    i >= S also scores the key j = i - S a second time, at position S (the paper's inclusive
+    diagonal window): one more column in its softmax. Query rows go in blocks of `rows_per_block`,
     each materialising (rows, L, H, D) rotated queries: for tests and the bench's check.
     """
     T, H, D = q.shape
     groups = H // k.shape[1]
+    scale = (string.logit_scale if string is not None else 1.0) / math.sqrt(D)
+    overlap = string is not None and string.overlap
     out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
     for start, end in itertools.pairwise(cu_seqlens.tolist()):
         n = end - start
@@ -92,17 +127,31 @@ def string_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
             qd = q[start + r0:start + r1].float()[:, None].expand(m, n, H, D).reshape(m * n, H, D)
             x1, x2 = qd.chunk(2, dim=-1)
             q_rot = (qd * cos + torch.cat((-x2, x1), dim=-1) * sin).view(m, n, H, D)  # (i, j, H, D)
-            scores = torch.einsum("ijhd,jhd->hij", q_rot, kd) / math.sqrt(D)
+            scores = torch.einsum("ijhd,jhd->hij", q_rot, kd) * scale
             scores = scores.masked_fill(P[None, r0:r1] < 0, float("-inf"))
-            out[start + r0:start + r1] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vd)
+            if not overlap:
+                out[start + r0:start + r1] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), vd)
+                continue
+            # The key at d = S once more, rotated at S: row i's extra column (absent for i < S).
+            i = torch.arange(r0, r1, device=q.device)
+            j = (i - string.shift).clamp(min=0)
+            cos_s, sin_s = rope_cos_sin(torch.full((m,), string.shift, device=q.device), D, rope_theta)
+            qi = q[start + r0:start + r1].float()
+            y1, y2 = qi.chunk(2, dim=-1)
+            extra = torch.einsum("ihd,ihd->hi", qi * cos_s + torch.cat((-y2, y1), dim=-1) * sin_s, kd[j]) * scale
+            extra = extra.masked_fill((i < string.shift)[None], float("-inf"))
+            probs = torch.cat([scores, extra[..., None]], dim=-1).softmax(-1)  # (H, m, n + 1)
+            out[start + r0:start + r1] = (torch.einsum("hij,jhd->ihd", probs[..., :n], vd)
+                                          + probs[..., n].transpose(0, 1)[..., None] * vd[j])
     return out
 
 
 def string_attention(q_diag: torch.Tensor, q_shift: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      cu_seqlens: torch.Tensor, max_seqlen: int, *, string: StringConfig,
                      backend: str = "auto") -> torch.Tensor:
-    """STRING attention over packed documents; q_diag/q_shift (T, H, D) rotated at i and i - S + W,
-    k (T, Hkv, D) rotated at j, v (T, Hkv, D). Returns (T, H, D) in q's dtype."""
+    """STRING attention over packed documents; q_diag/q_shift (T, H, D) rotated at i and i - S + W
+    (and carrying `string.logit_scale`), k (T, Hkv, D) rotated at j, v (T, Hkv, D). The diagonal
+    part keeps d < `string.diagonal_window`. Returns (T, H, D) in q's dtype."""
     if backend == "auto":
         backend = "varlen" if q_diag.is_cuda and q_diag.dtype in (torch.float16, torch.bfloat16) else "sdpa_ref"
     elif backend not in ("varlen", "sdpa_ref"):
@@ -113,10 +162,10 @@ def string_attention(q_diag: torch.Tensor, q_shift: torch.Tensor, k: torch.Tenso
     q_rows = [torch.arange(a + S, b) for a, b in itertools.pairwise(bounds) if b - a > S]
     k_rows = [torch.arange(a, b - S) for a, b in itertools.pairwise(bounds) if b - a > S]
     if backend == "sdpa_ref":
-        o_diag, lse_diag = _attend_ref(q_diag, k, v, bounds, bounds, window=S)
+        o_diag, lse_diag = _attend_ref(q_diag, k, v, bounds, bounds, window=string.diagonal_window)
     else:
         o_diag, lse_diag = _attend_varlen(q_diag, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                          window=S)
+                                          window=string.diagonal_window)
     if not q_rows:  # every document is shorter than S: plain causal attention
         return o_diag.to(q_diag.dtype)
     qi = torch.cat(q_rows).to(q_diag.device)
