@@ -40,7 +40,8 @@ _STEP_FILE = re.compile(r"^step_(\d{8})\.(json|npy)$")
 _METRIC_DISTANCES = (("half", 1, 2), ("three_quarters", 3, 4), ("last", None, None))  # metrics pf_* keys
 # RUN_DIR/eval/<dir>: label and line style of each NIAH series (eval/niah.results_dir names them).
 _NIAH_SERIES = (("niah", "plain RoPE", "-"), ("niah-string", "STRING", "-"),
-                ("niah-keyed", "keyed protocol, plain RoPE", "--"), ("niah-keyed-string", "keyed protocol, STRING", "--"))
+                ("niah-keyed", "keyed protocol, plain RoPE", "--"),
+                ("niah-keyed-string", "keyed protocol, STRING", "--"))
 
 
 @dataclass

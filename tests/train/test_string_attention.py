@@ -98,7 +98,7 @@ def test_dense_reference_equals_the_paper_rules_row_by_row(string):
     scores at position d if d < S (d <= S with the overlap) and, if d >= S, at d - S + W; with the
     overlap the key at d = S is scored at both; every logit times scale^2 / sqrt(D)."""
     n, dim = 23, 16
-    q, k, v, pos, cu = _inputs([n], heads=2, kv_heads=1, dim=dim, seed=3)
+    q, k, v, _, cu = _inputs([n], heads=2, kv_heads=1, dim=dim, seed=3)
     got = string_attention_dense(q, k, v, cu, string=string, rope_theta=THETA)
     S, W = string.shift, string.window
     for i in range(n):

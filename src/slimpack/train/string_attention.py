@@ -56,7 +56,6 @@ import torch
 
 from slimpack.train.model import rope_cos_sin
 
-
 PAPER_SCALE = 0.1 * math.log(2) + 1  # the paper code's attention_factor on cos and sin (logits x its square)
 
 
