@@ -64,10 +64,31 @@ def test_loss_by_position_equals_each_document_alone(tiny_run: Path, train_data:
     assert rec["buckets"][-1]["loss"] < rec["buckets"][0]["loss"]
 
 
+def _dense_string_forward(model, ids: torch.Tensor, string) -> torch.Tensor:
+    """Logits of one document through the model's own modules with attention from the dense STRING
+    reference (every query-key pair rotated by its remapped position, the logit scale and the
+    paper's inclusive diagonal; held row by row to the paper code's rules in test_string_attention)."""
+    from slimpack.train.string_attention import string_attention_dense
+
+    n, cfg = len(ids), model.cfg
+    cu = torch.tensor([0, n], dtype=torch.int32)
+    h = model.tok_embeddings(ids)
+    for layer in model.layers:
+        att = layer.attention
+        x = layer.attention_norm(h)
+        q = att.wq(x).view(n, att.num_heads, att.head_dim)
+        k = att.wk(x).view(n, att.num_kv_heads, att.head_dim)
+        v = att.wv(x).view(n, att.num_kv_heads, att.head_dim)
+        out = string_attention_dense(q, k, v, cu, string=string, rope_theta=cfg.rope_theta)  # None: plain RoPE
+        h = h + att.wo(out.reshape(n, -1))
+        h = h + layer.feed_forward(layer.ffn_norm(h))
+    return model.output(model.norm(h)).float()
+
+
 def test_string_flags_evaluate_through_remapped_positions(tiny_run: Path, train_data: Path, tmp_path: Path) -> None:
-    """`--string-shift S --string-window W`: each document's loss through STRING's forward; positions
-    below S are untouched (no distance reaches S there), later ones change."""
-    from slimpack.eval.inference import forward_packed
+    """`--string-shift S --string-window W` (the paper's scale and diagonal by default; `auto`: S =
+    int(R x L)): each document's loss equals a model-level forward whose attention is the dense STRING
+    reference. The scale changes every position; with it off, positions below S are untouched."""
     from slimpack.train.model import ModelConfig, Transformer
     from slimpack.train.string_attention import StringConfig
 
@@ -75,24 +96,27 @@ def test_string_flags_evaluate_through_remapped_positions(tiny_run: Path, train_
             "--buckets", "4", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
     assert main([*args, "--string-shift", "24", "--string-window", "4", "--out", str(tmp_path / "string")]) == 0
-    plain = json.loads((tmp_path / "plain" / "step_00000006.json").read_text())
-    rec = json.loads((tmp_path / "string" / "step_00000006.json").read_text())
-    assert rec["string"] == {"shift": 24, "window": 4} and plain["string"] is None
+    assert main([*args, "--string-shift", "auto", "--string-ratio", "0.375", "--string-window", "4",
+                 "--string-scale", "1", "--string-diagonal", "exclusive", "--out", str(tmp_path / "unscaled")]) == 0
+    plain, rec, unscaled = (json.loads((tmp_path / d / "step_00000006.json").read_text())
+                            for d in ("plain", "string", "unscaled"))
+    assert plain["string"] is None
+    assert rec["string"]["shift"] == 24 and rec["string"]["window"] == 4 and rec["string"]["overlap"] is True
+    assert unscaled["string"]["shift"] == "auto" and unscaled["string"]["shift_by_length"] == {"64": 24}
 
     weights, meta = load_model_state_dict(latest_checkpoint(tiny_run / "checkpoints"))
     model = Transformer(ModelConfig(**meta["model_config"]), attention_backend="sdpa_ref")
     model.load_state_dict(weights)
-    losses = []
-    with torch.no_grad():
-        for doc in _validation_documents(train_data, 65)[:2]:
-            ids = torch.from_numpy(doc[:65])
-            hidden = forward_packed(model, ids[:-1], torch.arange(64), torch.tensor([0, 64], dtype=torch.int32), 64,
-                                    string=StringConfig(24, 4))
-            logits = model.output(hidden).float()
-            losses.append(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none"))
-    np.testing.assert_allclose(rec["mean_loss"], torch.stack(losses).double().mean(0).numpy(), rtol=1e-5)
-    np.testing.assert_allclose(rec["mean_loss"][:24], plain["mean_loss"][:24], rtol=1e-5)
-    assert not np.allclose(rec["mean_loss"][24:], plain["mean_loss"][24:], rtol=1e-5)
+    docs = [torch.from_numpy(d[:65]) for d in _validation_documents(train_data, 65)[:2]]
+    for record, string in ((rec, StringConfig(24, 4)), (unscaled, StringConfig(24, 4, scale=1.0, overlap=False)),
+                           (plain, None)):
+        with torch.no_grad():
+            losses = [torch.nn.functional.cross_entropy(_dense_string_forward(model, ids[:-1], string), ids[1:],
+                                                        reduction="none") for ids in docs]
+        np.testing.assert_allclose(record["mean_loss"], torch.stack(losses).double().mean(0).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(unscaled["mean_loss"][:24], plain["mean_loss"][:24], rtol=1e-5)
+    assert not np.allclose(unscaled["mean_loss"][24:], plain["mean_loss"][24:], rtol=1e-5)
+    assert not np.allclose(rec["mean_loss"][1:24], plain["mean_loss"][1:24], rtol=1e-5)  # the paper's scale
 
 
 def test_bad_inputs_are_one_line_errors(tiny_run: Path, train_data: Path, tmp_path: Path,
@@ -119,7 +143,7 @@ def test_bad_inputs_are_one_line_errors(tiny_run: Path, train_data: Path, tmp_pa
     (other / "meta.json").write_text(json.dumps(meta))
     assert main(["eval", "positions", str(other), "--data", str(train_data), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "do not have the shape its meta.json model_config describes" in err and "Traceback" not in err
+    assert "weights do not fit the model its meta.json describes" in err and "Traceback" not in err
 
 
 def test_training_evaluation_records_loss_by_position(tiny_run: Path) -> None:
