@@ -25,7 +25,9 @@ def test_training_writes_a_niah_sweep_every_n_tokens(tmp_path):
     for split, n_docs in (("train", 40), ("validation", 12)):
         path = tmp_path / "corpus" / split / "chunk1" / f"example_{split}_0.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randrange(40, 200))) for _ in range(n_docs)]
+        # Sentences (the paper protocol grows its haystack a sentence, split on ".", at a time).
+        docs = [" ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(rng.randrange(40, 200)))
+                for _ in range(n_docs)]
         path.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "Synthetic"}}) + "\n"
                                 for t in docs))
     report = run_tokenize([str(tmp_path / "corpus")], str(tmp_path / "shards"), TokenizeConfig(block_tokens=512),
@@ -47,7 +49,25 @@ def test_training_writes_a_niah_sweep_every_n_tokens(tmp_path):
     assert files == ["step_00000002.json", "step_00000004.json"]
     sweep = json.loads((run / "eval" / "niah" / "step_00000004.json").read_text())
     assert sweep["step"] == 4 and sweep["tokens"] == 2048
-    assert set(sweep["accuracy"]) == {"128", "256"} and isinstance(sweep["effective_length"], int)
+    # The paper protocol: 128 answer tokens reserved, so of 128 and 256 only 256 holds a prompt.
+    assert sweep["config"]["protocol"] == "paper" and sweep["config"]["max_new_tokens"] == 128
+    assert set(sweep["accuracy"]) == {"256"} and sweep["examples"]["256"]["prompt_tokens"] > 128
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     niah = [r for r in records if r["kind"] == "niah"]
     assert [r["step"] for r in niah] == [2, 4] and niah[1]["niah_accuracy"] == sweep["accuracy"]
+    # `slimpack eval niah` on the final checkpoint (the same step) with the same samples and
+    # haystack gives the same report: the training sweep is the command's measurement.
+    import torch
+
+    from slimpack.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trainer ran (OMP_NUM_THREADS=1): the same float sums, bit for bit
+    try:
+        assert main(["eval", "niah", str(run), "--data", str(tmp_path / "shards"), "--samples", "2",
+                     "--device", "cpu", "--no-progress", "--out", str(tmp_path / "cli")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    cli = json.loads((tmp_path / "cli" / "step_00000004.json").read_text())
+    assert cli["effective_length"] == sweep["effective_length"] and cli["accuracy"] == sweep["accuracy"]
+    assert cli["examples"] == sweep["examples"] and cli["config"] == sweep["config"]

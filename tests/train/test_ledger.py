@@ -57,6 +57,13 @@ def test_step_counts_equal_brute_force(lengths: list[int], seq_len: int, sequenc
     np.testing.assert_array_equal(ledger.frequency, sum(_brute_force(mb, seq_len) for mb in mbs))
     # f(0) is the count of valid labels: the tokens the loss is averaged over.
     assert ledger.frequency[0] == sum(int((mb["labels"] != packing.IGNORE_INDEX).sum()) for mb in mbs)
+    # Without document masking every window is one causal segment: all pairs (q >= k) of each window.
+    assert ledger.windows == sequences + 1
+    unmasked = np.zeros(seq_len, np.int64)
+    for q in range(seq_len):
+        for k in range(q + 1):
+            unmasked[q - k] += sequences + 1
+    np.testing.assert_array_equal(ledger.unmasked, unmasked)
 
 
 def test_one_epoch_of_the_loader_equals_shards_stats(train_data: Path) -> None:
@@ -74,32 +81,39 @@ def test_one_epoch_of_the_loader_equals_shards_stats(train_data: Path) -> None:
         for micro_batches in loader:
             ledger.add_segments(step_segment_counts(micro_batches, L))
         pf = compute_stats(train_data, seq_lens=(L,), workers=1, seed=seed).position_frequency[str(L)]
-        assert pf["windows"] == ledger.steps
-        assert ledger.frequency.tolist() == pf["masked"]
+        assert pf["windows"] == ledger.steps == ledger.windows
+        assert ledger.frequency.tolist() == pf["masked"] and ledger.unmasked.tolist() == pf["unmasked"]
 
 
 def test_ledger_summary_and_persistence(tmp_path: Path) -> None:
     ledger = PositionLedger(8)
-    counts = np.zeros(9, np.int64)
-    counts[[8, 3]] = [2, 1]  # two full windows, one segment of 3
+    counts = np.zeros(10, np.int64)
+    counts[[8, 3, 9]] = [2, 1, 3]  # two whole-window segments, one of 3; three windows
     ledger.add_segments(counts)
-    np.testing.assert_array_equal(ledger.frequency, distance_frequency(counts))
+    np.testing.assert_array_equal(ledger.frequency, distance_frequency(counts[:-1]))
     assert ledger.frequency.tolist() == [19, 16, 13, 10, 8, 6, 4, 2]
+    assert ledger.unmasked.tolist() == [24, 21, 18, 15, 12, 9, 6, 3]
     assert ledger.summary() == {"pf_half": 8, "pf_three_quarters": 4, "pf_last": 2,
-                                "pf_far_share": pytest.approx(20 / 78)}
+                                "pf_far_share": pytest.approx(20 / 78), "pf_unmasked_half": 12,
+                                "pf_unmasked_three_quarters": 6, "pf_unmasked_last": 3}
+    with pytest.raises(ValueError, match=r"segment counts of shape \(9,\), expected \(10,\)"):
+        ledger.add_segments(counts[:-1])
 
     data = ledger.to_bytes()
     meta = ledger.meta()
     (tmp_path / FILENAME).write_bytes(data)
     restored = PositionLedger(8)
-    restored.load(tmp_path, meta)
-    assert restored.frequency.dtype == np.int64 and restored.steps == 1
+    restored.load(tmp_path, meta, windows_per_step=99)
+    assert restored.frequency.dtype == np.int64 and restored.steps == 1 and restored.windows == 3
     np.testing.assert_array_equal(restored.frequency, ledger.frequency)
+    legacy = PositionLedger(8)  # saved before the window count was recorded: steps x windows per step
+    legacy.load(tmp_path, {k: v for k, v in meta.items() if k != "windows"}, windows_per_step=5)
+    assert legacy.windows == 5 and legacy.unmasked[0] == 40
 
     with pytest.raises(ValueError, match=r"seq_len 8, this run has data\.seq_len=16"):
-        PositionLedger(16).load(tmp_path, meta)
+        PositionLedger(16).load(tmp_path, meta, windows_per_step=1)
     with pytest.raises(ValueError, match="no position-frequency ledger"):
-        PositionLedger(8).load(tmp_path, None)
+        PositionLedger(8).load(tmp_path, None, windows_per_step=1)
     (tmp_path / FILENAME).unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
-        PositionLedger(8).load(tmp_path, meta)
+        PositionLedger(8).load(tmp_path, meta, windows_per_step=1)

@@ -385,7 +385,8 @@ def test_ledger_of_two_ranks_equals_one_rank_count(dataset, uninterrupted):
     final = list_checkpoints(uninterrupted / "checkpoints")[-1]
     got = np.load(final / "position_frequency.npy", allow_pickle=False)
     assert got.dtype == np.int64 and got.tolist() == want.frequency.tolist()
-    assert json.loads((final / "meta.json").read_text())["position_frequency"]["steps"] == 6
+    recorded = json.loads((final / "meta.json").read_text())["position_frequency"]
+    assert recorded["steps"] == 6 and recorded["windows"] == want.windows == 6 * 8  # summed over the ranks
     history = np.load(uninterrupted / "position_frequency" / "step_00000006.npy", allow_pickle=False)
     assert history.tolist() == want.frequency.tolist()
     last = _records(uninterrupted, "train")[-1]

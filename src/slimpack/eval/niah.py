@@ -399,8 +399,10 @@ class StringChoice:
                 "overlap": self.overlap, "shift_by_length": {}}
 
 
-def default_lengths(max_length: int, step: int = 128) -> tuple[int, ...]:
-    return tuple(range(step, max_length + 1, step)) or (max_length,)
+def default_lengths(max_length: int, step: int = 128, *, above: int = 0) -> tuple[int, ...]:
+    """Multiples of `step` up to `max_length` that exceed `above` (the paper protocol's answer
+    reserve: its prompts hold L - max_new_tokens); `max_length` alone if none."""
+    return tuple(n for n in range(step, max_length + 1, step) if n > above) or (max_length,)
 
 
 def haystack_tokens(lengths: Sequence[int]) -> int:

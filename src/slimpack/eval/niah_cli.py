@@ -14,6 +14,7 @@ Each slimpack checkpoint's report goes to RUN_DIR/eval/niah/step_NNNNNNNN.json (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -111,17 +112,19 @@ def run_command(args: argparse.Namespace) -> int:
         if string is not None and engine.meta is None:
             raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
                              f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
+        cfg = NiahConfig(lengths=(1,), protocol=args.protocol, samples=args.samples, needles=args.needles,
+                         min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
+                         seed=args.seed, max_new_tokens=args.max_new_tokens)
         if args.lengths:
             lengths = tuple(int(x) for x in args.lengths.split(","))
-        else:
-            lengths = default_lengths(args.max_length or engine.train_length or engine.max_length, args.length_step)
+        else:  # the paper's prompts hold L - max_new_tokens: lengths up to that have none
+            lengths = default_lengths(args.max_length or engine.train_length or engine.max_length, args.length_step,
+                                      above=cfg.answer_tokens if cfg.protocol == "paper" else 0)
         too_long = [n for n in lengths if n > engine.max_length]
         if too_long:
             raise ValueError(f"length {max(too_long)} exceeds {path}'s maximum of {engine.max_length} tokens "
                              f"(max_seq_len); pass --lengths up to {engine.max_length}")
-        cfg = NiahConfig(lengths=lengths, protocol=args.protocol, samples=args.samples, needles=args.needles,
-                         min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
-                         seed=args.seed, max_new_tokens=args.max_new_tokens)
+        cfg = dataclasses.replace(cfg, lengths=lengths)
         if haystack is None:
             haystack = _haystack(args, tok, cfg)
         report = run_niah(engine.generate, tok.decode, encode, haystack, cfg, bos_id=tok.bos_id,

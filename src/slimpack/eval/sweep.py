@@ -37,8 +37,10 @@ from slimpack.train.model import Transformer
 
 def sweep_config(cfg: Any) -> NiahConfig:
     """The NIAH configuration a training config asks for."""
-    return NiahConfig(lengths=default_lengths(cfg.data.seq_len, cfg.eval.niah_length_step),
-                      protocol=cfg.eval.niah_protocol, samples=cfg.eval.niah_samples)
+    niah = NiahConfig(lengths=(cfg.data.seq_len,), protocol=cfg.eval.niah_protocol, samples=cfg.eval.niah_samples)
+    above = niah.answer_tokens if niah.protocol == "paper" else 0
+    return dataclasses.replace(niah, lengths=default_lengths(cfg.data.seq_len, cfg.eval.niah_length_step,
+                                                             above=above))
 
 
 class TrainingSweep:
