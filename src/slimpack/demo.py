@@ -180,7 +180,7 @@ def step_train(ctx: dict[str, Any]) -> None:
 
 
 def step_positions(ctx: dict[str, Any]) -> None:
-    """Loss by position of the demo model at each kept checkpoint, then the run's figures."""
+    """Loss by position of the demo model at each kept checkpoint."""
     from slimpack.cli import main as slimpack_main
     from slimpack.train.checkpoint import list_checkpoints
 
@@ -189,23 +189,24 @@ def step_positions(ctx: dict[str, Any]) -> None:
         if slimpack_main(["eval", "positions", str(ckpt), "--data", str(ctx["shards"]), "--max-documents", "8",
                           "--buckets", "8", "--device", "cpu"]) != 0:
             raise RuntimeError(f"eval positions failed on {ckpt}")
-    if slimpack_main(["plot", str(run_dir)]) != 0:
-        raise RuntimeError("plot failed")
 
 
 def step_niah(ctx: dict[str, Any]) -> None:
-    """A short needle sweep on the demo's model (two lengths, a few samples): the harness end to end,
-    haystack from the demo's validation split. A 24-step model retrieves nothing; the numbers that
-    matter come from `slimpack eval niah` on a trained checkpoint."""
+    """A short needle sweep (the paper protocol, two lengths, a few samples, a 32-token answer
+    budget) over every kept checkpoint of the demo's run, haystack from its validation split, then
+    the run's figures. A 24-step model retrieves nothing; the numbers that matter come from
+    `slimpack eval niah` on a trained checkpoint."""
     from slimpack.cli import main as slimpack_main
 
-    out = ctx["out"] / "niah" / "niah.json"
-    argv = ["eval", "niah", str(ctx["out"] / "train"), "--data", str(ctx["shards"]), "--lengths", "128,256",
-            "--samples", "4", "--device", "cpu", "--out", str(out)]
+    run_dir = ctx["out"] / "train"
+    argv = ["eval", "niah", str(run_dir), "--every", "1", "--data", str(ctx["shards"]), "--lengths", "128,256",
+            "--max-new-tokens", "32", "--samples", "4", "--device", "cpu"]
     if not ctx["progress"]:
         argv.append("--no-progress")
     if slimpack_main(argv) != 0:
         raise RuntimeError("eval niah failed; see above")
+    if slimpack_main(["plot", str(run_dir)]) != 0:
+        raise RuntimeError("plot failed")
 
 
 STEPS: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
