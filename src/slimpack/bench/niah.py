@@ -15,8 +15,8 @@ text (as `slimpack demo` builds it). In order:
   decode timed apart (tokens/s each). Random weights never emit EOS, so every sample decodes all
   128 tokens: the worst case of the early stop;
 - hf: Hugging Face `generate` (greedy, its KV cache, SDPA) on the exported model, --hf-samples per
-  length (prompts of one token count batched together, as HF needs no padding then), tokens/s
-  against ours on the same samples; its full sweep time is scaled from them;
+  length batched left-padded under an attention mask, tokens/s against ours on the same samples;
+  its full sweep time is scaled from them;
 - string: the sweep with STRING (--string-shift, default training length 2048 / 3; window 128) and
   without, on --string-samples per length: STRING's cost as a ratio of times.
 """
@@ -247,7 +247,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     res["ours_at_hf_samples"] = sweep(ours(), args.hf_samples, name="ours (hf sample count)")
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(model.state_dict(), cfg, Path(tmp) / "hf", dtype=dtype)
-        engine = hf_engine(Path(tmp) / "hf", device=device, dtype=dtype, eos_ids=eos)
+        engine = hf_engine(Path(tmp) / "hf", device=device, dtype=dtype, eos_ids=eos, pad_left=True)
         res["hf"] = sweep(engine.generate, args.hf_samples, name="hf generate")
         del engine
     res["hf"]["scaled_sweep_seconds"] = res["hf"]["seconds"] * args.samples / args.hf_samples

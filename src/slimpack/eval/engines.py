@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from slimpack.eval.inference import greedy_generate
+from slimpack.eval.niah import Generate
 from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
 from slimpack.train.model import ModelConfig, Transformer
 
@@ -68,9 +69,6 @@ def load_slimpack_model(path: str | Path, *, device: torch.device, dtype: torch.
     return model.to(device=device, dtype=dtype).eval(), meta
 
 
-Generate = Callable[[list[np.ndarray], int, Any], list[list[int]]]
-
-
 @dataclass
 class Engine:
     """A loaded model: a name, its longest usable prompt, and batched greedy generation."""
@@ -102,9 +100,11 @@ def slimpack_engine(model: Transformer, *, name: str, train_length: int | None, 
 
 
 def hf_engine(path: str | Path, *, device: torch.device, dtype: torch.dtype, eos_ids: Sequence[int] = (),
-              batch_samples: int = 0) -> Engine:
+              batch_samples: int = 0, pad_left: bool = False) -> Engine:
     """A Hugging Face Llama directory through transformers' own `generate` (greedy, KV cache, offline).
-    Prompts of one length go together (no padding, as the paper's script decodes one at a time)."""
+    Prompts of one length go together (no padding: the answers are the paper script's, which decodes
+    one prompt at a time); `pad_left` batches them all, left-padded under an attention mask, as a
+    user batching `generate` would (the bench's baseline: fewer, larger batches)."""
     import transformers
 
     path = Path(path)
@@ -122,19 +122,24 @@ def hf_engine(path: str | Path, *, device: torch.device, dtype: torch.dtype, eos
         if string is not None:
             raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
                              f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
-        by_length: dict[int, list[int]] = defaultdict(list)
+        groups: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
-            by_length[len(p)].append(i)
+            groups[0 if pad_left else len(p)].append(i)
         out: list[list[int]] = [[] for _ in prompts]
-        for rows in by_length.values():
+        for rows in groups.values():
             step = batch_samples or len(rows)
             for r0 in range(0, len(rows), step):
                 chunk = rows[r0:r0 + step]
-                ids = torch.as_tensor(np.stack([prompts[i] for i in chunk]), device=device)
+                width = max(len(prompts[i]) for i in chunk)
+                ids = torch.zeros((len(chunk), width), dtype=torch.int64)
+                mask = torch.zeros_like(ids)
+                for r, i in enumerate(chunk):
+                    ids[r, width - len(prompts[i]):] = torch.as_tensor(prompts[i])
+                    mask[r, width - len(prompts[i]):] = 1
                 with torch.no_grad():
-                    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                    gen = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
                                          do_sample=False, eos_token_id=list(eos_ids) or None, pad_token_id=0)
-                for i, row in zip(chunk, gen[:, ids.shape[1]:].tolist(), strict=True):
+                for i, row in zip(chunk, gen[:, width:].tolist(), strict=True):
                     out[i] = row
         return out
 
