@@ -300,6 +300,11 @@ def test_bad_inputs_get_one_line_errors(run_dir, haystack_file, tmp_path, capsys
     assert "S >= 2" in _error([*base, "--haystack", str(haystack_file), "--string-shift", "1"], capsys)
     assert "neither a slimpack checkpoint" in _error(["eval", "niah", str(tmp_path), "--haystack",
                                                       str(haystack_file)], capsys)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text("{}")
+    assert "STRING runs on slimpack checkpoints only" in _error(
+        ["eval", "niah", str(hf_dir), "--haystack", str(haystack_file), "--string-shift", "64"], capsys)
     meta = json.loads((step / "meta.json").read_text())
     other = tmp_path / "other" / step.name
     shutil.copytree(step, other)

@@ -120,8 +120,7 @@ def hf_engine(path: str | Path, *, device: torch.device, dtype: torch.dtype, eos
 
     def generate(prompts: list[np.ndarray], new: int, string: Any) -> list[list[int]]:
         if string is not None:
-            raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
-                             f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
+            raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only")
         groups: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             groups[0 if pad_left else len(p)].append(i)

@@ -94,7 +94,7 @@ def _models(paths: list[str], every: int) -> list[Path]:
 def run_command(args: argparse.Namespace) -> int:
     import torch
 
-    from slimpack.eval.engines import open_engine, resolve_device, resolve_dtype
+    from slimpack.eval.engines import is_slimpack_path, open_engine, resolve_device, resolve_dtype
     from slimpack.tokenize.tokenizer import Llama3Tokenizer
 
     if (args.data is None) == (args.haystack is None):
@@ -105,13 +105,12 @@ def run_command(args: argparse.Namespace) -> int:
     tok = Llama3Tokenizer()
     encode = tok.encoding.encode_ordinary
     haystack: Any = None
-    status = 0
     for path in _models(args.models, args.every):
+        if string is not None and not is_slimpack_path(path):
+            raise ValueError(f"{path} is not a slimpack checkpoint: STRING runs on slimpack checkpoints only "
+                             f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
         engine = open_engine(path, device=device, dtype=dtype, eos_ids=(tok.eos_id,), backend=args.attention_backend,
                              batch_samples=args.batch_samples)
-        if string is not None and engine.meta is None:
-            raise ValueError(f"{path} is a Hugging Face directory: STRING runs on slimpack checkpoints only "
-                             f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
         cfg = NiahConfig(lengths=(1,), protocol=args.protocol, samples=args.samples, needles=args.needles,
                          min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
                          seed=args.seed, max_new_tokens=args.max_new_tokens)
@@ -146,7 +145,7 @@ def run_command(args: argparse.Namespace) -> int:
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return status
+    return 0
 
 
 def _haystack(args: argparse.Namespace, tok: Any, cfg: NiahConfig) -> Any:
