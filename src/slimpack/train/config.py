@@ -124,7 +124,7 @@ class EvalSection:
     # Needle in a haystack (slimpack.eval.niah) every N training tokens, 0: never (the paper: every
     # 10B). A smaller sweep than `slimpack eval niah`: niah_samples prompts at each multiple of
     # niah_length_step up to data.seq_len, haystack from the held-out split above; rank 0 runs it
-    # on a replica of the weights and writes RUN_DIR/eval/niah/step_NNNNNNNN.json (eval/sweep.py).
+    # on a replica of the weights and writes RUN_DIR/eval/niah/step_NNNNNNNN.json (train/niah_sweep.py).
     niah_every_tokens: int = 0
     niah_samples: int = 50
     niah_length_step: int = 128

@@ -304,7 +304,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     val_set = build_val_set(cfg, d) if cfg.eval.every_steps > 0 else []
     niah = None
     if cfg.eval.niah_every_tokens > 0:
-        from slimpack.eval.sweep import TrainingSweep
+        from slimpack.train.niah_sweep import TrainingSweep
 
         niah = TrainingSweep(cfg, mcfg, d.device, run_dir, is_main=is_main)
 
