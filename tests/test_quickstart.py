@@ -60,3 +60,9 @@ def test_the_quickstart_runs_as_written(tmp_path: Path, demo_corpus: Path) -> No
     assert {"summary.json", "position_frequency.png", "loss_by_position.png"} <= plots
     # Everything the walk-through creates is under quickstart/ (ignored by git).
     assert {p.name for p in tmp_path.iterdir()} == before | {"quickstart"}
+
+
+def test_the_readme_and_configs_name_one_production_dataset():
+    texts = [REPO / "README.md", *sorted((REPO / "configs").rglob("*"))]
+    paths = {m for p in texts if p.is_file() for m in re.findall(r"(?<![\w.])/shards/[\w.-]+", p.read_text())}
+    assert paths == {"/shards/slimpajama"}
