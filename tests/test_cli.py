@@ -107,9 +107,9 @@ def test_cpu_tools_run_without_the_extras(tmp_path):
     assert [got[k] for k in ("plots", "train", "parquet", "s3")] == [2, 2, 2, 2]
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert errors == [
-        "slimpack pipeline: error: " + f"{tmp_path / 'corpus'}/slimpack.json: missing; point at a merged "
+        "slimpack pipeline digest: error: " + f"{tmp_path / 'corpus'}/slimpack.json: missing; point at a merged "
         "slimpack dataset (`slimpack tokenize ... --out DIR` writes one)",
-        "slimpack shards: error: needs matplotlib: pip install 'slimpack[plots]'",
+        "slimpack shards stats: error: needs matplotlib: pip install 'slimpack[plots]'",
         "slimpack train: error: needs torch: pip install 'slimpack[train]'",
         "slimpack tokenize: error: needs pyarrow: pip install 'slimpack[parquet]'",
         "slimpack tokenize: error: needs s3fs: pip install 'slimpack[s3]'",

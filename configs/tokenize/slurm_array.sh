@@ -14,7 +14,7 @@
 set -euo pipefail
 
 INPUT=${INPUT:-/data/SlimPajama-627B}
-OUT=${OUT:-/data/shards/slimpajama-llama3}   # or s3://bucket/prefix
+OUT=${OUT:-/shards/slimpajama}   # or s3://bucket/prefix
 
 slimpack tokenize "$INPUT" --out "$OUT" \
     --config configs/tokenize/slimpajama.toml \

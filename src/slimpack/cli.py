@@ -1,8 +1,9 @@
 """The `slimpack` command: one subcommand per stage, each registered by its own module.
 
 Registering imports nothing heavy; a subcommand's handler imports what it needs. Errors a user can
-fix end in one line, `slimpack CMD: error: ...`, with a status from `exitcodes`: a bad flag, value,
-path or a missing extra (`extras`) is a usage error, a dataset that cannot be used is UNUSABLE.
+fix end in one line prefixed with the full command, `slimpack shards inspect: error: ...`, with a
+status from `exitcodes`: a bad flag, value, path or a missing extra (`extras`) is a usage error, a
+dataset that cannot be used is UNUSABLE.
 """
 
 from __future__ import annotations
@@ -44,12 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _record_command_names(parser)
     return parser
+
+
+def _record_command_names(parser: argparse.ArgumentParser) -> None:
+    """Give every command's parser its full name (`slimpack shards inspect`) as the default of
+    `command_prog`, the prefix of its error lines."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subcommands:
+        parser.set_defaults(command_prog=parser.prog)
+    for action in subcommands:
+        for subparser in action.choices.values():
+            _record_command_names(subparser)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_handler(f"slimpack {args.command}", args.func, args)
+    return run_handler(args.command_prog, args.func, args)
 
 
 def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:

@@ -1,7 +1,9 @@
 """Typed configs from TOML with command-line overrides; precedence: CLI > file > defaults.
 
-Each stage defines one frozen dataclass (nested dataclasses for sections). `load_config` builds it
-from a TOML file and `key=value` overrides (`optim.lr=3e-4`), refusing unknown keys by name.
+Each stage defines one frozen dataclass (nested dataclasses for sections: `[optim]` for train,
+`[tokenize]` for tokenize). `load_config` builds it from a TOML file and `--set section.key=value`
+overrides (`optim.lr=3e-4`, `tokenize.text_field=body`), refusing unknown keys by name and a
+section's key given without its section with the spelling to use.
 """
 
 from __future__ import annotations
@@ -25,19 +27,34 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """`["a.b=1", "c=x"]` -> nested dict."""
+def parse_overrides(items: Iterable[str], cls: type | None = None) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` -> nested dict. With the config class `cls`, a key that is no top-level
+    field of it but a key of one of its sections (`text_field` for `tokenize.text_field`) is
+    refused with the sectioned spelling."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not key=value (for example optim.lr=3e-4)")
+        if cls is not None:
+            _check_section(cls, key.strip(), value)
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = parse_value(value.strip())
     return out
+
+
+def _check_section(cls: type, key: str, value: str) -> None:
+    if "." in key or key in {f.name for f in dataclasses.fields(cls)}:
+        return
+    hints = typing.get_type_hints(cls)
+    sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+                and key in {g.name for g in dataclasses.fields(hints[f.name])}]
+    if sections:
+        spelled = " or ".join(f"--set {section}.{key}={value}" for section in sections)
+        raise ValueError(f"--set {key}={value}: name the key's section: {spelled}")
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def test_cli_says_one_error_line(escaped, capsys: pytest.CaptureFixture) -> None
     assert main(["pipeline", "digest", str(root), "--seq-len", "16", "--global-batch-tokens", "64",
                  "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("slimpack pipeline: error: ") and err.count("\n") == 1
+    assert err.startswith("slimpack pipeline digest: error: ") and err.count("\n") == 1
     assert "'parts/../../outside/shard.00000.mds.zstd' has a '..' step" in err
 
 

@@ -248,5 +248,5 @@ def test_a_store_that_stays_away_fails_with_one_line(endpoint, dataset, s3, tmp_
                  "--steps", "1", "--cache-dir", str(tmp_path / "c2"), "--fetch-attempts", "2",
                  "--fetch-backoff-max", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"slimpack pipeline: error: {url}/slimpack.json: read failed 2 times over ")
+    assert err.startswith(f"slimpack pipeline digest: error: {url}/slimpack.json: read failed 2 times over ")
     assert err.count("\n") == 1 and "fetch_attempts" in err

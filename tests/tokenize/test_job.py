@@ -140,7 +140,7 @@ def test_sigkill_mid_run_then_rerun_is_byte_identical(demo_corpus: Path, tmp_pat
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "slimpack", "tokenize", str(inp), "--out", str(out), "--workers", "2",
            "--no-progress", "--block-tokens", str(SMALL.block_tokens),
-           "--set", f"shard_size_limit={SMALL.shard_size_limit}"]
+           "--set", f"tokenize.shard_size_limit={SMALL.shard_size_limit}"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(out.glob("parts/**/stats.json"))) < 3:
@@ -300,8 +300,8 @@ def test_a_part_whose_every_record_lacks_the_text_field_fails_naming_the_fields(
     assert not report.ok and not report.merged and report.parts_done == []
     a, b = report.parts_failed["a.parquet"], report.parts_failed["b.jsonl"]
     assert "all 2 records were skipped as missing_text" in a and "'text'" in a
-    assert "content, id" in a and "--set text_field=" in a
-    assert "all 3 records were skipped as missing_text" in b and "body, meta" in b and "--set text_field=" in b
+    assert "content, id" in a and "--set tokenize.text_field=" in a
+    assert "all 3 records were skipped as missing_text" in b and "body, meta" in b and "--set tokenize.text_field=" in b
     assert not (tmp_path / "out" / schema.MANIFEST_FILENAME).exists()
     # The fix the message names works.
     fixed = _run([inp / "a.parquet"], tmp_path / "fixed", cfg=TokenizeConfig(text_field="content"))
@@ -411,7 +411,7 @@ def _small_inputs(inp: Path, files: int = 8, docs: int = 150) -> Path:
 
 def _tokenize_cmd(inputs: list[Path], out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "slimpack", "tokenize", *map(str, inputs), "--out", str(out), "--no-progress",
-            "--block-tokens", str(SMALL.block_tokens), "--set", f"shard_size_limit={SMALL.shard_size_limit}",
+            "--block-tokens", str(SMALL.block_tokens), "--set", f"tokenize.shard_size_limit={SMALL.shard_size_limit}",
             *extra]
 
 

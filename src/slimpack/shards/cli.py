@@ -86,22 +86,19 @@ def _validate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
         print(f"  report: {args.json}")
+    if report.unusable:  # the report is written; the error line and status are every command's
+        raise exitcodes.UnusableDatasetError(report.unusable)
     return report.exit_status
 
 
 def _stats(args: argparse.Namespace) -> int:
     from slimpack.extras import require
     from slimpack.shards.stats import compute_stats, write_plots
-    from slimpack.shards.validate import UnusableInputError
 
     if args.plots:
         require("matplotlib")  # before the pass over every shard, not after it
-    try:
-        report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
-                               seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
-    except UnusableInputError as err:
-        print(f"slimpack shards stats: error: {err}", file=sys.stderr)
-        return exitcodes.UNUSABLE
+    report = compute_stats(args.path, seq_lens=args.seq_len, workers=args.workers, split=args.split,
+                           seed=args.seed, progress=not args.no_progress and sys.stderr.isatty())
     print(report.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")

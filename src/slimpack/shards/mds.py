@@ -385,8 +385,15 @@ class MDSDataset:
         self.root = Path(root)
         index_path = self.root / schema.INDEX_FILENAME
         if not index_path.exists():
-            raise FileNotFoundError(f"{index_path}: no MDS index here; point at a dataset directory")
-        self.shards = parse_index(read_json(index_path), str(index_path))
+            raise ShardFormatError(f"{index_path}: no MDS index here; point at a dataset directory "
+                                   "(`slimpack tokenize ... --out DIR` writes one, `slimpack shards merge` "
+                                   "completes an unmerged one)")
+        try:
+            index = read_json(index_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ShardFormatError(f"{index_path} is not readable JSON ({err}); re-run `slimpack shards merge`") \
+                from err
+        self.shards = parse_index(index, str(index_path))
         counts = np.asarray([s.samples for s in self.shards], np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)])
         self._cache: tuple[int, Shard] | None = None

@@ -21,9 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="this node's rank (default: Slurm or RANK env, else 0)")
     p.add_argument("--num-nodes", type=int, default=None,
                    help="number of nodes (default: Slurm or WORLD_SIZE env, else 1)")
-    p.add_argument("--config", help="TOML file with [tokenize] settings")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set block_tokens=32768")
+    p.add_argument("--config", help="TOML file with a [tokenize] table (configs/tokenize/slimpajama.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, e.g. --set tokenize.block_tokens=32768 (repeatable)")
     p.add_argument("--block-tokens", type=int, help="target tokens per sample (default 65536)")
     p.add_argument("--on-bad-record", choices=["skip", "fail"], help="skip and count (default) or fail the part")
     p.add_argument("--no-compression", action="store_true", help="write uncompressed shards")
@@ -35,23 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_tokenize_config(args: argparse.Namespace):
-    import tomllib
+    """Defaults, then `--config`'s `[tokenize]` table, then `--set tokenize.KEY=VALUE`, then the flags."""
+    from slimpack.config import load_config, parse_overrides
+    from slimpack.tokenize.job import TokenizeSettings
 
-    from slimpack.config import from_dict, parse_overrides
-    from slimpack.tokenize.job import TokenizeConfig
-
-    data = {}
-    if args.config:
-        with open(args.config, "rb") as f:
-            data = tomllib.load(f).get("tokenize", {})
-    data.update(parse_overrides(args.set))
+    overrides = parse_overrides(args.set, TokenizeSettings)
+    flags = overrides.setdefault("tokenize", {})
+    if not isinstance(flags, dict):
+        raise ValueError("--set tokenize=...: set its keys, for example --set tokenize.block_tokens=32768")
     if args.block_tokens is not None:
-        data["block_tokens"] = args.block_tokens
+        flags["block_tokens"] = args.block_tokens
     if args.on_bad_record is not None:
-        data["on_bad_record"] = args.on_bad_record
+        flags["on_bad_record"] = args.on_bad_record
     if args.no_compression:
-        data["compression"] = None
-    return from_dict(TokenizeConfig, data, "tokenize")
+        flags["compression"] = None
+    return load_config(TokenizeSettings, args.config, overrides).tokenize
 
 
 def run(args: argparse.Namespace) -> int:

@@ -74,6 +74,14 @@ class TokenizeConfig:
         mds.compress(self.compression, b"")  # refuses unknown compression names early
 
 
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """What `--config FILE` and `--set` configure: the file's `[tokenize]` table, whose keys
+    `--set tokenize.KEY=VALUE` overrides (configs/tokenize/slimpajama.toml)."""
+
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
 class BadRecordError(RuntimeError):
     """A bad record under `--on-bad-record fail`."""
 
@@ -85,11 +93,11 @@ class AllRecordsSkippedError(RuntimeError):
 
 # How to fix an input whose every record was skipped for this reason.
 _ALL_SKIPPED_FIXES = {
-    "missing_text": "the text is in another field: re-run with --set text_field=FIELD (one of the "
+    "missing_text": "the text is in another field: re-run with --set tokenize.text_field=FIELD (one of the "
                     "fields above; a dotted path such as meta.text reaches a nested one)",
-    "non_string_text": "the text field holds no strings: re-run with --set text_field=FIELD naming "
+    "non_string_text": "the text field holds no strings: re-run with --set tokenize.text_field=FIELD naming "
                        "the field that holds the text",
-    "empty_text": "the text field is empty in every record: re-run with --set text_field=FIELD naming "
+    "empty_text": "the text field is empty in every record: re-run with --set tokenize.text_field=FIELD naming "
                   "the field that holds the text, or exclude the file",
 }
 _NOT_JSONL_FIX = "the file is not UTF-8 JSON lines of objects: check or re-create it, or exclude it"

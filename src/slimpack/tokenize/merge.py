@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from slimpack import __version__
+from slimpack.exitcodes import UnusableDatasetError
 from slimpack.provenance import git_sha
 from slimpack.shards import schema
 from slimpack.storage import Root, check_member
@@ -33,6 +34,10 @@ class MergeError(RuntimeError):
 
 class MergeWriteError(MergeError):
     """The merge could not write its files (a full disk, permissions); the parts are untouched."""
+
+
+class NoPartsError(MergeError, UnusableDatasetError):
+    """Nothing to merge: the directory holds no complete part (exit status 3, as for any unusable dataset)."""
 
 
 # Config keys that decide what happens to bad records, not the bytes of a completed part.
@@ -140,7 +145,8 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
                 f"{schema.PARTS_DIRNAME}/<part> to drop one, or run `slimpack shards merge "
                 f"{root.url}` to merge every part present")
     if not complete:
-        raise MergeError(f"{root.url}: no complete parts under {schema.PARTS_DIRNAME}/")
+        raise NoPartsError(f"{root.url}: no complete parts under {schema.PARTS_DIRNAME}/; point at the --out "
+                           "of `slimpack tokenize`")
 
     shards: list[dict[str, Any]] = []
     sample_tokens: list[int] = []

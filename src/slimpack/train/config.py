@@ -198,4 +198,4 @@ def load_train_config(path: str | Path | None, overrides: list[str] | None = Non
     if path is not None and not Path(path).is_file():
         raise FileNotFoundError(f"--config {path}: no such file; pass a TOML file such as "
                                 f"configs/train/debug-cpu.toml, or no --config for the defaults")
-    return load_config(TrainConfig, path, parse_overrides(overrides or []))
+    return load_config(TrainConfig, path, parse_overrides(overrides or [], TrainConfig))
