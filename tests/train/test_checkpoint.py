@@ -270,3 +270,32 @@ def test_a_torn_meta_json_or_a_files_entry_outside_the_checkpoint_is_corrupt(dis
     (path / "meta.json").write_text(json.dumps(meta)[:100])
     with pytest.raises(ckpt.CheckpointCorrupt, match=r"meta\.json is unreadable"):
         ckpt.load_checkpoint(path, model, opt)
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning_and_a_malformed_files_record_is_corrupt(
+        dist1, tmp_path, caplog):
+    model, opt = _trained(dist1, seed=0)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
+    expected = _full(model)
+    meta = json.loads((path / "meta.json").read_text())
+    other, other_opt = _trained(dist1, seed=1)
+    # Saved before checksums were recorded: no "files" at all. Loads, saying it is unverified.
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    with caplog.at_level("WARNING", logger="slimpack.train.checkpoint"):
+        ckpt.load_checkpoint(path, other, other_opt)
+    assert f"checkpoint {path} records no checksums" in caplog.text and "loading it unverified" in caplog.text
+    assert all(torch.equal(v, expected[k]) for k, v in _full(other).items())
+    # A "files" record that is not a {name: {bytes, xxh3_128}} map naming .metadata, or whose entry
+    # has no integer size, is corrupt, refused before anything is loaded.
+    fresh, fresh_opt = _trained(dist1, seed=1)
+    before = _full(fresh)
+    no_metadata = {k: v for k, v in meta["files"].items() if k != ".metadata"}
+    bad_size = {**meta["files"], ".metadata": {"bytes": "12", "xxh3_128": "0"}}
+    for files, message in (("not a map", "has no valid 'files' record"), ([], "has no valid 'files' record"),
+                           (no_metadata, "has no valid 'files' record"), (bad_size, "bad files entry '.metadata'")):
+        (path / "meta.json").write_text(json.dumps({**meta, "files": files}))
+        with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(message)):
+            ckpt.load_checkpoint(path, fresh, fresh_opt)
+        with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(message)):
+            ckpt.load_model_state_dict(path)
+    assert all(torch.equal(v, before[k]) for k, v in _full(fresh).items())

@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict
+from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
@@ -395,6 +395,55 @@ def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     assert len(list_checkpoints(run / "checkpoints")) == 1
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, dataset):
+    run = tmp_path / "ctrl-c-twice"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_step(run, 1, [proc])
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)  # the first one handled: a save is asked for at the end of the step
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Ctrl-C: saving a checkpoint" in err and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == "slimpack train: interrupted" and "stopped by" not in out
+    assert "saved checkpoint" not in err  # aborted before any save completed or was reported
+    for saved in list_checkpoints(run / "checkpoints"):  # a save whose thread finished anyway is whole
+        verify_checkpoint(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_training_loop_stops_at_once_without_saving(tmp_path, dataset, sig):
+    """README: a signal during start-up (model build, checkpoint load) stops at once without saving:
+    Ctrl-C as one line and status 130, SIGTERM by its default action (the loop's handler is not in
+    place yet; under the Slurm script the task shell ignores it)."""
+    run = tmp_path / "early"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "run.json").exists() and time.monotonic() < deadline:  # train() has started
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert not (run / "metrics.jsonl").exists() or not _records(run, "train")  # no step ran
+    assert not list_checkpoints(run / "checkpoints")
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.rstrip().splitlines()[-1] == "slimpack train: interrupted"
+        assert "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGTERM
+
+
 # Stand-ins for Slurm's commands (Slurm does not run here); see the test below.
 SRUN = """#!/bin/bash
 while [[ $1 == --* ]]; do shift; done
@@ -546,6 +595,11 @@ def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
     _assert_same_training(run, uninterrupted)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
         _records(run, "train")[0]["tokens_per_s"] / 4)
+    # The ledger: 4 ranks' counts summed in the step's all-reduce equal the 2-rank run's (which
+    # test_ledger_of_two_ranks_equals_one_rank_count checks against a one-rank count).
+    hsdp, plain = list_checkpoints(run / "checkpoints")[-1], list_checkpoints(uninterrupted / "checkpoints")[-1]
+    assert np.load(hsdp / "position_frequency.npy").tolist() == np.load(plain / "position_frequency.npy").tolist()
+    assert [r["pf_last"] for r in _records(run, "train")] == [r["pf_last"] for r in _records(uninterrupted, "train")]
 
 
 def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
@@ -619,6 +673,11 @@ def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset
                "--resume", str(ckpts / "step_00000002")])
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
     assert (ckpts / "step_00000004.abandoned" / "meta.json").is_file()
+    # The ledger history of the abandoned trajectory (step 4) is gone: the plots read only this one.
+    history = sorted(p.name for p in (run / "position_frequency").iterdir())
+    assert history == ["step_00000002.npy", "step_00000003.npy"]
+    saved = np.load(ckpts / "step_00000003" / "position_frequency.npy")
+    assert np.load(run / "position_frequency" / "step_00000003.npy").tolist() == saved.tolist()
     # Rolled back past step 3 again, with step 3 already set aside once before: a second name.
     shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000003.abandoned")
     _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),
