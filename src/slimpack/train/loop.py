@@ -481,6 +481,8 @@ def train(cfg: TrainConfig) -> TrainReport:
                                 "grad_norm": _json_float(norm), "consecutive": consecutive,
                                 "skipped_steps": skipped_total, "step_time_s": dt, **goodput.record()})
                 if consecutive >= cfg.train.max_nonfinite_steps:
+                    if saver is not None:  # the checkpoint the message names is complete
+                        saver.wait()
                     raise NonFiniteStepsError(
                         f"{consecutive} non-finite steps in a row (the last: step {step + 1}, loss {loss}, "
                         f"gradient norm {norm}); none was applied and nothing was saved: resume from "
