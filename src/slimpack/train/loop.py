@@ -400,12 +400,12 @@ def train(cfg: TrainConfig) -> TrainReport:
         """`fn(...)` under the start-up timeout (a save or rank 0's evaluation may outlast a step's),
         its time charged to `category`."""
         t = time.perf_counter()
-        if relaxed is not None:
+        if step_timeout_on:
             set_collective_timeout(START_TIMEOUT_S, d.mesh)
         try:
             return fn(*args, **kwargs)
         finally:
-            if relaxed is not None:
+            if step_timeout_on:
                 set_collective_timeout(cfg.parallel.step_timeout_s, d.mesh)
             goodput.add(category, time.perf_counter() - t)
 
@@ -416,7 +416,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     start_step = step
     stopping = False
     batches = None
-    relaxed = None  # set once the step timeout is in force
+    step_timeout_on = False  # parallel.step_timeout_s in force (after the first step, world > 1)
     poisoned, consecutive = 0, 0
     gc_every = cfg.train.gc_every_steps
     try:
@@ -458,7 +458,7 @@ def train(cfg: TrainConfig) -> TrainReport:
             all_reduce_sum(stats)
             # The step's one host sync, before the optimiser step: it decides whether the step is
             # applied. Every value in it is global (all-reduced; clip_grad_norm_ reduced the norm), so
-            # every rank decides alike. See docs/DESIGN.md, "Non-finite steps".
+            # every rank decides alike. Why on the host: docs/DESIGN.md, "A long run".
             host = torch.cat([stats, torch.stack([grad_norm.detach().double(), n_valid.double()])]).cpu().numpy()
             # A step whose micro-batches hold no label (possible only with tiny windows) logs 0, not NaN.
             loss = float(host[0] / max(host[-1], 1.0))
@@ -504,7 +504,7 @@ def train(cfg: TrainConfig) -> TrainReport:
                     # Compile and the first collectives are done: from now on a rank that hangs
                     # fails the job within the step timeout.
                     set_collective_timeout(cfg.parallel.step_timeout_s, d.mesh)
-                    relaxed = cfg.parallel.step_timeout_s
+                    step_timeout_on = True
                 if logger is not None:
                     tps = cfg.data.global_batch_tokens / dt
                     logger.log({"kind": "train", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig) -> TrainReport:
                 log.info(f"saved checkpoint {last_ckpt}")
     except RuntimeError as err:
         # gloo raises "Timed out waiting ..." in the rank still waiting (NCCL's watchdog aborts it).
-        if relaxed is None or "timed out" not in str(err).lower():
+        if not step_timeout_on or "timed out" not in str(err).lower():
             raise
         raise CollectiveTimeoutError(
             f"a collective waited more than parallel.step_timeout_s={cfg.parallel.step_timeout_s:g} s for "

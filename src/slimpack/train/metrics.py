@@ -189,7 +189,8 @@ class MetricsLogger:
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        # A start record's step is the one resumed at, which wandb has already seen: metrics.jsonl only.
+        if self.wandb is not None and record.get("kind") != "start":
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
                            step=record.get("step"))
         if record.get("kind") == "train" and record["step"] % self.console_every == 0:
