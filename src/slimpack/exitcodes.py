@@ -7,7 +7,7 @@
 | 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
 | 3 | dataset unusable: no index, unreadable or inconsistent manifest, a shard unlike its index entry |
 | 4 | `train`: `train.max_nonfinite_steps` non-finite steps in a row; nothing saved, not requeued |
-| 75 | stopped by a signal after saving, or a rank hung (`train`): resumable (EX_TEMPFAIL; Slurm requeues) |
+| 75 | stopped by a signal after saving, or a rank hung (`train`, gloo): resumable (EX_TEMPFAIL; Slurm requeues) |
 | 130 | stopped by Ctrl-C (SIGINT; `train` saves first, resumable by hand but not requeued) |
 | 143 | `demo` stopped by SIGTERM (the shell's 128 + 15; the demo starts over when run again) |
 """
