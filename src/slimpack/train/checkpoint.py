@@ -20,6 +20,8 @@ Layout under `RUN_DIR/checkpoints/`:
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).
 A kill at any moment leaves either the old set of complete checkpoints or the old set plus the new one.
+The trainer saves through `AsyncCheckpointer` (checkpoint.async_save): training waits for a host
+copy of the state, and a thread does all of the above, pruning included, while training goes on.
 
 Integrity: each rank hashes the files it wrote (DCP names them `__RANK_*.distcp`), rank 0 gathers
 the records into meta.json, and every load checks sizes and hashes before DCP reads a byte, so a
