@@ -27,8 +27,9 @@ def test_plot_from_a_tiny_run(tiny_run: Path, tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert "skipped effective_length.png: no NIAH results" in out
     summary = json.loads((run / "plots" / "summary.json").read_text())
-    assert [Path(f).name for f in summary["figures"]] == ["position_frequency.png", "loss_by_position.png"]
-    for name in ("position_frequency.png", "loss_by_position.png"):
+    assert [Path(f).name for f in summary["figures"]] == ["position_frequency.png", "loss_by_position.png",
+                                                         "goodput.png"]
+    for name in ("position_frequency.png", "loss_by_position.png", "goodput.png"):
         assert (run / "plots" / name).read_bytes()[:8] == PNG
 
     # f at the chosen distances at each checkpoint: the ledger arrays, against the tokens trained.
