@@ -404,7 +404,7 @@ def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, dataset):
     try:
         _wait_for_step(run, 1, [proc])
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.2)  # the first one handled: a save is asked for at the end of the step
+        time.sleep(0.05)  # the first one handled: a save is asked for at the end of the step
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=240)
     finally:
