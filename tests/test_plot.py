@@ -29,8 +29,8 @@ def test_plot_from_a_tiny_run(tiny_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert "skipped effective_length.png: no NIAH results" in out
     summary = json.loads((run / "plots" / "summary.json").read_text())
     assert [Path(f).name for f in summary["figures"]] == ["position_frequency.png", "loss_by_position.png",
-                                                          "run.png"]
-    for name in ("position_frequency.png", "loss_by_position.png", "run.png"):
+                                                          "run.png", "goodput.png"]
+    for name in ("position_frequency.png", "loss_by_position.png", "run.png", "goodput.png"):
         assert (run / "plots" / name).read_bytes()[:8] == PNG
 
     # f at the chosen distances at each checkpoint: the ledger arrays, against the tokens trained.
@@ -68,7 +68,7 @@ def test_plot_from_a_tiny_run(tiny_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert summary["skipped"] == {}
     assert [Path(f).name for f in summary["figures"]] == [
         "effective_length.png", "position_frequency.png", "niah_heatmap.png", "niah_heatmap_string.png",
-        "loss_by_position.png", "run.png"]
+        "loss_by_position.png", "run.png", "goodput.png"]
     for f in summary["figures"]:
         assert Path(f).read_bytes()[:8] == PNG
     reports = {d: json.loads((run / "eval" / d / "step_00000006.json").read_text()) for d in ("niah", "niah-string")}

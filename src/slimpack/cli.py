@@ -73,6 +73,10 @@ def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return int(func(args) or 0)
     except exitcodes.UnusableDatasetError as err:
         return _fail(prog, err, exitcodes.UNUSABLE)
+    except exitcodes.NonFiniteStepsError as err:
+        return _fail(prog, err, exitcodes.DIVERGED)
+    except exitcodes.CollectiveTimeoutError as err:
+        return _fail(prog, err, exitcodes.RESUMABLE)
     except ModuleNotFoundError as err:
         missing = missing_extra(err)
         if missing is None:

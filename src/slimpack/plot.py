@@ -19,7 +19,9 @@ finding is that effective length follows f. This draws, from what a run writes:
 - `loss_by_position.png`: loss by position at successive steps, from
   `RUN_DIR/eval/positions/step_NNNNNNNN.json` (the training loop's evaluation or
   `slimpack eval positions`);
-- `run.png`: all of them in one figure, the paper's view of a run;
+- `goodput.png`: goodput (the share of wall-clock time in steps that count, over all restarts)
+  against wall-clock hours, and where the rest went, from the train records of `metrics.jsonl`;
+- `run.png`: the panels above but goodput in one figure, the paper's view of a run;
 
 plus `summary.json` with the numbers behind each figure and what was skipped. Default output:
 `RUN_DIR/plots/`.
@@ -54,6 +56,7 @@ class PlotReport:
     niah_heatmap: dict[str, Any] = field(default_factory=dict)
     position_frequency: dict[str, Any] = field(default_factory=dict)
     loss_by_position: list[dict[str, Any]] = field(default_factory=list)
+    goodput: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"plot {self.run_dir}: {len(self.figures)} figures in {self.out_dir}"]
@@ -241,6 +244,26 @@ def _loss_by_position(ax: Any, files: list[tuple[int, Path]], report: PlotReport
     ax.legend(fontsize=8)
 
 
+def _goodput(out: Path, report: PlotReport, records: list[dict[str, Any]]) -> None:
+    points = [r for r in records if r.get("goodput") is not None and "wall_s" in r]
+    if not points:
+        report.skipped["goodput.png"] = "no goodput in metrics.jsonl (written by slimpack train since issue 19)"
+        return
+    last = points[-1]
+    report.goodput = {"step": last["step"], "goodput": last["goodput"], "wall_s": last["wall_s"],
+                      "lost_s": last.get("lost_s", {})}
+    plt = _plt()
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    ax.plot([r["wall_s"] / 3600 for r in points], [100 * r["goodput"] for r in points])
+    ax.set(xlabel="wall-clock hours (all restarts)", ylabel="goodput (%)", ylim=(0, 100),
+           title="Goodput: time in steps that count")
+    ax.grid(alpha=0.3)
+    lost = {k: v for k, v in report.goodput["lost_s"].items() if v > 0}
+    bars.barh(list(lost), [100 * v / last["wall_s"] for v in lost.values()])
+    bars.set(xlabel="% of wall-clock time", title=f"Lost by step {last['step']}")
+    report.figures.append(_save(fig, out / "goodput.png"))
+
+
 def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None,
              distances: list[int] | None = None) -> PlotReport:
     """Every figure the run's files allow, each alone and all in `run.png`; writes `summary.json`."""
@@ -296,12 +319,13 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None,
             ax.axis("off")
         fig.suptitle(f"{run.name}: effective context length, position frequency, retrieval, loss by position")
         report.figures.append(_save(fig, out / "run.png"))
+    _goodput(out, report, train)
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="effective length, position frequency and loss by position of a run")
+    p = sub.add_parser("plot", help="effective length, position frequency, loss by position and goodput of a run")
     p.add_argument("run_dir", help="a training run directory")
     p.add_argument("--out", help="output directory (default RUN_DIR/plots)")
     p.add_argument("--distances", type=int, nargs="+", metavar="I",

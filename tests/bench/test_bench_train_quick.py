@@ -45,8 +45,11 @@ def test_bench_train_quick(tmp_path):
         assert 0 <= r["data_wait_seconds"] < r["timed_seconds"] and r["first_step_seconds"] > 0
         assert r["data_stall_seconds"] is None  # GPU idle time: measured on CUDA only
         # The ledger's host time is measured for our model (the loop counts it), not for Hugging Face's.
+        # The bar the benchmark promises is 0.5% of step time. On a CPU the step is ~1000x slower
+        # than on a GPU, so passing here only shows the measurement is wired; the GPU table
+        # (BENCHMARKS.md) is where the bar is really met or not.
         if r["kind"] == "ours":
-            assert r["ledger_host_seconds_per_step"] > 0 and r["ledger_fraction"] < 0.5
+            assert r["ledger_host_seconds_per_step"] > 0 and r["ledger_fraction"] < 0.005
         else:
             assert r["ledger_host_seconds_per_step"] is None
         # One profiled step per configuration: a Chrome trace and the kernel table.

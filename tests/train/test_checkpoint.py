@@ -72,6 +72,38 @@ def test_round_trip_is_exact_and_training_continues_identically(dist1, tmp_path)
     assert set(weights) == set(expected) and all(torch.equal(weights[k], expected[k]) for k in expected)
 
 
+def test_an_async_save_returns_before_the_write_and_saves_the_state_of_its_step(dist1, tmp_path, monkeypatch):
+    """AsyncCheckpointer: training waits only for the host copy. The writer is held at a gate (around
+    the real dcp.save) so the test sees the moment after `save` returned: nothing written yet, the
+    older checkpoint still there, training already changing the weights."""
+    import threading
+
+    model, opt = _trained(dist1, seed=0)
+    gate = threading.Event()
+    write = ckpt.dcp.save
+    monkeypatch.setattr(ckpt.dcp, "save", lambda *a, **k: (gate.wait(60), write(*a, **k))[1])
+    saver = ckpt.AsyncCheckpointer()
+    gate.set()
+    first = saver.save(tmp_path, 2, model, opt, {"tokens": 1}, keep_last=1)
+    assert saver.wait() == first and ckpt.list_checkpoints(tmp_path) == [first]
+    expected = _full(model)
+    gate.clear()
+    path = saver.save(tmp_path, 3, model, opt, {"tokens": 2}, keep_last=1)
+    assert not path.exists() and ckpt.list_checkpoints(tmp_path) == [first]  # not written, nothing deleted
+    train_step(model, opt, [_batch(7)], device=dist1.device, world_size=1, grad_clip_norm=1.0)  # goes on
+    gate.set()
+    assert saver.wait() == path and ckpt.list_checkpoints(tmp_path) == [path]  # then the old one went
+    weights, meta = ckpt.load_model_state_dict(path)  # verifies the checksums first
+    assert meta["tokens"] == 2 and all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert not all(torch.equal(v, expected[k]) for k, v in _full(model).items())
+    # A failed write is raised by the next wait (here: the checkpoint root is a file).
+    (tmp_path / "a-file").write_text("")
+    saver.save(tmp_path / "a-file", 4, model, opt, {}, keep_last=1)
+    with pytest.raises(OSError):
+        saver.wait()
+    assert saver.wait() == path  # raised once
+
+
 def test_interrupted_saves_are_never_listed_and_keep_last_prunes(dist1, tmp_path):
     model, opt = _trained(dist1, seed=0)
     for step in (1, 2, 3):
@@ -238,3 +270,32 @@ def test_a_torn_meta_json_or_a_files_entry_outside_the_checkpoint_is_corrupt(dis
     (path / "meta.json").write_text(json.dumps(meta)[:100])
     with pytest.raises(ckpt.CheckpointCorrupt, match=r"meta\.json is unreadable"):
         ckpt.load_checkpoint(path, model, opt)
+
+
+def test_a_checkpoint_without_checksums_loads_with_a_warning_and_a_malformed_files_record_is_corrupt(
+        dist1, tmp_path, caplog):
+    model, opt = _trained(dist1, seed=0)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, opt, {}, keep_last=3)
+    expected = _full(model)
+    meta = json.loads((path / "meta.json").read_text())
+    other, other_opt = _trained(dist1, seed=1)
+    # Saved before checksums were recorded: no "files" at all. Loads, saying it is unverified.
+    (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
+    with caplog.at_level("WARNING", logger="slimpack.train.checkpoint"):
+        ckpt.load_checkpoint(path, other, other_opt)
+    assert f"checkpoint {path} records no checksums" in caplog.text and "loading it unverified" in caplog.text
+    assert all(torch.equal(v, expected[k]) for k, v in _full(other).items())
+    # A "files" record that is not a {name: {bytes, xxh3_128}} map naming .metadata, or whose entry
+    # has no integer size, is corrupt, refused before anything is loaded.
+    fresh, fresh_opt = _trained(dist1, seed=1)
+    before = _full(fresh)
+    no_metadata = {k: v for k, v in meta["files"].items() if k != ".metadata"}
+    bad_size = {**meta["files"], ".metadata": {"bytes": "12", "xxh3_128": "0"}}
+    for files, message in (("not a map", "has no valid 'files' record"), ([], "has no valid 'files' record"),
+                           (no_metadata, "has no valid 'files' record"), (bad_size, "bad files entry '.metadata'")):
+        (path / "meta.json").write_text(json.dumps({**meta, "files": files}))
+        with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(message)):
+            ckpt.load_checkpoint(path, fresh, fresh_opt)
+        with pytest.raises(ckpt.CheckpointCorrupt, match=re.escape(message)):
+            ckpt.load_model_state_dict(path)
+    assert all(torch.equal(v, before[k]) for k, v in _full(fresh).items())

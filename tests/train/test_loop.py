@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 import torch
 
-from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict
+from slimpack.train.checkpoint import list_checkpoints, load_model_state_dict, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SRC = REPO / "src"
@@ -255,6 +255,128 @@ def test_a_real_sigterm_to_every_rank_saves_and_exits_75(tmp_path, dataset):
     assert json.loads((saved / "meta.json").read_text())["step"] == _records(run, "train")[-1]["step"] < 10_000
 
 
+def _tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds, by DCP key: the weights ("model.") and the optimiser state
+    ("optim.": AdamW's moments and step counters), in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    state = {key: torch.empty(md.size, dtype=md.properties.dtype)
+             for key, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return state
+
+
+def _meta(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "meta.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_nonfinite_step_is_skipped_and_leaves_weights_optimizer_and_schedule_bitwise_unchanged(tmp_path, dataset):
+    # The state before step 3: a run stopped (SIGTERM, saved) at the end of step 2.
+    before = tmp_path / "before"
+    _finish(_start_ranks(2, _overrides(before, dataset, debug_sigterm_after_step=2)), 75)
+    # Step 3 made NaN (rank 0's loss; the gradient reduction carries it to rank 1) and a SIGTERM in
+    # the same step: the step is skipped and the run saves what it has, still step 2.
+    run = tmp_path / "poisoned"
+    _, err = _finish(_start_ranks(2, _overrides(run, dataset, debug_nonfinite_step=3, debug_sigterm_after_step=3)), 75)
+    assert err.count("step 3: non-finite loss nan (gradient norm nan); skipped") == 1 and "Traceback" not in err
+    [a], [b] = list_checkpoints(before / "checkpoints"), list_checkpoints(run / "checkpoints")
+    assert a.name == b.name == "step_00000002"
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb) and any(k.startswith("optim.state.") and k.endswith(".step") for k in ta)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # weights, moments, AdamW's step counters
+    assert _meta(b)["schedule"] == _meta(a)["schedule"] and _meta(b)["tokens"] == _meta(a)["tokens"]
+    assert _meta(b)["position_frequency"] == _meta(a)["position_frequency"]  # the ledger counts trained tokens
+    assert _meta(b)["loader"]["step"] == _meta(a)["loader"]["step"] + 1  # the batch was consumed
+    [skipped] = _records(run, "skipped")
+    assert (skipped["step"], skipped["batch"], skipped["loss"], skipped["skipped_steps"]) == (3, 3, "nan", 1)
+
+    # The run goes on from the state saved after the skip, bitwise as a run that never stopped.
+    full = tmp_path / "poisoned-uninterrupted"
+    _train(2, _overrides(full, dataset, debug_nonfinite_step=3))
+    _train(2, [*_overrides(run, dataset), "--resume", "auto"])
+    ref, got = _records(full, "train"), _records(run, "train")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4, 5, 6]
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in got] == [(r["loss"], r["grad_norm"], r["lr"]) for r in ref]
+    assert [r["skipped_steps"] for r in got] == [0, 0, 1, 1, 1, 1]
+    assert [(r["step"], r["batch"]) for r in _records(run, "skipped")] == [(3, 3)]  # kept across the resume
+    assert _meta(list_checkpoints(full / "checkpoints")[-1])["loader"]["step"] == 7
+    a, b = _tensors(list_checkpoints(full / "checkpoints")[-1]), _tensors(list_checkpoints(run / "checkpoints")[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_too_many_nonfinite_steps_in_a_row_stop_with_status_4_and_save_nothing(tmp_path, dataset):
+    run = tmp_path / "diverged"
+    sets = {"checkpoint.every_steps": 2, "eval.every_steps": 0, "debug_nonfinite_step": 3, "debug_nonfinite_times": 3}
+    _, err = _finish(_start_ranks(2, _overrides(run, dataset, **sets)), 4)
+    assert "Traceback" not in err and err.count("non-finite loss") == 3
+    assert err.strip().splitlines()[-1] == (
+        "slimpack.train: error: 3 non-finite steps in a row (the last: step 3, loss nan, gradient norm nan); none "
+        f"was applied and nothing was saved: resume from {run / 'checkpoints' / 'step_00000002'} with a lower "
+        "optim.lr or another seed, or roll back with --resume PATH")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    assert [(r["step"], r["consecutive"]) for r in _records(run, "skipped")] == [(3, 1), (3, 2), (3, 3)]
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_fails_the_job_within_the_step_timeout(tmp_path, dataset):
+    """After the first step the process groups wait parallel.step_timeout_s for a collective, not
+    the 30 minutes of start-up: a rank that stops (SIGSTOP: alive, silent) ends the job with 75."""
+    run = tmp_path / "hung"
+    procs = _start_ranks(2, _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0,
+                                                        "parallel.step_timeout_s": 5}))
+    try:
+        _wait_for_step(run, 2, procs)
+        procs[1].send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        procs[0].wait(timeout=120)
+        waited = time.monotonic() - stopped
+    finally:
+        for p in procs:
+            p.kill()  # a stopped process dies of SIGKILL too
+    procs[0].files[1].seek(0)
+    err = procs[0].files[1].read()
+    assert procs[0].returncode == 75, err[-3000:]
+    assert waited < 60 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(
+        "slimpack.train: error: a collective waited more than parallel.step_timeout_s=5 s for another rank")
+
+
+@pytest.mark.slow
+def test_goodput_gc_and_what_ran_are_recorded_across_a_restart(tmp_path, dataset):
+    run = tmp_path / "goodput"
+    sets = {"max_steps": 4, "checkpoint.every_steps": 2, "eval.every_steps": 2, "train.gc_every_steps": 2}
+    first = _train(1, _overrides(run, dataset, **sets))
+    [start] = _records(run, "start")
+    env = start["environment"]
+    assert env["attention_backend"] == "sdpa_ref" and env["torch"] == torch.__version__ and env["world_size"] == 1
+    assert {"cuda", "cudnn", "nccl", "device", "gpus", "git_sha", "slimpack"} <= set(env)
+    assert start["config"]["train"]["gc_every_steps"] == 2 and start["gc"]["frozen"] > 0
+    assert start["mfu_note"].startswith("MFU is against a GPU's bf16 peak")
+    meta = _meta(list_checkpoints(run / "checkpoints")[-1])
+    assert meta["environment"] == env and meta["config"]["train"]["gc_every_steps"] == 2
+    assert "running slimpack" in first.stderr and "attention_backend sdpa_ref" in first.stderr
+    train = _records(run, "train")
+    assert [r["counted_s"] for r in train] == [0.0, *[r["step_time_s"] for r in train[1:]]]  # step 1: compile
+    assert [r["lost_s"]["gc"] > 0 for r in train] == [False, False, True, True]  # collected after steps 2, 4
+    assert train[0]["lost_s"]["compile"] == train[0]["step_time_s"] and train[0]["lost_s"]["startup"] > 0
+    assert train[2]["lost_s"]["eval"] > 0 and train[2]["lost_s"]["checkpoint"] > 0  # after step 2's
+    last = train[-1]
+    assert last["goodput"] == pytest.approx(sum(r["counted_s"] for r in train) / last["wall_s"])
+    assert 0 < last["goodput"] < 1 and "goodput " in first.stdout
+    # Rolled back to step 2: steps 3 and 4 are run again, their first run's time lost.
+    _train(1, [*_overrides(run, dataset, **sets), "--resume", str(run / "checkpoints" / "step_00000002")])
+    starts, again = _records(run, "start"), _records(run, "train")
+    assert [s["step"] for s in starts] == [0, 2] and [r["step"] for r in again] == [1, 2, 3, 4]
+    assert starts[1]["wall_s"] > last["wall_s"]
+    assert starts[1]["lost_s"]["recomputed"] == pytest.approx(sum(r["counted_s"] for r in train[2:]))
+    assert again[-1]["goodput"] == pytest.approx(sum(r["counted_s"] for r in again) / again[-1]["wall_s"])
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     run = tmp_path / "ctrl-c"
@@ -271,6 +393,55 @@ def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     assert "stopped by SIGINT (checkpoint saved" in out and "Traceback" not in err
     assert "Ctrl-C: saving a checkpoint" in err
     assert len(list_checkpoints(run / "checkpoints")) == 1
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, dataset):
+    run = tmp_path / "ctrl-c-twice"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _wait_for_step(run, 1, [proc])
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)  # the first one handled: a save is asked for at the end of the step
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Ctrl-C: saving a checkpoint" in err and "Traceback" not in err
+    assert err.rstrip().splitlines()[-1] == "slimpack train: interrupted" and "stopped by" not in out
+    assert "saved checkpoint" not in err  # aborted before any save completed or was reported
+    for saved in list_checkpoints(run / "checkpoints"):  # a save whose thread finished anyway is whole
+        verify_checkpoint(saved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_before_the_training_loop_stops_at_once_without_saving(tmp_path, dataset, sig):
+    """README: a signal during start-up (model build, checkpoint load) stops at once without saving:
+    Ctrl-C as one line and status 130, SIGTERM by its default action (the loop's handler is not in
+    place yet; under the Slurm script the task shell ignores it)."""
+    run = tmp_path / "early"
+    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "run.json").exists() and time.monotonic() < deadline:  # train() has started
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert not (run / "metrics.jsonl").exists() or not _records(run, "train")  # no step ran
+    assert not list_checkpoints(run / "checkpoints")
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and err.rstrip().splitlines()[-1] == "slimpack train: interrupted"
+        assert "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGTERM
 
 
 # Stand-ins for Slurm's commands (Slurm does not run here); see the test below.
@@ -425,6 +596,11 @@ def test_hybrid_sharding_matches(tmp_path, dataset, uninterrupted):
     _assert_same_training(run, uninterrupted)
     assert _records(run, "train")[0]["tokens_per_s_per_gpu"] == pytest.approx(
         _records(run, "train")[0]["tokens_per_s"] / 4)
+    # The ledger: 4 ranks' counts summed in the step's all-reduce equal the 2-rank run's (which
+    # test_ledger_of_two_ranks_equals_one_rank_count checks against a one-rank count).
+    hsdp, plain = list_checkpoints(run / "checkpoints")[-1], list_checkpoints(uninterrupted / "checkpoints")[-1]
+    assert np.load(hsdp / "position_frequency.npy").tolist() == np.load(plain / "position_frequency.npy").tolist()
+    assert [r["pf_last"] for r in _records(run, "train")] == [r["pf_last"] for r in _records(uninterrupted, "train")]
 
 
 def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
@@ -498,6 +674,11 @@ def test_rollback_to_an_older_checkpoint_sets_newer_ones_aside(tmp_path, dataset
                "--resume", str(ckpts / "step_00000002")])
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000003"]
     assert (ckpts / "step_00000004.abandoned" / "meta.json").is_file()
+    # The ledger history of the abandoned trajectory (step 4) is gone: the plots read only this one.
+    history = sorted(p.name for p in (run / "position_frequency").iterdir())
+    assert history == ["step_00000002.npy", "step_00000003.npy"]
+    saved = np.load(ckpts / "step_00000003" / "position_frequency.npy")
+    assert np.load(run / "position_frequency" / "step_00000003.npy").tolist() == saved.tolist()
     # Rolled back past step 3 again, with step 3 already set aside once before: a second name.
     shutil.copytree(ckpts / "step_00000003", ckpts / "step_00000003.abandoned")
     _train(1, [*_overrides(run, dataset, **{"max_steps": 3, "eval.every_steps": 0}),

@@ -54,3 +54,39 @@ def test_console_line_shows_mfu_and_the_per_gpu_rate_only_on_gpus(tmp_path, caps
     cpu, gpu = [line for line in capsys.readouterr().err.splitlines() if "| loss" in line]
     assert "1,000 tok/s | data" in cpu and "mfu" not in cpu and "/gpu" not in cpu
     assert "1,000 tok/s (500/gpu) | mfu 40.0% | data" in gpu
+
+
+def test_peak_flops_come_from_the_device_name_and_an_unknown_gpu_has_none():
+    from slimpack.train.metrics import peak_flops_for
+
+    names = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+             "NVIDIA H200": 989e12, "NVIDIA GH200 480GB": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+             "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA B200": 2250e12}
+    assert {name: peak_flops_for(name) for name in names} == names
+    assert peak_flops_for("NVIDIA GeForce RTX 3090") is None  # MFU null, never a wrong number
+
+
+def test_a_loss_spike_is_a_loss_above_k_times_the_running_median():
+    from slimpack.train.metrics import LossSpikes
+
+    spikes = LossSpikes(factor=3.0, window=3, history=[9.0, 2.0])  # a resumed run's last losses
+    assert spikes.check(2.5) == (False, None)  # the window fills with this one
+    assert spikes.check(6.0) == (False, 2.5)  # median of 9, 2, 2.5: 6 is not above 7.5
+    assert spikes.check(7.6) == (True, 2.5)  # median of 2, 2.5, 6 is 2.5: 7.6 is above 7.5
+    assert spikes.check(7.0) == (False, 6.0)
+
+
+def test_a_resume_keeps_a_skipped_steps_record_by_its_loader_position(tmp_path):
+    """A skipped step has no step of its own: its record carries the loader position after its batch,
+    and a resume keeps it only if the checkpoint was saved after that batch."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "train", "step": 1}, {"kind": "train", "step": 2},
+               {"kind": "skipped", "step": 3, "batch": 3}, {"kind": "train", "step": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    saved_after_the_skip = MetricsLogger(tmp_path, config={}, run_id="r", use_wandb=False, wandb_mode="offline",
+                                         wandb_project="p", console_every=1000, resume_step=2, resume_batch=3)
+    saved_after_the_skip.close()
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["train", "train", "skipped"]
+    assert len(saved_after_the_skip.previous) == 4  # what Goodput.resume reads: dropped records too
+    _logger(tmp_path, resume_step=2).close()  # saved before it (no loader position given: by step)
+    assert [json.loads(line)["kind"] for line in path.read_text().splitlines()] == ["train", "train"]

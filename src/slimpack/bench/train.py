@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import torch
 
 from slimpack import exitcodes
-from slimpack.train.metrics import H100_BF16_PEAK_FLOPS, model_flops_per_token
+from slimpack.train.metrics import model_flops_per_token, peak_flops_for
 
 # ----------------------------------------------------------------------------- data
 
@@ -396,7 +396,7 @@ def profile_step(step: Any, device: torch.device, out_dir: Path, name: str) -> d
 
 def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
                data: Any, d: Any, grad_accum: int | None, tokens_per_gpu_step: int, warmup_steps: int,
-               timed_steps: int, peak_flops: float, reshard: str, attention: str = "auto",
+               timed_steps: int, peak_flops: float | None, reshard: str, attention: str = "auto",
                profile_dir: Path | None = None) -> dict[str, Any]:
     """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
     import torch
@@ -485,7 +485,8 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 "compile_seconds_est": max(0.0, first - elapsed / timed_steps),
                 "tokens_per_s": tps, "tokens_per_s_all_gpus": tps * d.world_size,
                 # MFU is a GPU's figure (its bf16 peak); on a CPU it would be a meaningless fraction.
-                "mfu": tps * flops_tok / peak_flops if device.type == "cuda" else None,
+                # None too on a GPU whose peak is unknown (result["mfu_note"]): never a wrong number.
+                "mfu": tps * flops_tok / peak_flops if device.type == "cuda" and peak_flops else None,
                 "flops_per_token": flops_tok,
                 "data_wait_seconds": wait, "data_wait_fraction": wait / elapsed,
                 # Position-frequency ledger: host seconds per step and as a share of step time.
@@ -614,14 +615,21 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model_config("tiny" if quick else "tinyllama-1.3b")
     import transformers
 
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+    peak_flops = (args.peak_tflops * 1e12 if args.peak_tflops is not None
+                  else peak_flops_for(device_name) if device.type == "cuda" else None)
+
     result: dict[str, Any] = {
         "command": "slimpack bench train" + (" --quick" if quick else ""),
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"),
+        "device": device_name,
         "world_size": d.world_size, "torch": torch.__version__, "transformers": transformers.__version__,
         "model_preset": "tiny" if quick else "tinyllama-1.3b", "model_params": cfg.num_params(),
-        "peak_flops": args.peak_tflops * 1e12, "reshard": args.reshard, "attention": args.attention,
+        "peak_flops": peak_flops,
+        "mfu_note": (None if peak_flops or device.type != "cuda" else
+                     f"no bf16 peak known for {device_name!r}: MFU is null; pass --peak-tflops"),
+        "reshard": args.reshard, "attention": args.attention,
         "checks": {}, "runs": []}
 
     # 1-2. correctness first: a fast wrong kernel is not a result.
@@ -664,7 +672,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 r = run_config(**{k: v for k, v in item.items() if k != "options"}, **options, cfg=cfg,
                                data=data, d=d, grad_accum=args.grad_accum,
                                tokens_per_gpu_step=args.tokens_per_gpu_step, warmup_steps=args.warmup_steps,
-                               timed_steps=args.timed_steps, peak_flops=args.peak_tflops * 1e12,
+                               timed_steps=args.timed_steps, peak_flops=peak_flops,
                                profile_dir=Path(args.profile) if args.profile else None)
             except Exception as err:
                 r = {"name": item["name"], "error": f"{type(err).__name__}: {err}",
@@ -764,8 +772,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget-s", type=float, default=330,
                    help="start no configuration after this many seconds (default 330: the whole run then "
                         "ends within ~7 minutes; checks and six compiled configurations took 213 s on an H200)")
-    p.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12,
-                   help="dense bf16 peak for MFU (989 for H100/H200 SXM)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="dense bf16 peak per GPU for MFU (default: by the GPU's name, train.metrics."
+                        "PEAK_BF16_TFLOPS, e.g. 989 for H100/H200 SXM; MFU null for a GPU not listed)")
     p.set_defaults(func=_run)
 
 

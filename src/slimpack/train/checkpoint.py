@@ -20,6 +20,8 @@ Layout under `RUN_DIR/checkpoints/`:
 Atomicity: every rank writes into `step_N.tmp`; after a barrier rank 0 writes `meta.json` and
 renames the directory to `step_N` (one rename, atomic on a POSIX file system, shared ones included).
 A kill at any moment leaves either the old set of complete checkpoints or the old set plus the new one.
+The trainer saves through `AsyncCheckpointer` (checkpoint.async_save): training waits for a host
+copy of the state, and a thread does all of the above, pruning included, while training goes on.
 
 Integrity: each rank hashes the files it wrote (DCP names them `__RANK_*.distcp`), rank 0 gathers
 the records into meta.json, and every load checks sizes and hashes before DCP reads a byte, so a
@@ -39,6 +41,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -115,9 +118,9 @@ def _set_aside(path: Path, suffix: str) -> Path:
     return aside
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _json_default(obj: Any) -> Any:
@@ -131,22 +134,30 @@ def _json_default(obj: Any) -> Any:
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     meta: dict[str, Any], *, keep_last: int, extra_files: dict[str, bytes] | None = None) -> Path:
     """Collective: every rank calls it. Returns the final directory. Rank 0 writes `extra_files`
-    ({name: bytes}) into it before meta.json."""
-    root = Path(root)
+    ({name: bytes}) into it before meta.json. Synchronous: returns once the checkpoint is complete
+    (`AsyncCheckpointer` saves off the critical path)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return _write(Path(root), step, {"model": model_sd, "optim": optim_sd}, meta, keep_last=keep_last,
+                  extra_files=extra_files)
+
+
+def _write(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], *, keep_last: int,
+           extra_files: dict[str, bytes] | None, group: Any = None) -> Path:
+    """Write `state` as the checkpoint of `step`: DCP files into step_N.tmp, checksums, meta.json,
+    the rename, then the pruning of old checkpoints. Collective on `group` (default: the world)."""
     final = root / checkpoint_name(step)
     tmp = root / f"{final.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    _barrier(group)
+    dcp.save(state, checkpoint_id=str(tmp), process_group=group)
     # Each rank hashes its own files while they are still in its page cache; rank 0 adds .metadata
     # and anything not claimed (should DCP ever name files differently). The gather is also the
     # barrier that keeps rank 0 from writing meta.json before every rank's files are complete.
     mine = {p.name: _file_record(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
-    records = _gather(mine)
+    records = _gather(mine, group)
     if rank == 0:
         for name, data in (extra_files or {}).items():
             with open(tmp / name, "wb") as f:
@@ -167,14 +178,76 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
         os.replace(tmp, final)
         _fsync_dir(root)
         # Keep the one just written whatever its step (a run resumed from an older checkpoint saves
-        # steps below ones already there) plus the newest keep_last - 1 others.
+        # steps below ones already there) plus the newest keep_last - 1 others. Only now, with the
+        # new one complete: the newest complete checkpoint is never the one deleted.
         others = [p for p in list_checkpoints(root) if p != final]
         for old in others[:len(others) - (keep_last - 1)] if keep_last > 0 else []:
             _remove(old)
         for stale in [*root.glob("step_*.tmp"), *root.glob("step_*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
-    _barrier()
+    _barrier(group)
     return final
+
+
+class AsyncCheckpointer:
+    """Checkpoints off the critical path. `save` waits for the previous save, copies this rank's
+    shards of the weights and optimiser state to host memory (the only part training waits for:
+    a device-to-host copy) and returns; a thread then writes them exactly as `save_checkpoint` does
+    (checksums, meta.json, rename, pruning), its collectives on a gloo process group of its own
+    (created here: collective, every rank calls it), while training goes on. `wait()` returns the
+    last complete checkpoint and raises a failed save's error. Collective calls, like
+    `save_checkpoint`."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._staged: dict[str, Any] | None = None  # host buffers, reused by every save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last: Path | None = None
+
+    def save(self, root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             meta: dict[str, Any], *, keep_last: int, extra_files: dict[str, bytes] | None = None) -> Path:
+        """Returns the directory the checkpoint will have once complete."""
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        self.wait()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self._staged is None:
+            pin = any(t.is_cuda for t in _local_tensors(state))
+            self._staged = _create_cpu_state_dict(state, pin_memory=pin)
+        _copy_state_dict(state, self._staged, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the host copy is complete before training changes the weights
+        self._thread = threading.Thread(target=self._run, name="slimpack-checkpoint", daemon=True,
+                                        args=(Path(root), step, self._staged, meta, keep_last, extra_files))
+        self._thread.start()
+        return Path(root) / checkpoint_name(step)
+
+    def _run(self, *args: Any) -> None:
+        try:
+            self._last = _write(*args[:4], keep_last=args[4], extra_files=args[5], group=self.group)
+        except BaseException as err:  # raised in the training thread by wait()
+            self._error = err
+
+    def wait(self) -> Path | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        return self._last
+
+
+def _local_tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in _local_tensors(v)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _local_tensors(v)]
+    if isinstance(state, torch.Tensor):
+        return [state.to_local() if hasattr(state, "to_local") else state]
+    return []
 
 
 def _remove(path: Path) -> None:
@@ -194,12 +267,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _gather(obj: Any) -> list[Any]:
+def _gather(obj: Any, group: Any = None) -> list[Any]:
     """`obj` of every rank, in rank order (just `[obj]` without a process group)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

@@ -88,6 +88,9 @@ class CheckpointSection:
     resume: str = "auto"         # auto: newest complete checkpoint in run_dir/checkpoints, if any |
                                  # none: start fresh (refuses if checkpoints exist) | a checkpoint path
     save_final: bool = True
+    # Training waits only for a host copy of the state; a thread writes, hashes, renames and prunes
+    # (checkpoint.AsyncCheckpointer). false: the whole save on the critical path.
+    async_save: bool = True
 
 
 RESHARD_MODES = ("step", "backward", "forward")
@@ -107,8 +110,15 @@ class ParallelSection:
     #   "backward": gather once per micro-batch, reduce-scatter every micro-batch
     #   "forward":  also free each block after forward and gather it again in backward (least memory)
     reshard: str = "step"
+    # The process groups' timeout once the first step is done (compile, first collectives): a rank
+    # that hangs fails the job in minutes. Until then, and around checkpoint saves and evaluations
+    # (rank 0 alone runs the NIAH sweep while the others wait), the start-up timeout of 30 minutes.
+    step_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if not self.step_timeout_s > 0:
+            raise ValueError(f"parallel.step_timeout_s={self.step_timeout_s} must be positive (seconds a "
+                             f"collective may wait for the slowest rank once training runs, e.g. 300)")
         if self.reshard not in RESHARD_MODES:
             raise ValueError(f"parallel.reshard={self.reshard!r}: choose one of {', '.join(RESHARD_MODES)} "
                              f"(step: fastest, most memory; forward: least memory)")
@@ -145,6 +155,37 @@ class LogSection:
     wandb: bool = True           # offline unless wandb_mode says otherwise or WANDB_MODE is set
     wandb_mode: str = "offline"
     wandb_project: str = "slimpack"
+    # Dense bf16 peak of one GPU for MFU, TFLOP/s; None: by the device's name (train/metrics.py),
+    # and MFU null with a note for a device not in that table.
+    peak_tflops: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """Guards of a long run (slimpack.train.loop)."""
+    # A step whose loss or global gradient norm is NaN or Inf is skipped (no optimiser or schedule
+    # step); this many in a row stop the run (exit status 4, nothing saved).
+    max_nonfinite_steps: int = 3
+    # A loss above this factor times the median of the last `loss_spike_window` losses is recorded
+    # as a spike in metrics.jsonl (a record, not an action).
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 100
+    # Python's garbage collector: after start-up the objects alive are frozen out of its scans and
+    # automatic collection is off; a full collection runs every N optimiser steps, on every rank at
+    # the same step, so a collection pause never makes one rank the others wait for. 0: Python's
+    # automatic collection, untouched.
+    gc_every_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"train.max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1 (the "
+                             f"consecutive skipped steps that stop the run)")
+        if not self.loss_spike_factor > 1 or self.loss_spike_window < 1:
+            raise ValueError(f"train.loss_spike_factor={self.loss_spike_factor} must be > 1 and "
+                             f"train.loss_spike_window={self.loss_spike_window} >= 1")
+        if self.gc_every_steps < 0:
+            raise ValueError(f"train.gc_every_steps={self.gc_every_steps} must be >= 0 (0: Python's "
+                             f"automatic garbage collection)")
 
 
 @dataclass(frozen=True)
@@ -161,8 +202,14 @@ class TrainConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
-    # Test hook: rank 0 sends itself SIGTERM after this optimiser step (exercises the real handler).
+    train: TrainSection = field(default_factory=TrainSection)
+    # Test hook: rank 0 sends itself SIGTERM during this optimiser step (1-based), so the run stops
+    # and saves at its end (exercises the real handler).
     debug_sigterm_after_step: int | None = None
+    # Test hook: rank 0's loss is made NaN on the first `debug_nonfinite_times` attempts at this
+    # optimiser step (1-based; a skipped step is attempted again with the next batch).
+    debug_nonfinite_step: int | None = None
+    debug_nonfinite_times: int = 1
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cuda", "cpu"):

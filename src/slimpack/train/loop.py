@@ -18,8 +18,10 @@ A second Ctrl-C aborts at once (a save in progress is never loaded: see checkpoi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
+import math
 import os
 import resource
 import signal
@@ -35,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 
 from slimpack import __version__
+from slimpack.exitcodes import CollectiveTimeoutError, NonFiniteStepsError
 from slimpack.provenance import git_sha
 from slimpack.storage import write_atomic
 from slimpack.train import checkpoint as ckpt
@@ -46,9 +49,26 @@ from slimpack.train.ledger import (
     step_segment_counts,
     write_position_frequency,
 )
-from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
+from slimpack.train.metrics import (
+    Goodput,
+    LossSpikes,
+    MetricsLogger,
+    environment,
+    is_kept,
+    mfu,
+    model_flops_per_token,
+    peak_flops_for,
+)
 from slimpack.train.optim import build_optimizer, lr_at, set_lr
-from slimpack.train.parallel import Dist, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
+from slimpack.train.parallel import (
+    START_TIMEOUT_S,
+    Dist,
+    all_reduce_sum,
+    begin_micro_batch,
+    init_distributed,
+    parallelize,
+    set_collective_timeout,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +85,15 @@ class TrainReport:
     val_loss: float | None
     stop_signal: str | None = None   # "SIGTERM" or "SIGINT" when stopped_by_signal
     stop_simulated: bool = False     # stopped by debug_sigterm_after_step's own SIGTERM and no other signal
+    goodput: str | None = None       # Goodput.summary() (rank 0)
 
     def summary(self) -> str:
         how = (f"stopped by {self.stop_signal} (checkpoint saved; --resume auto continues)"
                if self.stopped_by_signal else "finished")
         loss = f"loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}" if self.losses else "no steps run"
         val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
-        return (f"train {how}: steps {self.start_step} -> {self.end_step} of {self.max_steps}, {loss}{val}; "
+        good = f"; {self.goodput}" if self.goodput else ""
+        return (f"train {how}: steps {self.start_step} -> {self.end_step} of {self.max_steps}, {loss}{val}{good}; "
                 f"checkpoint {self.last_checkpoint}; metrics {self.run_dir}/metrics.jsonl")
 
 
@@ -92,13 +114,13 @@ def micro_step_loss(model: nn.Module, mb: dict[str, Any], *, max_seqlen: int | N
     return cross_entropy_sum(hidden, model.output.weight, mb["labels"])
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
-               device: torch.device, world_size: int, grad_clip_norm: float,
-               max_seqlen: int | None = None,
-               reshard: str = "step") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward/backward over this rank's micro-batches, clip, step. Returns device tensors
-    (this rank's loss sum, the global valid-label count, the total gradient norm); no host sync.
-    `reshard` is the model's `parallel.reshard` (see `parallel.begin_micro_batch`)."""
+def forward_backward(model: nn.Module, micro_batches: list[dict[str, Any]], *, device: torch.device,
+                     world_size: int, grad_clip_norm: float, max_seqlen: int | None = None,
+                     reshard: str = "step", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward/backward over this rank's micro-batches, then clip: the gradients wait in `.grad`
+    for the optimiser step. Returns device tensors (this rank's loss sum, the global valid-label
+    count, the global gradient norm before clipping); no host sync. `reshard` is the model's
+    `parallel.reshard` (see `parallel.begin_micro_batch`). `poison` makes the loss NaN (a test hook)."""
     from slimpack.train.loss import count_valid
 
     local_valid = sum(count_valid(mb["labels"]) for mb in micro_batches)
@@ -108,11 +130,25 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     for i, mb in enumerate(micro_batches):
         begin_micro_batch(model, last=i == len(micro_batches) - 1, reshard=reshard)
         loss = micro_step_loss(model, to_device(mb, device), max_seqlen=max_seqlen)
+        if poison and i == 0:
+            loss = loss * float("nan")
         (loss * scale).backward()
         loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
         grad_norm = grad_norm.full_tensor()
+    return loss_sum, n_valid, grad_norm
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
+               device: torch.device, world_size: int, grad_clip_norm: float,
+               max_seqlen: int | None = None,
+               reshard: str = "step") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`forward_backward` then the optimiser step, unconditionally (the benchmark's and the tests'
+    step; the training loop checks the step for non-finite values first). No host sync."""
+    loss_sum, n_valid, grad_norm = forward_backward(model, micro_batches, device=device, world_size=world_size,
+                                                    grad_clip_norm=grad_clip_norm, max_seqlen=max_seqlen,
+                                                    reshard=reshard)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, n_valid, grad_norm
@@ -253,7 +289,20 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- loop
 
 
+def _json_float(x: float) -> float | str:
+    """A float for metrics.jsonl: NaN and Inf as the strings "nan", "inf", "-inf" (strict JSON)."""
+    return x if math.isfinite(x) else str(x)
+
+
+def _resolved_backend(cfg: TrainConfig, device: torch.device) -> str:
+    from slimpack.train.attention import resolve_backend
+
+    dtype = torch.bfloat16 if cfg.parallel.mixed_precision and device.type == "cuda" else torch.float32
+    return resolve_backend(cfg.model.attention_backend, torch.empty(0, device=device, dtype=dtype))
+
+
 def train(cfg: TrainConfig) -> TrainReport:
+    entered = time.perf_counter()
     d = init_distributed(cfg.device, dp_replicate=cfg.parallel.dp_replicate)
     is_main = d.rank == 0
     run_dir = Path(cfg.run_dir)
@@ -275,6 +324,13 @@ def train(cfg: TrainConfig) -> TrainReport:
     # With compile on, pass the window length as max_seqlen: a valid upper bound for varlen kernels
     # (it only sizes the launch grid) that keeps one graph instead of one per distinct value.
     max_seqlen = cfg.data.seq_len if cfg.parallel.compile else None
+    env = environment(d.device, world_size=d.world_size, attention_backend=_resolved_backend(cfg, d.device))
+    peak_flops = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops is not None
+                  else peak_flops_for(env["device"]) if d.device.type == "cuda" else None)
+    mfu_note = (None if peak_flops is not None else
+                "MFU is against a GPU's bf16 peak: none on a CPU" if d.device.type != "cuda" else
+                f"no bf16 peak known for {env['device']!r}: MFU is null; set log.peak_tflops to its "
+                f"dense bf16 TFLOP/s")
 
     step, tokens_seen = 0, 0
     ledger = PositionLedger(cfg.data.seq_len)  # f(i) of the trained tokens (train/ledger.py)
@@ -310,11 +366,20 @@ def train(cfg: TrainConfig) -> TrainReport:
 
     logger = (MetricsLogger(run_dir, config=cfg.to_dict(), run_id=run_id, use_wandb=cfg.log.wandb,
                             wandb_mode=cfg.log.wandb_mode, wandb_project=cfg.log.wandb_project,
-                            console_every=cfg.log.every_steps, resume_step=step) if is_main else None)
+                            console_every=cfg.log.every_steps, resume_step=step, resume_batch=loader.step)
+              if is_main else None)
+    previous = logger.previous if logger is not None else []
+    goodput = Goodput.resume(previous, step, start=entered)
+    kept = [r for r in previous if is_kept(r, step, loader.step)]
+    spikes = LossSpikes(cfg.train.loss_spike_factor, cfg.train.loss_spike_window,
+                        [r["loss"] for r in kept if r.get("kind") == "train"][-cfg.train.loss_spike_window:])
+    skipped_total = sum(r.get("kind") == "skipped" for r in kept)
     log.info(f"model {cfg.model.preset}: {n_params:,} parameters; world {d.world_size} on {d.device.type}; "
              f"grad_accum {grad_accum} x micro_batch {cfg.data.micro_batch_size} x seq {cfg.data.seq_len}; "
              f"{max_steps} steps")
+    log.info("running " + ", ".join(f"{k} {v}" for k, v in env.items()) + (f"; {mfu_note}" if mfu_note else ""))
     flops_tok = model_flops_per_token(mcfg, n_params, cfg.data.seq_len)
+    saver = ckpt.AsyncCheckpointer() if cfg.checkpoint.async_save else None
 
     def save(at_step: int) -> Path:
         meta = {"tokens": tokens_seen, "loader": loader.state_dict(), "run_id": run_id,
@@ -322,14 +387,28 @@ def train(cfg: TrainConfig) -> TrainReport:
                              "lr_next": lr_at(at_step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                                               warmup_steps=cfg.optim.warmup_steps, max_steps=max_steps)},
                 "world_size": d.world_size, "config": cfg.to_dict(), "model_config": dataclasses.asdict(mcfg),
-                "slimpack_version": __version__, "git_sha": git_sha(), "saved_at": time.time()}
+                "slimpack_version": __version__, "git_sha": git_sha(), "environment": env,
+                "saved_at": time.time()}
         ledger_bytes = ledger.to_bytes()
         meta["position_frequency"] = ledger.meta()
         if is_main:  # the run's history of f, kept when old checkpoints are pruned (plot reads it)
             write_position_frequency(run_dir, at_step, ledger_bytes)
-        return ckpt.save_checkpoint(ckpt_root, at_step, model, optimizer, meta,
-                                    keep_last=cfg.checkpoint.keep_last,
-                                    extra_files={meta["position_frequency"]["file"]: ledger_bytes})
+        save_fn = saver.save if saver is not None else ckpt.save_checkpoint
+        return save_fn(ckpt_root, at_step, model, optimizer, meta, keep_last=cfg.checkpoint.keep_last,
+                       extra_files={meta["position_frequency"]["file"]: ledger_bytes})
+
+    def timed(category: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """`fn(...)` under the start-up timeout (a save or rank 0's evaluation may outlast a step's),
+        its time charged to `category`."""
+        t = time.perf_counter()
+        if step_timeout_on:
+            set_collective_timeout(START_TIMEOUT_S, d.mesh)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if step_timeout_on:
+                set_collective_timeout(cfg.parallel.step_timeout_s, d.mesh)
+            goodput.add(category, time.perf_counter() - t)
 
     stop = _StopFlag()
     losses: list[float] = []
@@ -338,8 +417,22 @@ def train(cfg: TrainConfig) -> TrainReport:
     start_step = step
     stopping = False
     batches = None
+    step_timeout_on = False  # parallel.step_timeout_s in force (after the first step, world > 1)
+    poisoned, consecutive = 0, 0
+    gc_every = cfg.train.gc_every_steps
     try:
         batches = iter(loader)
+        if gc_every:  # start-up's objects (model, loader, caches) live for the run: out of the scans
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        goodput.add("startup", time.perf_counter() - entered)
+        if logger is not None:
+            logger.log({"kind": "start", "step": step, "environment": env, "config": cfg.to_dict(),
+                        "resumed_from": str(resume) if resume else None, "peak_flops": peak_flops,
+                        "mfu_note": mfu_note, "gc": {"every_steps": gc_every, "frozen": gc.get_freeze_count()},
+                        **goodput.record()})
+        first = True
         while step < max_steps:
             t0 = time.perf_counter()
             micro_batches = next(batches)
@@ -347,14 +440,15 @@ def train(cfg: TrainConfig) -> TrainReport:
             lr = lr_at(step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
                        max_steps=max_steps)
             set_lr(optimizer, lr)
-            loss_sum, n_valid, grad_norm = train_step(
-                model, optimizer, micro_batches, device=d.device, world_size=d.world_size,
-                grad_clip_norm=cfg.optim.grad_clip_norm, max_seqlen=max_seqlen, reshard=cfg.parallel.reshard)
-            # Host numpy over the CPU micro-batches while the GPU runs the step just queued.
+            poison = (cfg.debug_nonfinite_step == step + 1 and poisoned < cfg.debug_nonfinite_times)
+            poisoned += poison
+            loss_sum, n_valid, grad_norm = forward_backward(
+                model, micro_batches, device=d.device, world_size=d.world_size,
+                grad_clip_norm=cfg.optim.grad_clip_norm, max_seqlen=max_seqlen, reshard=cfg.parallel.reshard,
+                poison=poison and is_main)
+            # Host numpy over the CPU micro-batches while the GPU runs the backward just queued.
             segments = step_segment_counts(micro_batches, cfg.data.seq_len)
-            step += 1
-            tokens_seen += cfg.data.global_batch_tokens
-            if cfg.debug_sigterm_after_step == step and is_main:
+            if cfg.debug_sigterm_after_step == step + 1 and is_main:  # seen by this step's all-reduce
                 stop.simulated += 1
                 os.kill(os.getpid(), signal.SIGTERM)
             # One all-reduce carries the loss and the stop flag: all ranks stop at the same step.
@@ -363,45 +457,116 @@ def train(cfg: TrainConfig) -> TrainReport:
                                                                             device=d.device)]),
                                counts_to_device(segments, d.device)])
             all_reduce_sum(stats)
+            # The step's one host sync, before the optimiser step: it decides whether the step is
+            # applied. Every value in it is global (all-reduced; clip_grad_norm_ reduced the norm), so
+            # every rank decides alike. Why on the host: docs/DESIGN.md, "A long run".
+            host = torch.cat([stats, torch.stack([grad_norm.detach().double(), n_valid.double()])]).cpu().numpy()
             # A step whose micro-batches hold no label (possible only with tiny windows) logs 0, not NaN.
-            loss = (stats[0] / n_valid.double().clamp(min=1.0)).item()
-            stopping = stats[1].item() > 0
-            ledger.add_segments(np.rint(stats[2:].cpu().numpy()).astype(np.int64))
-            dt = time.perf_counter() - t0
-            losses.append(loss)
-            if logger is not None:
-                tps = cfg.data.global_batch_tokens / dt
-                logger.log({"kind": "train", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
-                            "grad_norm": grad_norm.item(), "tokens": tokens_seen, "tokens_per_s": tps,
-                            "tokens_per_s_per_gpu": tps / d.world_size,
-                            # MFU is against a GPU's bf16 peak: meaningless on a CPU, so None there.
-                            "mfu": mfu(tps / d.world_size, flops_tok) if d.device.type == "cuda" else None,
-                            "data_wait_s": data_wait,
-                            "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device),
-                            **ledger.summary()})
-            if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
-                val_loss, val_tokens = evaluate(model, val_set, d.device, max_seqlen)
-                record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_tokens": val_tokens}
-                if cfg.eval.position_buckets:
-                    record["val_loss_by_position"] = _position_buckets(model, val_set, d, cfg, step, tokens_seen)
+            loss = float(host[0] / max(host[-1], 1.0))
+            norm = float(host[-2])
+            stopping = host[1] > 0
+            finite = math.isfinite(loss) and math.isfinite(norm)
+            if finite:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not finite:  # nothing changed: weights, optimiser state, schedule, ledger, token count
+                consecutive += 1
+                skipped_total += 1
+                dt = time.perf_counter() - t0
+                goodput.add("skipped", dt)
+                log.warning(f"step {step + 1}: non-finite loss {loss} (gradient norm {norm}); skipped, "
+                            f"no optimiser step ({consecutive} in a row, train.max_nonfinite_steps="
+                            f"{cfg.train.max_nonfinite_steps})")
                 if logger is not None:
-                    logger.log(record)
-            if niah is not None and niah.due(tokens_seen - cfg.data.global_batch_tokens, tokens_seen):
-                record = niah.run(model, step=step, tokens=tokens_seen)  # a collective; rank 0 evaluates
+                    logger.log({"kind": "skipped", "step": step + 1, "batch": loader.step, "loss": _json_float(loss),
+                                "grad_norm": _json_float(norm), "consecutive": consecutive,
+                                "skipped_steps": skipped_total, "step_time_s": dt, **goodput.record()})
+                if consecutive >= cfg.train.max_nonfinite_steps:
+                    if saver is not None:  # the checkpoint the message names is complete
+                        saver.wait()
+                    raise NonFiniteStepsError(
+                        f"{consecutive} non-finite steps in a row (the last: step {step + 1}, loss {loss}, "
+                        f"gradient norm {norm}); none was applied and nothing was saved: resume from "
+                        f"{last_ckpt or 'the start'} with a lower optim.lr or another seed, or roll back "
+                        f"with --resume PATH")
+            else:
+                consecutive = 0
+                ledger.add_segments(np.rint(host[2:-2]).astype(np.int64))
+                step += 1
+                tokens_seen += cfg.data.global_batch_tokens
+                dt = time.perf_counter() - t0
+                if first:
+                    goodput.add("compile", dt)  # the first step of a start: compile, warm-up
+                else:
+                    goodput.counted += dt
+                losses.append(loss)
+                spike, median = spikes.check(loss)
+                if first and d.world_size > 1:
+                    # Compile and the first collectives are done: from now on a rank that hangs
+                    # fails the job within the step timeout.
+                    set_collective_timeout(cfg.parallel.step_timeout_s, d.mesh)
+                    step_timeout_on = True
                 if logger is not None:
-                    logger.log(record)
-                    log.info(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
-                             f"({record['niah_seconds']:.1f} s)")
-            periodic = cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
-            final = step == max_steps and cfg.checkpoint.save_final
+                    tps = cfg.data.global_batch_tokens / dt
+                    logger.log({"kind": "train", "step": step, "max_steps": max_steps, "loss": loss, "lr": lr,
+                                "grad_norm": norm, "tokens": tokens_seen, "tokens_per_s": tps,
+                                "tokens_per_s_per_gpu": tps / d.world_size,
+                                # MFU against the GPU's bf16 peak; null on a CPU or an unknown GPU.
+                                "mfu": mfu(tps / d.world_size, flops_tok, peak_flops) if peak_flops else None,
+                                "data_wait_s": data_wait,
+                                "step_time_s": dt, "peak_memory_gib": _peak_memory_gib(d.device),
+                                "loss_median": median, "loss_spike": spike, "skipped_steps": skipped_total,
+                                "counted_s": 0.0 if first else dt, **goodput.record(),
+                                **ledger.summary()})
+                    if spike:
+                        log.warning(f"step {step}: loss spike {loss:.4f}, above {cfg.train.loss_spike_factor} x "
+                                    f"the median {median:.4f} of the last {cfg.train.loss_spike_window} steps")
+                first = False
+                if gc_every and step % gc_every == 0:
+                    t = time.perf_counter()
+                    gc.collect()
+                    goodput.add("gc", time.perf_counter() - t)
+                if val_set and (step % cfg.eval.every_steps == 0 or step == max_steps):
+                    val_loss, val_tokens = timed("eval", evaluate, model, val_set, d.device, max_seqlen)
+                    record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_tokens": val_tokens}
+                    if cfg.eval.position_buckets:
+                        record["val_loss_by_position"] = timed("eval", _position_buckets, model, val_set, d, cfg,
+                                                               step, tokens_seen)
+                    if logger is not None:
+                        logger.log(record)
+                if niah is not None and niah.due(tokens_seen - cfg.data.global_batch_tokens, tokens_seen):
+                    # a collective; rank 0 evaluates
+                    record = timed("eval", niah.run, model, step=step, tokens=tokens_seen)
+                    if logger is not None:
+                        logger.log(record)
+                        log.info(f"step {step:>7} | niah effective length {record['niah_effective_length']} "
+                                 f"({record['niah_seconds']:.1f} s)")
+            periodic = finite and cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0
+            final = finite and step == max_steps and cfg.checkpoint.save_final
             if periodic or final or stopping:
-                last_ckpt = save(step)
+                last_ckpt = timed("checkpoint", save, step)
                 if is_main:
-                    log.info(f"saved checkpoint {last_ckpt}")
+                    log.info(f"saving checkpoint {last_ckpt}" if saver else f"saved checkpoint {last_ckpt}")
             if stopping:
                 break
+        if saver is not None:  # the last save is complete before the run reports it
+            timed("checkpoint", saver.wait)
+            if is_main and last_ckpt is not None and last_ckpt != resume:
+                log.info(f"saved checkpoint {last_ckpt}")
+    except RuntimeError as err:
+        # gloo raises "Timed out waiting ..." in the rank still waiting (NCCL's watchdog aborts it).
+        if not step_timeout_on or "timed out" not in str(err).lower():
+            raise
+        raise CollectiveTimeoutError(
+            f"a collective waited more than parallel.step_timeout_s={cfg.parallel.step_timeout_s:g} s for "
+            f"another rank at step {step + 1} (a rank hung or died): {str(err).splitlines()[0]}; resume "
+            f"from the last checkpoint, {last_ckpt or 'none yet'} (--resume auto; the Slurm script "
+            f"requeues on this exit status)") from err
     finally:
         stop.restore()
+        if gc_every:
+            gc.unfreeze()
+            gc.enable()
         # Stop the loader's feeder thread, workers and a remote root's downloads now, not whenever
         # garbage collection gets to them (an exception's traceback keeps this frame alive).
         if batches is not None:
@@ -414,7 +579,8 @@ def train(cfg: TrainConfig) -> TrainReport:
                        last_checkpoint=str(last_ckpt) if last_ckpt else None, val_loss=val_loss,
                        # another rank may have received the signal alone (the flag is all-reduced)
                        stop_signal=(stop.signal or "SIGTERM") if stopping else None,
-                       stop_simulated=stop.received == stop.simulated > 0)
+                       stop_simulated=stop.received == stop.simulated > 0,
+                       goodput=goodput.summary() if is_main else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from slimpack.train.config import ParallelSection
 
+# The process groups' timeout at start-up: model build, checkpoint load, compile and the first
+# collectives may take minutes. After the first step the loop lowers it to parallel.step_timeout_s.
+START_TIMEOUT_S = 30 * 60
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -42,7 +46,7 @@ def init_distributed(device: str = "auto", *, dp_replicate: int = 1) -> Dist:
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)  # a checkpoint save of a big model can take minutes
+        timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout,
                                     device_id=dev if use_cuda else None)
@@ -136,3 +140,14 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def set_collective_timeout(seconds: float, mesh: DeviceMesh) -> None:
+    """Every process group of the run (the world's and the device mesh's) waits at most `seconds`
+    for a collective, from its next collective on. With gloo the waiting rank raises; with NCCL
+    the watchdog aborts the process (a timed-out NCCL communicator cannot be trusted again)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in {dist.group.WORLD, *mesh.get_all_groups()}:
+        _set_pg_timeout(timeout, group)
