@@ -103,7 +103,7 @@ class ShardStore:
         data = self.root.read_bytes(name)
         verify_shard_bytes(self.index, i, data, f"{self.root.url}/{name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
+        write_atomic(path, data, durable=False)  # no fsync: every open hashes it, and refetches it
         with self._lock:
             self.downloads += 1
 

@@ -162,6 +162,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)  # the entries of meta.json and the extra files, before the rename
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
             _remove(final)
         os.replace(tmp, final)

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimpack.storage import write_atomic
+
 H100_BF16_PEAK_FLOPS = 989e12
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class MetricsLogger:
 
 def _truncate_after(path: Path, step: int) -> None:
     """Drop records of steps after `step`: those a crashed run logged past its last checkpoint, which
-    the resumed run is about to redo. Atomic (write aside, rename)."""
+    the resumed run is about to redo. Atomic and durable (`storage.write_atomic`)."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -100,9 +102,7 @@ def _truncate_after(path: Path, step: int) -> None:
         if record.get("step", 0) <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep != lines:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        write_atomic(path, "".join(keep).encode())  # durable: never an empty history after a crash
 
 
 def _console_line(r: dict[str, Any]) -> str:
