@@ -60,6 +60,8 @@ def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return int(func(args) or 0)
     except exitcodes.UnusableDatasetError as err:
         return _fail(prog, err, exitcodes.UNUSABLE)
+    except exitcodes.TemporaryError as err:  # training resumes from its checkpoint; Slurm requeues
+        return _fail(prog, err, exitcodes.RESUMABLE)
     except ModuleNotFoundError as err:
         missing = missing_extra(err)
         if missing is None:

@@ -6,7 +6,7 @@
 | 1 | findings (validate), failed parts (tokenize), failed checks (bench): the command ran, the result has problems |
 | 2 | usage error: a bad flag, config value or path, or a missing extra; the message says how to fix it |
 | 3 | dataset unusable: no index, unreadable or inconsistent manifest, a shard unlike its index entry |
-| 75 | stopped by a signal after saving: resumable (EX_TEMPFAIL; a Slurm script requeues on it) |
+| 75 | stopped by a signal after saving, or a store stayed away: resumable (EX_TEMPFAIL; Slurm requeues) |
 | 130 | stopped by Ctrl-C (SIGINT; `train` saves first, resumable by hand but not requeued) |
 | 143 | `demo` stopped by SIGTERM (the shell's 128 + 15; the demo starts over when run again) |
 """
@@ -20,6 +20,11 @@ UNUSABLE = 3
 RESUMABLE = 75
 INTERRUPTED = 130
 TERMINATED = 143
+
+
+class TemporaryError(RuntimeError):
+    """A failure that a later run gets past on its own (a remote store that stayed unreachable
+    through its retries): the CLI prints the message and exits RESUMABLE."""
 
 
 class UnusableDatasetError(ValueError):
