@@ -91,7 +91,7 @@ def test_tokenize_and_merge_write_every_file_durably(demo_corpus: Path, tmp_path
 
     out = tmp_path / "out"
     report = run_tokenize([str(demo_corpus)], str(out), TokenizeConfig(block_tokens=4096, shard_size_limit=1 << 17),
-                          progress=False, workers=2)
+                          progress=False, workers=1)
     assert report.ok and report.merged
     log = fsyncs()
     files = sorted(p for p in out.rglob("*") if p.is_file())
