@@ -247,10 +247,10 @@ def test_a_store_that_stays_away_fails_with_one_line(endpoint, dataset, s3, tmp_
                                            "check that the object store is reachable"):
         for _ in range(20):  # the first step's shards are cached; later ones are not
             next(it)
+    loader.close()  # as train does on its way out: the downloads under way end too
     # Bounded by the policy's span (0.4 s) plus the attempt in flight (1 s timeouts, no library
     # retries), with room for a busy machine; each worker process keeps its own clock.
     assert time.monotonic() - start < 0.4 + 1.0 + 5.0
-    loader.close()
 
 
 class _Records(logging.Handler):
