@@ -328,14 +328,13 @@ class Root:
             s3 = retry is not None and self.url.startswith(("s3://", "s3a://"))
             options = {}
             if s3:
-                # One botocore request per attempt of ours: the policy is then the whole story.
+                # One botocore request per attempt of ours: the policy is then the whole story. On
+                # an instance of our own, not fsspec's cached one that other roots and callers with
+                # the same options share: s3fs's loop around each request (5 tries of timeouts and
+                # SlowDown, an attribute) is switched off below for this instance alone.
                 options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"},
                                             "connect_timeout": retry.timeout_s,
                                             "read_timeout": retry.timeout_s}
-            if s3:
-                # An instance of our own (not fsspec's cached one, which other roots and callers
-                # with the same options share): its s3fs loop around each request (5 tries of
-                # timeouts and SlowDown, an attribute) is switched off below for it alone.
                 options["skip_instance_cache"] = True
             self.fs, self.path = fsspec.core.url_to_fs(self.url, **options)
             if s3:
