@@ -1,5 +1,6 @@
-"""storage: write_atomic (whole or nothing, never a stray temporary file), Root.glob, and the
-guard on paths read from an index or manifest (check_member, member_path)."""
+"""storage: write_atomic (whole or nothing, never a stray temporary file), Root.glob, the guard
+on paths read from an index or manifest (check_member, member_path), and the retry policy.
+Durability (fsync) is in test_durable.py, outages of a real S3 server in pipeline/test_remote.py."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def test_with_retries_is_bounded_and_says_where() -> None:
 
     calls.clear()
     with pytest.raises(FileNotFoundError):  # another attempt cannot fix it: no retry
-        with_retries(policy, "s3://b/y", missing)
+        with_retries(policy, "s3://other/y", missing)  # another store: s3://b is down for a while
     assert len(calls) == 1
     flaky = iter([OSError("reset"), OSError("reset"), b"data"])
 
@@ -114,4 +115,27 @@ def test_with_retries_is_bounded_and_says_where() -> None:
             raise item
         return item
 
-    assert with_retries(policy, "s3://b/z", twice_then_ok) == b"data"
+    assert with_retries(policy, "s3://third/z", twice_then_ok) == b"data"
+
+
+def test_backoff_has_full_jitter() -> None:
+    # A thousand workers that lost the store at the same moment must not retry in lockstep: each
+    # wait is drawn from [0, cap], not the cap itself.
+    import itertools
+    import random
+    import time
+
+    from slimpack.storage import RetryPolicy, StorageError, with_retries
+
+    times = []
+
+    def refused() -> bytes:
+        times.append(time.monotonic())
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    policy = RetryPolicy(attempts=7, first_backoff_s=0.2, backoff_max_s=0.2)
+    random.seed(0)  # waits 0.17, 0.15, 0.05, 0.04, 0.08, 0.16 s
+    with pytest.raises(StorageError, match="read failed 7 times"):
+        with_retries(policy, "s3://jitter/x", refused)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert len(gaps) == 6 and min(gaps) < 0.12 < max(gaps)

@@ -75,7 +75,7 @@ def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return _fail(prog, err, exitcodes.UNUSABLE)
     except exitcodes.NonFiniteStepsError as err:
         return _fail(prog, err, exitcodes.DIVERGED)
-    except exitcodes.CollectiveTimeoutError as err:
+    except exitcodes.TemporaryError as err:  # a store that stayed away, a hung rank: resume; Slurm requeues
         return _fail(prog, err, exitcodes.RESUMABLE)
     except ModuleNotFoundError as err:
         missing = missing_extra(err)

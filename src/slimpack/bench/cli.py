@@ -8,6 +8,7 @@ import importlib
 BENCH_MODULES = (
     "slimpack.bench.tokenize", "slimpack.bench.validate", "slimpack.bench.loader", "slimpack.bench.model",
     "slimpack.bench.train", "slimpack.bench.ledger", "slimpack.bench.niah", "slimpack.bench.checkpoint",
+    "slimpack.bench.durable",
 )
 
 

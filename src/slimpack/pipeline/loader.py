@@ -116,9 +116,10 @@ class LoaderConfig:
     prefetch_factor: int = 4  # micro-batches each DataLoader worker builds ahead
     prefetch_steps: int = 2  # steps of shards the loader downloads ahead (remote roots)
     decoded_cache_bytes: int = 1 << 30  # decoded (or memory-mapped) shards kept per process
-    # Remote roots: each read is tried fetch_attempts times, waiting 0.5 s, 1 s, 2 s... (each wait
-    # at most fetch_backoff_max_s) in between, an attempt giving up on a silent server after
-    # fetch_timeout_s; then it fails naming the URL (storage.RetryPolicy).
+    # Remote roots: each read is tried fetch_attempts times, waiting up to 0.5 s, 1 s, 2 s... (full
+    # jitter, each wait at most fetch_backoff_max_s) in between, an attempt giving up on a silent
+    # server after fetch_timeout_s; once one read has used its tries, or the store has failed for
+    # the policy's span, every read of it fails naming the URL (storage.RetryPolicy, with_retries).
     fetch_attempts: int = 10
     fetch_backoff_max_s: float = 30.0
     fetch_timeout_s: float = 30.0

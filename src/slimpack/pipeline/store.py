@@ -9,8 +9,9 @@ Remote datasets (``s3://...``) are downloaded shard by shard into ``cache_dir`` 
 the loader knows exactly which samples come next and calls ``prefetch``. Every download is
 checked against the index hash (xxh3_64, else sha1, else size) before an atomic rename, and
 checked again when opened: a cached file cut short or damaged since is deleted and fetched once
-more. Remote reads follow the loader's ``RetryPolicy`` (bounded attempts, capped backoff), then
-fail with one line naming the URL (``storage.StorageError``). ``evict`` keeps the cache under
+more. Remote reads follow the loader's ``RetryPolicy`` (bounded attempts, capped backoff with full
+jitter) on the store's one outage clock, then fail with one line naming the URL
+(``storage.StorageError``); the downloads queued behind that one then fail at once. ``evict`` keeps the cache under
 ``cache_limit_bytes`` by deleting cached files that are not pinned (needed soon), least
 recently needed first. It only ever deletes files it finds under ``cache_dir`` that the index
 names: a local dataset is never touched.
@@ -103,7 +104,7 @@ class ShardStore:
         data = self.root.read_bytes(name)
         verify_shard_bytes(self.index, i, data, f"{self.root.url}/{name}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, data)
+        write_atomic(path, data, durable=False)  # no fsync: every open hashes it, and refetches it
         with self._lock:
             self.downloads += 1
 

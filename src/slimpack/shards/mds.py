@@ -30,7 +30,7 @@ import zstandard
 
 from slimpack.exitcodes import UnusableDatasetError
 from slimpack.shards import schema
-from slimpack.storage import check_member, member_path, write_atomic
+from slimpack.storage import check_member, make_dirs, member_path, write_atomic
 from slimpack.zstd_blocks import locate_damage
 
 _SHAPE_DTYPES = ("uint8", "uint16", "uint32", "uint64")
@@ -178,7 +178,7 @@ class ShardWriter:
         size_limit: int = schema.DEFAULT_SHARD_SIZE_LIMIT,
     ) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.out_dir)
         _compression(compression)
         self.names = sorted(columns)
         self.encodings = [columns[n] for n in self.names]

@@ -173,6 +173,7 @@ def _write(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], *
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)  # the entries of meta.json and the extra files, before the rename
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned attempt
             _remove(final)
         os.replace(tmp, final)

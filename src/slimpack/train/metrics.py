@@ -28,6 +28,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from slimpack.storage import write_atomic
+
 H100_BF16_PEAK_FLOPS = 989e12
 
 # Dense bf16 tensor-core peak of one GPU (TFLOP/s, without sparsity) by a substring of
@@ -218,8 +220,8 @@ def is_kept(record: dict[str, Any], step: int, batch: int | None = None) -> bool
 
 def _truncate_after(path: Path, step: int, batch: int | None = None) -> list[dict[str, Any]]:
     """Drop records of steps after `step` (`is_kept`): those a crashed run logged past its last
-    checkpoint, which the resumed run is about to redo. Atomic (write aside, rename). Returns every
-    readable record the file held, dropped ones included."""
+    checkpoint, which the resumed run is about to redo. Atomic and durable (`storage.write_atomic`).
+    Returns every readable record the file held, dropped ones included."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines(keepends=True)
@@ -236,9 +238,7 @@ def _truncate_after(path: Path, step: int, batch: int | None = None) -> list[dic
         if is_kept(record, step, batch):
             keep.append(line if line.endswith("\n") else line + "\n")
     if keep != lines:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(path)
+        write_atomic(path, "".join(keep).encode())  # durable: never an empty history after a crash
     return records
 
 
