@@ -48,8 +48,10 @@ class KVCache:
         cfg = model.cfg
         like = model.tok_embeddings.weight
         shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.num_layers)]
-        self.v = [torch.empty(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.num_layers)]
+        # Zeros, not empty: the exact decode paths read a shorter sample's unwritten rows under a
+        # mask, and a masked NaN of uninitialised memory still poisons the product (0 x NaN).
+        self.k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.num_layers)]
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=like.device)
         self.filled: list[int] = [0] * batch
