@@ -123,9 +123,9 @@ def test_a_checkpoint_is_durable_before_its_name_says_complete(tmp_path: Path, f
     torch = pytest.importorskip("torch")
     import torch.distributed as dist
 
+    from slimpack.model.transformer import Transformer, model_config
     from slimpack.train import checkpoint as ckpt
     from slimpack.train.config import OptimSection, ParallelSection
-    from slimpack.train.model import Transformer, model_config
     from slimpack.train.optim import build_optimizer
     from slimpack.train.parallel import init_distributed, parallelize
 

@@ -182,7 +182,7 @@ def step_train(ctx: dict[str, Any]) -> None:
 def step_positions(ctx: dict[str, Any]) -> None:
     """Loss by position of the demo model at each kept checkpoint."""
     from slimpack.cli import main as slimpack_main
-    from slimpack.train.checkpoint import list_checkpoints
+    from slimpack.model.checkpoint_files import list_checkpoints
 
     run_dir = ctx["out"] / "train"
     for ckpt in list_checkpoints(run_dir / "checkpoints"):

@@ -25,9 +25,9 @@ from slimpack.eval.niah import (
     keyed_found,
     paper_found,
 )
+from slimpack.model.transformer import Transformer, model_config
 from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import OptimSection
-from slimpack.train.model import Transformer, model_config
 from slimpack.train.optim import build_optimizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past old stone "
@@ -258,8 +258,8 @@ def test_command_on_a_run_its_checkpoints_and_the_hf_export(run_dir, haystack_fi
 def test_string_auto_shift_per_length_and_its_answers(run_dir, haystack_file, llama3, tmp_path):
     """`--string-shift auto --string-ratio R`: S = int(R x (L - max_new_tokens)) per length, recorded;
     the answers are those of our decoder with that STRING configuration."""
-    from slimpack.eval.inference import greedy_generate
-    from slimpack.train.string_attention import StringConfig
+    from slimpack.model.inference import greedy_generate
+    from slimpack.model.string_attention import StringConfig
 
     args = ["eval", "niah", str(run_dir / "checkpoints" / "step_00000009"), "--haystack", str(haystack_file),
             "--samples", "2", "--max-new-tokens", "24", "--lengths", "256,384", "--no-progress",

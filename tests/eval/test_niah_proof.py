@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from slimpack.cli import main
 from slimpack.eval.niah import KEYS, NEEDLE, QUESTION_ONE, NiahConfig, build_samples
+from slimpack.model.transformer import ModelConfig, Transformer, apply_rope, rope_cos_sin
 from slimpack.train import checkpoint as ckpt
-from slimpack.train.model import ModelConfig, Transformer, apply_rope, rope_cos_sin
 
 HAYSTACK = ("The quick brown fox jumps over the lazy dog while the river keeps flowing past old stone "
             "walls and quiet fields. ") * 200

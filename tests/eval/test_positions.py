@@ -36,7 +36,7 @@ def _validation_documents(data: Path, min_tokens: int) -> list[np.ndarray]:
 
 
 def test_loss_by_position_equals_each_document_alone(tiny_run: Path, train_data: Path, tmp_path: Path) -> None:
-    from slimpack.train.model import ModelConfig, Transformer
+    from slimpack.model.transformer import ModelConfig, Transformer
 
     out = tmp_path / "positions"
     assert main(["eval", "positions", str(tiny_run), "--data", str(train_data), "--max-documents", "3",
@@ -68,7 +68,7 @@ def _dense_string_forward(model, ids: torch.Tensor, string) -> torch.Tensor:
     """Logits of one document through the model's own modules with attention from the dense STRING
     reference (every query-key pair rotated by its remapped position, the logit scale and the
     paper's inclusive diagonal; held row by row to the paper code's rules in test_string_attention)."""
-    from slimpack.train.string_attention import string_attention_dense
+    from slimpack.model.string_attention import string_attention_dense
 
     n, cfg = len(ids), model.cfg
     cu = torch.tensor([0, n], dtype=torch.int32)
@@ -89,8 +89,8 @@ def test_string_flags_evaluate_through_remapped_positions(tiny_run: Path, train_
     """`--string-shift S --string-window W` (the paper's scale and diagonal by default; `auto`: S =
     int(R x L)): each document's loss equals a model-level forward whose attention is the dense STRING
     reference. The scale changes every position; with it off, positions below S are untouched."""
-    from slimpack.train.model import ModelConfig, Transformer
-    from slimpack.train.string_attention import StringConfig
+    from slimpack.model.string_attention import StringConfig
+    from slimpack.model.transformer import ModelConfig, Transformer
 
     args = ["eval", "positions", str(tiny_run), "--data", str(train_data), "--max-documents", "2",
             "--buckets", "4", "--device", "cpu"]

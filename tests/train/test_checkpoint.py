@@ -12,10 +12,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from slimpack.model.transformer import Transformer, model_config
 from slimpack.train import checkpoint as ckpt
 from slimpack.train.config import OptimSection, ParallelSection
 from slimpack.train.loop import train_step
-from slimpack.train.model import Transformer, model_config
 from slimpack.train.optim import build_optimizer
 from slimpack.train.parallel import init_distributed, parallelize
 
@@ -281,7 +281,7 @@ def test_a_checkpoint_without_checksums_loads_with_a_warning_and_a_malformed_fil
     other, other_opt = _trained(dist1, seed=1)
     # Saved before checksums were recorded: no "files" at all. Loads, saying it is unverified.
     (path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "files"}))
-    with caplog.at_level("WARNING", logger="slimpack.train.checkpoint"):
+    with caplog.at_level("WARNING", logger="slimpack.model.checkpoint_files"):
         ckpt.load_checkpoint(path, other, other_opt)
     assert f"checkpoint {path} records no checksums" in caplog.text and "loading it unverified" in caplog.text
     assert all(torch.equal(v, expected[k]) for k, v in _full(other).items())

@@ -13,9 +13,9 @@ import pytest
 import torch
 import zstandard
 
+from slimpack.model.transformer import RMSNorm, Transformer, model_config
 from slimpack.tokenize.tokenizer import needs_split, replace_lone_surrogates, split_like_meta
 from slimpack.train.export import export_hf, from_hf_state_dict, to_hf_state_dict
-from slimpack.train.model import RMSNorm, Transformer, model_config
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slimpack.train.attention import attention, resolve_backend
+from slimpack.model.attention import attention, resolve_backend
+from slimpack.model.transformer import ModelConfig, RMSNorm, Transformer
 from slimpack.train.loss import IGNORE_INDEX, cross_entropy_sum
-from slimpack.train.model import ModelConfig, RMSNorm, Transformer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -168,7 +168,7 @@ def test_chunked_loss_on_the_real_vocabulary():
 @pytest.mark.skipif(importlib.util.find_spec("cudnn") is None, reason="needs the cuDNN frontend")
 def test_cudnn_custom_op_passes_opcheck():
     """Schema, fake implementation and autograd registration agree with the real kernel."""
-    from slimpack.train.cudnn_attention import cudnn_varlen_fwd
+    from slimpack.model.cudnn_attention import cudnn_varlen_fwd
 
     g = torch.Generator(device="cuda").manual_seed(0)
     cu = _cu([5, 300, 0, 211])

@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from slimpack.bench.train import synthetic_micro_batches
 from slimpack.eval.positions import position_loss_sums
+from slimpack.model.transformer import Transformer, model_config
 from slimpack.train.config import ParallelSection
 from slimpack.train.ledger import counts_to_device, step_segment_counts
 from slimpack.train.loop import micro_step_loss, to_device
-from slimpack.train.model import Transformer, model_config
 from slimpack.train.parallel import init_distributed, parallelize
 
 pytestmark = [pytest.mark.gpu,

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 
 from slimpack.bench.train import synthetic_micro_batches
+from slimpack.model.transformer import Transformer, model_config
 from slimpack.train.config import OptimSection, ParallelSection
 from slimpack.train.loop import micro_step_loss, to_device, train_step
-from slimpack.train.model import Transformer, model_config
 from slimpack.train.optim import build_optimizer
 from slimpack.train.parallel import init_distributed, parallelize
 

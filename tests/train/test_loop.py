@@ -607,7 +607,7 @@ def test_export_hf_cli_matches_our_logits(tmp_path, uninterrupted):
     from transformers import LlamaForCausalLM
 
     from slimpack.cli import main
-    from slimpack.train.model import Transformer, model_config
+    from slimpack.model.transformer import Transformer, model_config
 
     out = tmp_path / "hf"
     assert main(["export-hf", str(uninterrupted), str(out)]) == 0  # a run directory: its newest checkpoint

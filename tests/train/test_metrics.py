@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from slimpack.model.transformer import model_config
 from slimpack.train.metrics import MetricsLogger, mfu, model_flops_per_token
-from slimpack.train.model import model_config
 
 
 def _logger(run_dir, resume_step: int) -> MetricsLogger:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slimpack.model.transformer import Transformer, model_config
 from slimpack.train.config import OptimSection, TrainConfig, load_train_config
-from slimpack.train.model import Transformer, model_config
 from slimpack.train.optim import build_optimizer, lr_at, param_groups
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"

@@ -61,10 +61,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch.distributed as dist
 
     from slimpack.bench.train import synthetic_micro_batches
+    from slimpack.model.transformer import Transformer, model_config
     from slimpack.train import checkpoint as ckpt
     from slimpack.train.config import OptimSection, ParallelSection
     from slimpack.train.loop import train_step
-    from slimpack.train.model import Transformer, model_config
     from slimpack.train.optim import build_optimizer
     from slimpack.train.parallel import init_distributed, parallelize
 

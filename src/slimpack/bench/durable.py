@@ -68,9 +68,9 @@ def _filesystem(path: Path) -> str:
 def _tiny_model() -> tuple[Any, Any]:
     import torch
 
+    from slimpack.model.transformer import Transformer, model_config
     from slimpack.train.config import OptimSection, ParallelSection
     from slimpack.train.loop import train_step
-    from slimpack.train.model import Transformer, model_config
     from slimpack.train.optim import build_optimizer
     from slimpack.train.parallel import init_distributed, parallelize
 

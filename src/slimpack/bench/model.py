@@ -121,7 +121,7 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
                     mean_doc_tokens: int) -> dict[str, Any]:
     import torch
 
-    from slimpack.train.attention import CUDNN_INSTALLED, attention
+    from slimpack.model.attention import CUDNN_INSTALLED, attention
 
     bounds = synthetic_cu_seqlens(micro_batch_size, seq_len, mean_doc_tokens=mean_doc_tokens, seed=0)
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
@@ -151,8 +151,8 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
                chunk_tokens: int, hf_baseline: bool, compile_blocks: bool) -> dict[str, Any]:
     import torch
 
+    from slimpack.model.transformer import Transformer, model_config
     from slimpack.train.loss import cross_entropy_sum
-    from slimpack.train.model import Transformer, model_config
 
     cfg = model_config(preset)
     T = micro_batch_size * seq_len
@@ -234,7 +234,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise RuntimeError("slimpack bench model needs a CUDA GPU; run it on a GPU machine")
-    from slimpack.train.model import model_config
+    from slimpack.model.transformer import model_config
 
     cfg = model_config(args.preset)
     parts = args.only or ["loss", "attention", "step"]

@@ -69,7 +69,7 @@ class _TimedGenerate:
     def __call__(self, prompts: list[np.ndarray], new: int, string: Any) -> list[list[int]]:
         import torch
 
-        from slimpack.eval.inference import greedy_generate
+        from slimpack.model.inference import greedy_generate
 
         batch = [torch.as_tensor(p, device=self.device) for p in prompts]
         marks = []
@@ -103,7 +103,7 @@ def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str
     """Cached greedy == full recomputation: fp32 exactly (tokens), the model's dtype within 5%."""
     import torch
 
-    from slimpack.eval.inference import KVCache, decode_step, forward_packed, prefill
+    from slimpack.model.inference import KVCache, decode_step, forward_packed, prefill
 
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 32_000, (4, length), generator=g).to(device)
@@ -138,9 +138,9 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
                   head_dim: int, lengths: list[int]) -> dict[str, Any]:
     import torch
 
-    from slimpack.eval.inference import query_rope
-    from slimpack.train.model import apply_rope, rope_cos_sin
-    from slimpack.train.string_attention import string_attention, string_attention_dense
+    from slimpack.model.inference import query_rope
+    from slimpack.model.string_attention import string_attention, string_attention_dense
+    from slimpack.model.transformer import apply_rope, rope_cos_sin
 
     g = torch.Generator().manual_seed(1)
     T = sum(lengths)
@@ -169,10 +169,10 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
     from slimpack.eval.engines import hf_engine
     from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah
+    from slimpack.model.string_attention import StringConfig
+    from slimpack.model.transformer import Transformer, model_config
     from slimpack.tokenize.tokenizer import Llama3Tokenizer
     from slimpack.train.export import export_hf
-    from slimpack.train.model import Transformer, model_config
-    from slimpack.train.string_attention import StringConfig
 
     if args.quick:
         args.preset, args.samples, args.hf_samples, args.string_samples = "tiny", 4, 2, 4

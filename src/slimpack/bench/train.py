@@ -158,7 +158,7 @@ def check_attention(device: torch.device) -> dict[str, Any]:
     """Fast path vs reference on a packed batch, forward and backward."""
     import torch
 
-    from slimpack.train.attention import CUDNN_INSTALLED, attention
+    from slimpack.model.attention import CUDNN_INSTALLED, attention
 
     g = torch.Generator().manual_seed(0)
     lengths = [1, 7, 300, 1024, 513, 2] if device.type == "cuda" else [1, 7, 60, 33, 2]
@@ -214,9 +214,9 @@ def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
     """Our logits on two packed documents vs HF LlamaForCausalLM on each document alone."""
     import torch
 
-    from slimpack.train.attention import resolve_backend
+    from slimpack.model.attention import resolve_backend
+    from slimpack.model.transformer import Transformer
     from slimpack.train.export import to_hf_state_dict
-    from slimpack.train.model import Transformer
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -280,7 +280,7 @@ def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, 
     `parallelize` (compile, FSDP2 units, mixed precision, reshard mode), so only the model differs."""
     import torch
 
-    from slimpack.train.model import Transformer
+    from slimpack.model.transformer import Transformer
     from slimpack.train.parallel import parallelize
 
     torch.manual_seed(0)
@@ -401,7 +401,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
     """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
     import torch
 
-    from slimpack.train.attention import resolve_backend
+    from slimpack.model.attention import resolve_backend
     from slimpack.train.config import OptimSection, ParallelSection
     from slimpack.train.ledger import PositionLedger, step_segment_counts
     from slimpack.train.loop import train_step
@@ -601,7 +601,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from slimpack.train.model import model_config
+    from slimpack.model.transformer import model_config
     from slimpack.train.parallel import init_distributed
 
     started = time.perf_counter()

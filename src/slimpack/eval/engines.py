@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimpack.eval.inference import greedy_generate
 from slimpack.eval.niah import Generate
-from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
-from slimpack.train.model import ModelConfig, Transformer
+from slimpack.model.checkpoint_files import load_model_state_dict, resolve_checkpoint
+from slimpack.model.inference import greedy_generate
+from slimpack.model.transformer import ModelConfig, Transformer
 
 LLAMA3_VOCAB = 128_256
 

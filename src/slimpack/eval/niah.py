@@ -388,7 +388,7 @@ class StringChoice:
 
     def for_budget(self, budget: int) -> Any:
         """The `StringConfig` for a prompt budget (None: STRING off at this length)."""
-        from slimpack.train.string_attention import StringConfig  # the model layer; torch from here on
+        from slimpack.model.string_attention import StringConfig  # the model layer; torch from here on
 
         shift = self.shift if self.shift is not None else int(self.ratio * budget)
         return StringConfig(shift, self.window, self.scale, self.overlap) if shift > 1 else None

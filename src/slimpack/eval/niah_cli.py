@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _models(paths: list[str], every: int) -> list[Path]:
     """The checkpoints (and HF directories) to evaluate, in order."""
     from slimpack.eval.engines import is_slimpack_path
-    from slimpack.train.checkpoint import list_checkpoints
+    from slimpack.model.checkpoint_files import list_checkpoints
 
     if every < 0:
         raise ValueError(f"--every {every}: give K >= 1, or 0 for each run's newest checkpoint")

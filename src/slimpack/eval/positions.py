@@ -63,7 +63,7 @@ def _add_position_losses(model: nn.Module, micro_batches: list[dict[str, Any]], 
     import torch
     from torch import nn
 
-    from slimpack.eval.inference import forward_packed
+    from slimpack.model.inference import forward_packed
 
     for mb in micro_batches:
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
@@ -194,7 +194,7 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
     """The loss-by-position record of one checkpoint (see the module docstring), with STRING when
     `string` (a `StringChoice`: its shift, or int(ratio x L) for auto) is given."""
     from slimpack.eval.engines import load_slimpack_model, resolve_device
-    from slimpack.train.model import ModelConfig
+    from slimpack.model.transformer import ModelConfig
 
     dev = resolve_device(device)
     model, meta = load_slimpack_model(checkpoint, device=dev)

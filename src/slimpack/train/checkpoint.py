@@ -39,10 +39,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import threading
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,49 +48,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import xxhash
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from slimpack.model.checkpoint_files import (  # reading is the model layer's; the trainer's API names it too
+    META,
+    CheckpointCorrupt,
+    checkpoint_name,
+    checkpoint_step,
+    file_record,
+    gather_objects,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_state_dict,
+    read_meta,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+
+__all__ = ["META", "AsyncCheckpointer", "CheckpointCorrupt", "checkpoint_name", "latest_checkpoint", "list_checkpoints",
+           "load_checkpoint", "load_for_resume", "load_model_state_dict", "read_meta", "resolve_checkpoint",
+           "save_checkpoint", "set_aside_newer", "verify_checkpoint"]
+
 log = logging.getLogger(__name__)
-
-META = "meta.json"
-_NAME = re.compile(r"^step_(\d{8})$")
-_HASH = "xxh3_128"
-
-
-class CheckpointCorrupt(ValueError):
-    """A checkpoint whose files differ from what its save recorded: truncated, bit-flipped, missing."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / META).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's newest complete checkpoint."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        newest = latest_checkpoint(path / "checkpoints")
-        if newest is None:
-            raise FileNotFoundError(f"{path}/checkpoints holds no complete checkpoint")
-        return newest
-    return path
 
 
 def set_aside_newer(root: str | Path, step: int) -> list[Path]:
@@ -102,11 +80,7 @@ def set_aside_newer(root: str | Path, step: int) -> list[Path]:
     trajectory, and a later `--resume auto` (a requeued job) would jump back onto it. They are
     kept, out of the `step_N` name space, rather than deleted.
     """
-    return [_set_aside(newer, "abandoned") for newer in list_checkpoints(root) if _step(newer) > step]
-
-
-def _step(path: Path) -> int:
-    return int(_NAME.match(path.name).group(1))
+    return [_set_aside(newer, "abandoned") for newer in list_checkpoints(root) if checkpoint_step(newer) > step]
 
 
 def _set_aside(path: Path, suffix: str) -> Path:
@@ -156,8 +130,8 @@ def _write(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], *
     # Each rank hashes its own files while they are still in its page cache; rank 0 adds .metadata
     # and anything not claimed (should DCP ever name files differently). The gather is also the
     # barrier that keeps rank 0 from writing meta.json before every rank's files are complete.
-    mine = {p.name: _file_record(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
-    records = _gather(mine, group)
+    mine = {p.name: file_record(p) for p in sorted(tmp.glob(f"__{rank}_*"))}
+    records = gather_objects(mine, group)
     if rank == 0:
         for name, data in (extra_files or {}).items():
             with open(tmp / name, "wb") as f:
@@ -167,7 +141,7 @@ def _write(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any], *
         files = {name: rec for part in records for name, rec in part.items()}
         for p in sorted(tmp.iterdir()):  # .metadata and the extra files (the ledger)
             if p.name not in files and p.name != META:
-                files[p.name] = _file_record(p)
+                files[p.name] = file_record(p)
         text = json.dumps({"step": step, **meta, "files": files}, indent=1, default=_json_default)
         with open(tmp / META, "w") as f:
             f.write(text)
@@ -268,84 +242,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _gather(obj: Any, group: Any = None) -> list[Any]:
-    """`obj` of every rank, in rank order (just `[obj]` without a process group)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=group)
-    return out
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    h = xxhash.xxh3_128()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, _HASH: h.hexdigest()}
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.name.endswith((".tmp", ".old")):  # a save in progress or interrupted, or a deletion
-        raise FileNotFoundError(f"{path} is an unfinished save or a checkpoint being deleted, never "
-                                f"loaded; pass a complete step_NNNNNNNN directory under RUN_DIR/checkpoints")
-    if not (path / META).is_file():
-        raise FileNotFoundError(f"{path} is not a complete slimpack checkpoint (no {META}); "
-                                f"pass a step_NNNNNNNN directory under RUN_DIR/checkpoints")
-    try:
-        meta = json.loads((path / META).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointCorrupt(f"checkpoint {path}: {META} is unreadable ({err}); resume from an "
-                                f"older checkpoint") from err
-    if not isinstance(meta, dict):
-        raise CheckpointCorrupt(f"checkpoint {path}: {META} is not a JSON object; resume from an older "
-                                f"checkpoint")
-    return meta
-
-
-def _check_one(path: Path, name: Any, rec: Any) -> str | None:
-    if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")
-            and isinstance(rec, dict) and isinstance(rec.get("bytes"), int)):
-        return f"bad files entry {name!r}: {rec!r}"  # a name with a / could point outside the checkpoint
-    file = path / name
-    if not file.is_file():
-        return f"{name} is missing"
-    size = file.stat().st_size
-    if size != rec["bytes"]:
-        return f"{name} has {size:,} bytes, {rec['bytes']:,} were saved (truncated or overwritten)"
-    got = _file_record(file)[_HASH]
-    if got != rec.get(_HASH):
-        return f"{name} has {_HASH} {got}, {rec.get(_HASH)} was saved (the bytes changed on disk)"
-    return None
-
-
-def verify_checkpoint(path: str | Path, meta: dict[str, Any] | None = None) -> None:
-    """Collective when a process group exists: check every file's size and xxh3_128 against meta.json
-    (each rank a share of the files). Raises CheckpointCorrupt naming the checkpoint and the file,
-    on every rank alike. A checkpoint saved before checksums were recorded loads with a warning."""
-    path = Path(path)
-    meta = read_meta(path) if meta is None else meta
-    files = meta.get("files")
-    if files is None:
-        log.warning(f"checkpoint {path} records no checksums (saved by an older slimpack); loading it "
-                    f"unverified")  # rank 0's, by the logging filter
-        return
-    if not isinstance(files, dict) or ".metadata" not in files:
-        raise CheckpointCorrupt(f"checkpoint {path}: {META} has no valid 'files' record; resume from an "
-                                f"older checkpoint")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    names = sorted(files)
-    mine = [p for name in names[rank::world] if (p := _check_one(path, name, files[name]))]
-    problems = [p for part in _gather(mine) for p in part]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointCorrupt(f"checkpoint {path} is corrupt: {problems[0]}{more}; resume from an "
-                                f"older checkpoint (--resume auto does so itself)")
-
-
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: verify, then load model and optimiser state in place (any world size); returns
     meta.json. Raises CheckpointCorrupt (before touching the model) if a file is not as saved."""
@@ -358,28 +254,6 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     return meta
 
 
-def load_model_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full (unsharded) fp32 model weights and meta.json, in one process, no process group.
-
-    Reads only the `model.*` entries, so exporting a 1.5B model needs ~6 GB, not the 24 GB of
-    weights plus optimiser state.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    meta = read_meta(path)
-    verify_checkpoint(path, meta)  # before read_metadata unpickles .metadata
-    metadata = FileSystemReader(str(path)).read_metadata()
-    model_sd = {key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
-                for key, md in metadata.state_dict_metadata.items()
-                if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
-    state = {"model": model_sd}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    return state["model"], meta
-
-
 def load_for_resume(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, fall_back: bool,
                     check: Callable[[Path, dict[str, Any]], None] | None = None) -> tuple[Path, dict[str, Any]]:
     """Collective: load `path` (verified), or with `fall_back` (--resume auto) the newest checkpoint
@@ -389,7 +263,7 @@ def load_for_resume(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     path = Path(path)
     candidates = [path]
     if fall_back:
-        candidates = [p for p in reversed(list_checkpoints(path.parent)) if _step(p) <= _step(path)]
+        candidates = [p for p in reversed(list_checkpoints(path.parent)) if checkpoint_step(p) <= checkpoint_step(path)]
     bad: list[Path] = []
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     for candidate in candidates:

@@ -42,9 +42,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from slimpack.train.checkpoint import load_model_state_dict, resolve_checkpoint
+    from slimpack.model.checkpoint_files import load_model_state_dict, resolve_checkpoint
+    from slimpack.model.transformer import ModelConfig
     from slimpack.train.export import export_hf
-    from slimpack.train.model import ModelConfig
 
     path = Path(args.checkpoint)
     out = Path(args.out)

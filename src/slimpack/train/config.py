@@ -19,7 +19,7 @@ from slimpack.config import load_config, parse_overrides
 
 @dataclass(frozen=True)
 class ModelSection:
-    preset: str = "tinyllama-1.3b"   # a key of slimpack.train.model.PRESETS
+    preset: str = "tinyllama-1.3b"   # a key of slimpack.model.transformer.PRESETS
     attention_backend: str = "auto"  # auto | varlen | cudnn | flash_attn | xformers | sdpa_ref
 
 

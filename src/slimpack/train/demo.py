@@ -101,8 +101,8 @@ def _compare_with_transformers(run_dir: Path, hf_dir: Path) -> None:
     if not sys.stderr.isatty():  # its weight-loading bar, like ours, only on a terminal
         transformers.utils.logging.disable_progress_bar()
 
-    from slimpack.train.checkpoint import latest_checkpoint, load_model_state_dict
-    from slimpack.train.model import ModelConfig, Transformer
+    from slimpack.model.checkpoint_files import latest_checkpoint, load_model_state_dict
+    from slimpack.model.transformer import ModelConfig, Transformer
 
     weights, meta = load_model_state_dict(latest_checkpoint(run_dir / "checkpoints"))
     ours = Transformer(ModelConfig(**meta["model_config"]), attention_backend="sdpa_ref")

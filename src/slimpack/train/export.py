@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
+from slimpack.model.transformer import ModelConfig
 from slimpack.tokenize.tokenizer import PATTERN, Llama3Tokenizer
-from slimpack.train.model import ModelConfig
 
 # Wrapper prefixes that torch.compile, activation checkpointing and DDP insert into state-dict keys.
 _WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "module.")

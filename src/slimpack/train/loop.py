@@ -190,7 +190,7 @@ def _position_buckets(model: nn.Module, val_set: list[dict[str, Any]], d: Dist, 
 def build_model(cfg: TrainConfig, d: Dist) -> tuple[nn.Module, Any, int]:
     """Full model on the device with the same seed on every rank (identical weights whatever the
     world size), then sharded. Returns (model, ModelConfig, parameter count)."""
-    from slimpack.train.model import Transformer, model_config
+    from slimpack.model.transformer import Transformer, model_config
 
     mcfg = model_config(cfg.model.preset)
     torch.manual_seed(cfg.seed)
@@ -295,7 +295,7 @@ def _json_float(x: float) -> float | str:
 
 
 def _resolved_backend(cfg: TrainConfig, device: torch.device) -> str:
-    from slimpack.train.attention import resolve_backend
+    from slimpack.model.attention import resolve_backend
 
     dtype = torch.bfloat16 if cfg.parallel.mixed_precision and device.type == "cuda" else torch.float32
     return resolve_backend(cfg.model.attention_backend, torch.empty(0, device=device, dtype=dtype))

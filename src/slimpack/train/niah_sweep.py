@@ -29,10 +29,10 @@ from slimpack.eval.niah import (
     run_niah,
     write_heatmap,
 )
+from slimpack.model.transformer import Transformer
 from slimpack.storage import write_atomic
 from slimpack.tokenize.tokenizer import Llama3Tokenizer
 from slimpack.train.export import _strip_wrappers
-from slimpack.train.model import Transformer
 
 
 def sweep_config(cfg: Any) -> NiahConfig:

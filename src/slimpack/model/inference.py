@@ -1,10 +1,10 @@
 """Inference on slimpack's own `Transformer`: packed forward with STRING, batched greedy decoding with a
-KV cache. Reuses the model's weights and rotary functions; `train/model.py` stays the training model.
+KV cache. Reuses the model's weights and rotary functions; `model/transformer.py` stays the training model.
 
     hidden = forward_packed(model, input_ids, position_ids, cu_seqlens, max_seqlen, string=None)
     tokens = greedy_generate(model, prompts (B, L), max_new_tokens, string=None)
 
-`forward_packed` is `Transformer.forward` with an optional STRING (`train/string_attention.py`):
+`forward_packed` is `Transformer.forward` with an optional STRING (`model/string_attention.py`):
 evaluations that score whole sequences (loss by position) call it instead of `model(...)` to run
 with STRING. `greedy_generate` prefills prompts of any lengths as packed documents through the fused
 attention seam (a chunk of samples at a time, so activations stay bounded), keeps each layer's
@@ -21,9 +21,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from slimpack.train.attention import attention
-from slimpack.train.model import Transformer, apply_rope, rope_cos_sin
-from slimpack.train.string_attention import StringConfig, string_attention
+from slimpack.model.attention import attention
+from slimpack.model.string_attention import StringConfig, string_attention
+from slimpack.model.transformer import Transformer, apply_rope, rope_cos_sin
 
 
 def _varlen_takes_seqused() -> bool:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slimpack.train.model import rope_cos_sin
+from slimpack.model.transformer import rope_cos_sin
 
 PAPER_SCALE = 0.1 * math.log(2) + 1  # the paper code's attention_factor on cos and sin (logits x its square)
 
@@ -225,7 +225,7 @@ def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torc
     """
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
-    from slimpack.train.attention import varlen_gqa
+    from slimpack.model.attention import varlen_gqa
 
     size = (window - 1, 0) if window is not None else (-1, 0)
     k, v, gqa = varlen_gqa(k, v, q.shape[1] // k.shape[1])

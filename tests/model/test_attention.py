@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimpack.train.attention import attention, resolve_backend, varlen_causal_kwargs
+from slimpack.model.attention import attention, resolve_backend, varlen_causal_kwargs
 
 
 def _cu(lengths: list[int]) -> torch.Tensor:

@@ -10,10 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from slimpack.eval.inference import KVCache, decode_step, forward_packed, greedy_generate, prefill
+from slimpack.model.inference import KVCache, decode_step, forward_packed, greedy_generate, prefill
+from slimpack.model.string_attention import StringConfig
+from slimpack.model.transformer import RMSNorm, Transformer, model_config
 from slimpack.train.export import export_hf
-from slimpack.train.model import RMSNorm, Transformer, model_config
-from slimpack.train.string_attention import StringConfig
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from slimpack.train.attention import attention
-from slimpack.train.cudnn_attention import BUCKET, cudnn_varlen_fwd, doc_meta
+from slimpack.model.attention import attention
+from slimpack.model.cudnn_attention import BUCKET, cudnn_varlen_fwd, doc_meta
 
 
 def test_doc_meta_gives_lengths_and_element_offsets_padded_with_empty_documents():
@@ -46,7 +46,7 @@ def test_cpu_tensors_get_a_clear_error():
 
 @pytest.mark.skipif(importlib.util.find_spec("cudnn") is not None, reason="the cuDNN frontend is installed")
 def test_missing_frontend_names_the_install():
-    from slimpack.train import cudnn_attention
+    from slimpack.model import cudnn_attention
 
     with pytest.raises(RuntimeError, match=r"pip install nvidia-cudnn-frontend==1\.16\.0"):
         cudnn_attention._lib()

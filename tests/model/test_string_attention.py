@@ -12,14 +12,14 @@ import math
 import pytest
 import torch
 
-from slimpack.train.attention import attention
-from slimpack.train.model import apply_rope, rope_cos_sin
-from slimpack.train.string_attention import (
+from slimpack.model.attention import attention
+from slimpack.model.string_attention import (
     StringConfig,
     string_attention,
     string_attention_dense,
     string_positions,
 )
+from slimpack.model.transformer import apply_rope, rope_cos_sin
 
 THETA = 10_000.0
 

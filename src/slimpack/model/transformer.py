@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimpack.train.attention import BACKENDS, attention
+from slimpack.model.attention import BACKENDS, attention
 
 
 @dataclass(frozen=True)

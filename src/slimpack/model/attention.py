@@ -8,7 +8,7 @@ max_seqlen a Python int at least the longest document: the kernels size their gr
 upper bound such as the packed seq_len gives the same result and spares torch.compile a new
 specialisation per batch. Scale 1/sqrt(D).
 
-Backends (all must agree; tests/train/test_attention.py and test_gpu.py prove it):
+Backends (all must agree; tests/model/test_attention.py and tests/train/test_gpu.py prove it):
 - "varlen":     torch.nn.attention.varlen.varlen_attn, PyTorch's built-in FlashAttention-2 (CUDA,
                 fp16/bf16). Its keywords changed between releases, so we read its signature:
                 2.10 takes `is_causal=True`, 2.11+ `window_size=(-1, 0)`; where the signature
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from slimpack.train.cudnn_attention import cudnn_varlen_attention
+from slimpack.model.cudnn_attention import cudnn_varlen_attention
 
 BACKENDS = ("auto", "varlen", "cudnn", "flash_attn", "xformers", "sdpa_ref")
 # Whether the cuDNN frontend is installed; looked up once, since "auto" runs under torch.compile.

@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from slimpack.train.model import PRESETS, ModelConfig, RMSNorm, Transformer, model_config
+from slimpack.model.transformer import PRESETS, ModelConfig, RMSNorm, Transformer, model_config
 
 # Small vocabulary for speed: the vocabulary size changes no code path.
 CFG = dataclasses.replace(model_config("tiny"), vocab_size=512)
