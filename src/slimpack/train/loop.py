@@ -582,15 +582,3 @@ def train(cfg: TrainConfig) -> TrainReport:
                        stop_simulated=stop.received == stop.simulated > 0,
                        goodput=goodput.summary() if is_main else None)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m slimpack.train` / `torchrun -m slimpack.train`: same flags as `slimpack train`."""
-    import argparse
-
-    from slimpack.cli import run_handler
-    from slimpack.train.cli import add_train_arguments, run_train
-
-    parser = argparse.ArgumentParser(prog="slimpack.train", description=__doc__.splitlines()[0])
-    add_train_arguments(parser)
-    args = parser.parse_args(argv)
-    return run_handler("slimpack.train", run_train, args)
