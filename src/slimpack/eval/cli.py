@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Modules with a `register(subparsers)` function, in the order `--help` lists them.
-EVAL_MODULES: tuple[str, ...] = ("slimpack.eval.positions", "slimpack.eval.niah_cli")
+EVAL_MODULES: tuple[str, ...] = ("slimpack.eval.positions_cli", "slimpack.eval.niah_cli")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

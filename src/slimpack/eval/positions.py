@@ -18,20 +18,21 @@ packed validation windows instead, where positions restart at every document (`s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from slimpack.eval.options import add_string_arguments, string_choice
-
-if TYPE_CHECKING:  # registering the command imports no torch
-    import torch
-    from torch import nn
+from slimpack.eval.engines import load_slimpack_model, resolve_device
+from slimpack.model.inference import forward_packed
+from slimpack.model.transformer import ModelConfig
+from slimpack.pipeline.index import load_index
+from slimpack.pipeline.store import ShardStore
+from slimpack.storage import write_atomic
 
 IGNORE_INDEX = -100
 
@@ -47,7 +48,6 @@ def position_loss_sums(model: nn.Module, micro_batches: list[dict[str, Any]], de
     Logits are made `chunk_tokens` rows at a time (a 128K vocabulary makes whole-window logits
     large). Under FSDP the root stays unsharded after its forward, so `model.output.weight` is whole.
     """
-    import torch
 
     was_training = model.training
     model.eval()
@@ -60,11 +60,6 @@ def position_loss_sums(model: nn.Module, micro_batches: list[dict[str, Any]], de
 
 def _add_position_losses(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
                          out: torch.Tensor, chunk_tokens: int, string: Any) -> None:
-    import torch
-    from torch import nn
-
-    from slimpack.model.inference import forward_packed
-
     for mb in micro_batches:
         mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
         inputs = (mb["input_ids"], mb["position_ids"], mb["cu_seqlens"], mb["max_seqlen"])
@@ -103,8 +98,6 @@ def curve_record(sums: np.ndarray, counts: np.ndarray, *, step: int, tokens: int
 
 def write_curve(record: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """`step_NNNNNNNN.json` and `.png` under `out_dir`."""
-    from slimpack.storage import write_atomic
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{record['step']:08d}.json"
@@ -115,7 +108,8 @@ def write_curve(record: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path
 
 
 def _plot_curve(record: dict[str, Any], path: Path) -> None:
-    import matplotlib
+
+    import matplotlib  # the plots extra: training (which writes these records) does not need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -140,9 +134,6 @@ def _plot_curve(record: dict[str, Any], path: Path) -> None:
 def long_documents(data: str, *, split: str, seq_len: int, max_documents: int) -> tuple[list[np.ndarray], int, int]:
     """The first `max_documents` documents of `split` (index order) with at least L + 1 tokens, cut
     to L + 1; also how many such documents the split holds and its longest document."""
-    from slimpack.pipeline.index import load_index
-    from slimpack.pipeline.store import ShardStore
-
     index = load_index(data)
     if split not in index.split_names:
         raise ValueError(f"{data} has no {split!r} split (it has {list(index.split_names)}); tokenize a "
@@ -169,7 +160,6 @@ def long_documents(data: str, *, split: str, seq_len: int, max_documents: int) -
 
 def document_batches(docs: list[np.ndarray], seq_len: int, per_batch: int) -> list[dict[str, Any]]:
     """Micro-batches of whole windows, one document each from position 0."""
-    import torch
 
     batches = []
     for i in range(0, len(docs), per_batch):
@@ -193,9 +183,6 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
                        device: str = "auto", buckets: int = 16, string: Any = None) -> dict[str, Any]:
     """The loss-by-position record of one checkpoint (see the module docstring), with STRING when
     `string` (a `StringChoice`: its shift, or int(ratio x L) for auto) is given."""
-    from slimpack.eval.engines import load_slimpack_model, resolve_device
-    from slimpack.model.transformer import ModelConfig
-
     dev = resolve_device(device)
     model, meta = load_slimpack_model(checkpoint, device=dev)
     ckpt, mcfg = Path(meta["path"]), ModelConfig(**meta["model_config"])
@@ -215,36 +202,3 @@ def evaluate_positions(checkpoint: str | Path, data: str, *, split: str = "valid
                         model_config=dataclasses.asdict(mcfg),
                         string=({**string.describe(), "shift_by_length": {str(L): string_cfg.shift if string_cfg
                                                                            else None}} if string else None))
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("positions", help="mean token loss at each position 0..L-1 of held-out documents")
-    p.add_argument("checkpoint", help="a checkpoint directory (step_NNNNNNNN) or a run directory (its newest)")
-    p.add_argument("--data", required=True, help="shard dataset with a held-out split")
-    p.add_argument("--split", default="validation", help="held-out split (default validation)")
-    p.add_argument("--seq-len", type=int, help="positions to evaluate (default: the run's data.seq_len)")
-    p.add_argument("--max-documents", type=int, default=64, help="documents averaged (default 64)")
-    p.add_argument("--per-batch", type=int, default=4, help="documents per forward pass (default 4)")
-    p.add_argument("--buckets", type=int, default=16, help="equal position ranges summarised (default 16)")
-    p.add_argument("--device", default="auto", help="auto (a GPU if present), cuda or cpu")
-    p.add_argument("--run-dir", help="write into RUN_DIR/eval/positions (default: the checkpoint's run)")
-    p.add_argument("--out", help="write into this directory instead")
-    add_string_arguments(p)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    record = evaluate_positions(args.checkpoint, args.data, split=args.split, seq_len=args.seq_len,
-                                max_documents=args.max_documents, per_batch=args.per_batch,
-                                device=args.device, buckets=args.buckets, string=string_choice(args))
-    ckpt = Path(record["checkpoint"])
-    out = Path(args.out) if args.out else Path(args.run_dir or ckpt.parent.parent) / "eval" / "positions"
-    replaced = (out / f"step_{record['step']:08d}.json").is_file()
-    path, png = write_curve(record, out)
-    b = [x for x in record["buckets"] if x["loss"] is not None]
-    print(f"eval positions {ckpt} (step {record['step']:,}): {record['documents']} {record['split']} documents "
-          f"of >= {record['seq_len'] + 1} tokens ({record['documents_long_enough']} in the split); mean loss "
-          f"{b[0]['loss']:.4f} at positions {b[0]['start']}-{b[0]['end'] - 1} -> {b[-1]['loss']:.4f} at "
-          f"{b[-1]['start']}-{b[-1]['end'] - 1}")
-    print(f"  {path}{' (replaced the record that was there)' if replaced else ''}\n  {png}")
-    return 0 if all(math.isfinite(x["loss"]) for x in b) else 1
