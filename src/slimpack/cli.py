@@ -25,7 +25,7 @@ COMMAND_MODULES = (
     "slimpack.pipeline.cli",
     "slimpack.train.cli",
     "slimpack.eval.cli",
-    "slimpack.plot",
+    "slimpack.plot_cli",
     "slimpack.bench.cli",
 )
 

@@ -29,14 +29,21 @@ plus `summary.json` with the numbers behind each figure and what was skipped. De
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+
+from slimpack.eval.niah import draw_heatmap
+from slimpack.shards.stats import unmasked_distance_frequency
+from slimpack.train.ledger import read_history
+
+matplotlib.use("Agg")  # files, never a screen
+import matplotlib.pyplot as plt
 
 _STEP_FILE = re.compile(r"^step_(\d{8})\.(json|npy)$")
 _METRIC_DISTANCES = (("half", 1, 2), ("three_quarters", 3, 4), ("last", None, None))  # metrics pf_* keys
@@ -103,19 +110,10 @@ def _seq_len(run_dir: Path, history: list[tuple[int, np.ndarray]]) -> int | None
 # ----------------------------------------------------------------------------- figures
 
 
-def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    plt.close(fig)
     return str(path)
 
 
@@ -152,8 +150,6 @@ def _effective_length(ax: Any, series: dict[str, list[dict[str, Any]]], report: 
 
 def _heatmap(ax: Any, name: str, reports: list[dict[str, Any]], fig: Any, report: PlotReport) -> None:
     """Accuracy by length and depth of the series' newest report."""
-    from slimpack.eval.niah import draw_heatmap
-
     newest = reports[-1]
     draw_heatmap(ax, newest["depth_accuracy"], newest["effective_length"], fig=fig)
     label = {n: lab for n, lab, _ in _NIAH_SERIES}[name]
@@ -165,9 +161,6 @@ def _heatmap(ax: Any, name: str, reports: list[dict[str, Any]], fig: Any, report
 def _frequency_points(run_dir: Path, distances: list[int] | None,
                       train: list[dict[str, Any]]) -> dict[str, Any] | None:
     """f at the chosen distances, masked and unmasked, at each checkpoint (None: no ledger)."""
-    from slimpack.shards.stats import unmasked_distance_frequency
-    from slimpack.train.ledger import read_history
-
     history = read_history(run_dir)
     L = _seq_len(run_dir, history)
     if not history and not any("pf_last" in r for r in train):
@@ -193,8 +186,6 @@ def _frequency_points(run_dir: Path, distances: list[int] | None,
 
 
 def _position_frequency(ax: Any, pf: dict[str, Any], train: list[dict[str, Any]]) -> None:
-    import matplotlib.pyplot as plt
-
     L, chosen, points = pf["seq_len"], pf["distances"], pf["points"]
     dense = [r for r in train if "pf_last" in r]
     metric_distances = [(key, L - 1 if num is None else num * L // den) for key, num, den in _METRIC_DISTANCES]
@@ -227,7 +218,7 @@ def _global_batch_tokens(run_dir: Path) -> int | None:
 
 
 def _loss_by_position(ax: Any, files: list[tuple[int, Path]], report: PlotReport) -> None:
-    cmap = _plt().get_cmap("viridis")
+    cmap = plt.get_cmap("viridis")
     for k, (step, path) in enumerate(files):
         r = _read_json(path)
         if "mean_loss" not in r:
@@ -252,7 +243,6 @@ def _goodput(out: Path, report: PlotReport, records: list[dict[str, Any]]) -> No
     last = points[-1]
     report.goodput = {"step": last["step"], "goodput": last["goodput"], "wall_s": last["wall_s"],
                       "lost_s": last.get("lost_s", {})}
-    plt = _plt()
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     ax.plot([r["wall_s"] / 3600 for r in points], [100 * r["goodput"] for r in points])
     ax.set(xlabel="wall-clock hours (all restarts)", ylabel="goodput (%)", ylim=(0, 100),
@@ -303,7 +293,6 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None,
         report.skipped["loss_by_position.png"] = (f"no loss-by-position results in {run / 'eval' / 'positions'} "
                                                   "(eval.position_buckets in training, or `slimpack eval "
                                                   "positions --run-dir`)")
-    plt = _plt()
     for name, draw in panels:
         fig, ax = plt.subplots(figsize=(9, 5))
         draw(ax, fig, report)
@@ -322,19 +311,3 @@ def plot_run(run_dir: str | Path, *, out_dir: str | Path | None = None,
     _goodput(out, report, train)
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
     return report
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="effective length, position frequency, loss by position and goodput of a run")
-    p.add_argument("run_dir", help="a training run directory")
-    p.add_argument("--out", help="output directory (default RUN_DIR/plots)")
-    p.add_argument("--distances", type=int, nargs="+", metavar="I",
-                   help="distances i for f(i) (default L/4, L/2, 3L/4, L-1; the paper's 1280, say)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    report = plot_run(args.run_dir, out_dir=args.out, distances=args.distances)
-    print(report.summary())
-    print(f"  summary: {Path(report.out_dir) / 'summary.json'}")
-    return 0
