@@ -176,17 +176,7 @@ def table(result: dict[str, Any]) -> str:
         f"medians of {result['repeats']} repeats, slowest rank"])
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("checkpoint", help="checkpoint stall (sync vs async), checksum cost and GC pauses "
-                                          "of the trainer (torchrun for several GPUs)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model")
-    p.add_argument("--dir", help="where the checkpoints are written (default: a temporary directory)")
-    p.add_argument("--repeats", type=int, default=3, help="saves of each kind (default 3)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if args.repeats < 1:

@@ -142,16 +142,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("durable", help="cost of durable writes (fsync) on tokenize, merge and checkpoint")
-    p.add_argument("--input", help="tokenize input directory (default: the demo corpus, built here)")
-    p.add_argument("--dir", default=".", help="where to write: the disk measured (default: here)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each setting; medians (default 3)")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
     print(f"{result['machine']}; {result['filesystem']}; {result['parts']} parts, {result['shards']} "
           f"shards, {result['dataset_files']} dataset files; checkpoint {result['checkpoint_bytes']:,} "

@@ -74,17 +74,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats, "rows": rows}
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ledger", help="host time of the position-frequency ledger per step (CPU)")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--global-batch-tokens", type=int, default=4_194_304)
-    p.add_argument("--micro-batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
-    p.add_argument("--repeats", type=int, default=5, help="best of N (default 5)")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
     for r in result["rows"]:
         print(f"L={r['seq_len']}: {r['micro_batches']} micro-batches, {r['segments']:,} segments per "

@@ -301,17 +301,7 @@ def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int =
 # ----------------------------------------------------------------------------- cli
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loader", help="packed loader: throughput, 627B-token index scale, training-loop wait")
-    p.add_argument("--data", help="a merged dataset (default: the demo corpus, tokenized)")
-    p.add_argument("--min-tokens", type=int, default=200_000_000, help="tokens packed for throughput")
-    p.add_argument("--sim-steps", type=int, default=24, help="steps of the training-loop simulation")
-    p.add_argument("--skip", action="append", default=[], choices=["throughput", "scale", "train"])
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average {res['load_average_at_start'][0]:.1f} on {res['cpus']} CPUs (other work slows "
           "every figure)")

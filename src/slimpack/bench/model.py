@@ -213,23 +213,7 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
     return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model", help="GPU: chunked loss, attention backends, 1.3B step vs HF")
-    p.add_argument("--preset", default="tinyllama-1.3b")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--mean-doc-tokens", type=int, default=700, help="mean synthetic document length")
-    p.add_argument("--chunk-tokens", type=int, default=2048)
-    p.add_argument("--only", choices=("loss", "attention", "step"), action="append",
-                   help="run only these parts (repeatable)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline of the step")
-    p.add_argument("--compile", action="store_true",
-                   help="step: torch.compile each decoder layer of both models")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():

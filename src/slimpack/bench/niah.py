@@ -277,28 +277,10 @@ def _summary(res: dict[str, Any]) -> str:
     ])
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     res = run_bench(args)
     print(_summary(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
         print(f"figures: {args.json}", file=sys.stdout)
     return 0 if res["ok"] else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("niah", help="GPU: needle sweep throughput vs HF generate, STRING's cost, checks")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 lengths, 4 samples")
-    p.add_argument("--preset", default="tinyllama-1.3b")
-    p.add_argument("--lengths", help="comma-separated (default 128..2048 in 128-token steps)")
-    p.add_argument("--samples", type=int, default=500)
-    p.add_argument("--hf-samples", type=int, default=25, help="samples per length for the HF baseline")
-    p.add_argument("--string-samples", type=int, default=100, help="samples per length for STRING's cost")
-    p.add_argument("--protocol", choices=("paper", "keyed"), default="paper")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the protocol's (paper 128; --quick 16)")
-    p.add_argument("--string-shift", type=int, default=0, help="default 0: auto, int(ratio x each prompt budget)")
-    p.add_argument("--string-ratio", type=float, default=0.5)
-    p.add_argument("--string-window", type=int, default=128)
-    p.add_argument("--prefill-tokens", type=int, default=131_072, help="tokens per prefill chunk")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)

@@ -112,17 +112,7 @@ def pathological() -> dict[str, dict[str, float]]:
     return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="end-to-end tokenize vs raw tiktoken, 1 and 2 processes")
-    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
-    p.add_argument("--repeat", type=int, default=16, help="copies of the input to process")
-    p.add_argument("--json", help="write the figures here")
-    p.add_argument("--pathological-only", action="store_true",
-                   help="only time the 1 MB / 2 MB single-character and all-space inputs")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     if args.input is not None and not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     res: dict[str, Any] = {"pathological": pathological()}

@@ -744,41 +744,7 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="training throughput per GPU (ours vs Hugging Face; torchrun for "
-                                     "several GPUs) and GPU correctness checks")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, a few steps")
-    p.add_argument("--data", choices=("demo", "synthetic"), default=None,
-                   help="packed batches from the demo corpus through the real loader (GPU default) or "
-                        "synthetic documents (--quick default)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (compile happens here)")
-    p.add_argument("--timed-steps", type=int, default=None, help="timed optimiser steps per configuration")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimiser step (default: --tokens-per-gpu-step worth)")
-    p.add_argument("--tokens-per-gpu-step", type=int, default=4_194_304 // 16,
-                   help="tokens per GPU per optimiser step when --grad-accum is not given (default 262144: "
-                        "the paper's 4M-token batch over 16 GPUs)")
-    p.add_argument("--reshard", choices=("step", "backward", "forward"), default="step",
-                   help="FSDP2 gather/reduce cadence (parallel.reshard), the same for both models")
-    p.add_argument("--profile", metavar="DIR",
-                   help="after timing, profile one 2-micro-batch step per configuration: Chrome trace "
-                        "and kernel table in DIR, GPU time per kernel family in the JSON")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="loader worker processes for the demo data (the paper configs use 4)")
-    p.add_argument("--attention", default="auto", help="our model's attention backend (train.attention)")
-    p.add_argument("--no-checks", action="store_true", help="skip the correctness checks (scaling runs)")
-    p.add_argument("--only", help="comma-separated configuration names to run")
-    p.add_argument("--time-budget-s", type=float, default=330,
-                   help="start no configuration after this many seconds (default 330: the whole run then "
-                        "ends within ~7 minutes; checks and six compiled configurations took 213 s on an H200)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak per GPU for MFU (default: by the GPU's name, train.metrics."
-                        "PEAK_BF16_TFLOPS, e.g. 989 for H100/H200 SXM; MFU null for a GPU not listed)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     defaults = {"data": ("synthetic", "demo"), "warmup_steps": (1, 2), "timed_steps": (2, 3),
                 "grad_accum": (2, None)}
     for key, (quick, gpu) in defaults.items():

@@ -146,18 +146,7 @@ def run_bench(input_dir: Path | None, repeat: int, scratch: Path, runs: int = 5,
     return result
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="shards validate throughput (MB/s per process) vs decompress-only")
-    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
-    p.add_argument("--repeat", type=int, default=26, help="distinct copies of each input (default 26)")
-    p.add_argument("--block-tokens", type=int, default=65_536,
-                   help="tokens per sample of the built dataset (default 65,536, the shard default)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs; the best is reported")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     if args.input is not None and not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-validate-") as tmp:
