@@ -32,11 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from slimpack.demo import iter_corpus
+from slimpack.eval.engines import hf_engine
+from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah, string_label
+from slimpack.model.inference import KVCache, decode_step, forward_packed, greedy_generate, prefill, query_rope
+from slimpack.model.string_attention import StringConfig, string_attention, string_attention_dense
+from slimpack.model.transformer import Transformer, apply_rope, model_config, rope_cos_sin
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
+from slimpack.train.export import export_hf
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -44,8 +52,6 @@ def _sync(device: Any) -> None:
 def _haystack(encode: Any, tokens: int, protocol: str) -> str | np.ndarray:
     """The demo corpus's documents, joined by a paragraph break, up to `tokens` tokens: text for the
     paper protocol, tokens for keyed."""
-    from slimpack.demo import iter_corpus
-
     texts, total = [], 0
     for _, _, text in iter_corpus():
         texts.append(text)
@@ -67,10 +73,6 @@ class _TimedGenerate:
         self.prefill_tokens_done = self.decode_tokens_done = 0
 
     def __call__(self, prompts: list[np.ndarray], new: int, string: Any) -> list[list[int]]:
-        import torch
-
-        from slimpack.model.inference import greedy_generate
-
         batch = [torch.as_tensor(p, device=self.device) for p in prompts]
         marks = []
 
@@ -101,10 +103,6 @@ class _TimedGenerate:
 
 def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str, Any]:
     """Cached greedy == full recomputation: fp32 exactly (tokens), the model's dtype within 5%."""
-    import torch
-
-    from slimpack.model.inference import KVCache, decode_step, forward_packed, prefill
-
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 32_000, (4, length), generator=g).to(device)
     seq, want_logits = prompts, []
@@ -136,12 +134,6 @@ def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str
 
 def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: int, kv_heads: int,
                   head_dim: int, lengths: list[int]) -> dict[str, Any]:
-    import torch
-
-    from slimpack.model.inference import query_rope
-    from slimpack.model.string_attention import string_attention, string_attention_dense
-    from slimpack.model.transformer import apply_rope, rope_cos_sin
-
     g = torch.Generator().manual_seed(1)
     T = sum(lengths)
     q = torch.randn(T, heads, head_dim, generator=g).to(device)
@@ -165,15 +157,6 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from slimpack.eval.engines import hf_engine
-    from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah
-    from slimpack.model.string_attention import StringConfig
-    from slimpack.model.transformer import Transformer, model_config
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-    from slimpack.train.export import export_hf
-
     if args.quick:
         args.preset, args.samples, args.hf_samples, args.string_samples = "tiny", 4, 2, 4
         args.lengths = args.lengths or "128,256"
@@ -261,8 +244,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(res: dict[str, Any]) -> str:
-    from slimpack.eval.niah import string_label
-
     s, hf = res["sweep"], res["hf"]
     return "\n".join([
         f"niah bench on {res['device']} ({res['preset']}, {res['dtype']}, {res['protocol']} protocol): checks "
