@@ -34,20 +34,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from slimpack import exitcodes
+from slimpack.bench.train import _max_over_ranks, _sync, synthetic_micro_batches
+from slimpack.model.transformer import Transformer, model_config
+from slimpack.train import checkpoint as ckpt
+from slimpack.train.config import OptimSection, ParallelSection
+from slimpack.train.loop import train_step
+from slimpack.train.optim import build_optimizer
+from slimpack.train.parallel import init_distributed, parallelize
 
 
 def _slowest(seconds: float, device: Any) -> float:
-    from slimpack.bench.train import _max_over_ranks
-
     return _max_over_ranks(seconds, device)
 
 
 def _timed(fn: Any, device: Any) -> float:
-    import torch.distributed as dist
-
-    from slimpack.bench.train import _sync
-
     _sync(device)
     dist.barrier()
     t = time.perf_counter()
@@ -57,17 +61,6 @@ def _timed(fn: Any, device: Any) -> float:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-
-    from slimpack.bench.train import synthetic_micro_batches
-    from slimpack.model.transformer import Transformer, model_config
-    from slimpack.train import checkpoint as ckpt
-    from slimpack.train.config import OptimSection, ParallelSection
-    from slimpack.train.loop import train_step
-    from slimpack.train.optim import build_optimizer
-    from slimpack.train.parallel import init_distributed, parallelize
-
     d = init_distributed("cpu" if args.quick else "auto")
     if not args.quick and d.device.type != "cuda":
         raise RuntimeError("bench checkpoint needs a CUDA GPU; use --quick for the CPU smoke run")
@@ -136,10 +129,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _sync_all(device: Any) -> None:
-    import torch.distributed as dist
-
-    from slimpack.bench.train import _sync
-
     _sync(device)
     dist.barrier()
 
@@ -176,19 +165,7 @@ def table(result: dict[str, Any]) -> str:
         f"medians of {result['repeats']} repeats, slowest rank"])
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("checkpoint", help="checkpoint stall (sync vs async), checksum cost and GC pauses "
-                                          "of the trainer (torchrun for several GPUs)")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model")
-    p.add_argument("--dir", help="where the checkpoints are written (default: a temporary directory)")
-    p.add_argument("--repeats", type=int, default=3, help="saves of each kind (default 3)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def main(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats {args.repeats}: must be at least 1")
     result = run_bench(args)

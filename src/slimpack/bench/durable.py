@@ -31,6 +31,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
+from slimpack.demo import build_corpus
+from slimpack.model.transformer import Transformer, model_config
+from slimpack.tokenize import job
+from slimpack.tokenize.job import TokenizeConfig, discover
+from slimpack.tokenize.merge import merge_dataset
+from slimpack.train.checkpoint import save_checkpoint
+from slimpack.train.config import OptimSection, ParallelSection
+from slimpack.train.loop import train_step
+from slimpack.train.optim import build_optimizer
+from slimpack.train.parallel import init_distributed, parallelize
+
 MODES = ("baseline (no fsync)", "durable (fsync)")
 
 
@@ -66,14 +80,6 @@ def _filesystem(path: Path) -> str:
 
 
 def _tiny_model() -> tuple[Any, Any]:
-    import torch
-
-    from slimpack.model.transformer import Transformer, model_config
-    from slimpack.train.config import OptimSection, ParallelSection
-    from slimpack.train.loop import train_step
-    from slimpack.train.optim import build_optimizer
-    from slimpack.train.parallel import init_distributed, parallelize
-
     d = init_distributed("cpu")
     torch.manual_seed(0)
     model = Transformer(model_config("tiny"))
@@ -88,14 +94,6 @@ def _tiny_model() -> tuple[Any, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch.distributed as dist
-
-    from slimpack.demo import build_corpus
-    from slimpack.tokenize import job
-    from slimpack.tokenize.job import TokenizeConfig, discover
-    from slimpack.tokenize.merge import merge_dataset
-    from slimpack.train.checkpoint import save_checkpoint
-
     base = Path(tempfile.mkdtemp(prefix="bench-durable-", dir=args.dir))
     try:
         corpus = Path(args.input) if args.input else base / "corpus"
@@ -142,16 +140,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("durable", help="cost of durable writes (fsync) on tokenize, merge and checkpoint")
-    p.add_argument("--input", help="tokenize input directory (default: the demo corpus, built here)")
-    p.add_argument("--dir", default=".", help="where to write: the disk measured (default: here)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each setting; medians (default 3)")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
     print(f"{result['machine']}; {result['filesystem']}; {result['parts']} parts, {result['shards']} "
           f"shards, {result['dataset_files']} dataset files; checkpoint {result['checkpoint_bytes']:,} "

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from slimpack.pipeline import packing
+from slimpack.train.ledger import PositionLedger, step_segment_counts
+from slimpack.train.loss import count_valid
 
 
 def packed_step(*, seq_len: int, global_batch_tokens: int, micro_batch_size: int, seed: int = 0) -> list[dict]:
     """One step's micro-batches (CPU tensors) packed from log-normal documents."""
-    import torch
-
-    from slimpack.pipeline import packing
-
     rng = np.random.default_rng(seed)
     tokens = global_batch_tokens + 1
     lengths = np.maximum(2, np.exp(np.log(600) + 1.2 * rng.standard_normal(tokens // 100 + 10)).astype(np.int64))
@@ -56,9 +57,6 @@ def _best_of(fn: Any, repeats: int) -> float:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from slimpack.train.ledger import PositionLedger, step_segment_counts
-    from slimpack.train.loss import count_valid
-
     rows = []
     for L in args.seq_len:
         step = packed_step(seq_len=L, global_batch_tokens=args.global_batch_tokens,
@@ -74,17 +72,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats, "rows": rows}
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ledger", help="host time of the position-frequency ledger per step (CPU)")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
-    p.add_argument("--global-batch-tokens", type=int, default=4_194_304)
-    p.add_argument("--micro-batch-size", type=int, default=8, help="windows per micro-batch (default 8)")
-    p.add_argument("--repeats", type=int, default=5, help="best of N (default 5)")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     result = run_bench(args)
     for r in result["rows"]:
         print(f"L={r['seq_len']}: {r['micro_batches']} micro-batches, {r['segments']:,} segments per "

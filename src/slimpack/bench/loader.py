@@ -27,10 +27,16 @@ import resource
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from slimpack.pipeline import LoaderConfig, PackedLoader
+from slimpack.pipeline.index import load_index
+from slimpack.shards import schema
+from slimpack.shards.mds import decompress
 
 SCALE_TOKENS = 627_000_000_000
 SCALE_SAMPLE_TOKENS = 65_536
@@ -42,6 +48,8 @@ SCALE_SAMPLE_TOKENS = 65_536
 def _prepare_data(data: str | None, scratch: Path) -> tuple[str, str]:
     if data:
         return data, data
+    # Local: the spawned scale children import this module, and their RSS after imports is a
+    # reported baseline; the tokenizer stack stays out of it.
     from slimpack.demo import build_corpus
     from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 
@@ -59,10 +67,6 @@ def _prepare_data(data: str | None, scratch: Path) -> tuple[str, str]:
 
 def bench_throughput(path: str, *, min_tokens: int = 200_000_000, seq_len: int = 2048,
                      micro_batch_size: int = 8) -> dict[str, Any]:
-    from slimpack.pipeline import LoaderConfig, PackedLoader
-    from slimpack.pipeline.index import load_index
-    from slimpack.shards.mds import decompress
-
     index = load_index(path)
     gbt = seq_len * micro_batch_size * 4  # grad_accum 4
     probe = PackedLoader(LoaderConfig(path, seq_len=seq_len, global_batch_tokens=gbt,
@@ -115,8 +119,6 @@ def write_synthetic_dataset(root: Path, *, total_tokens: int = SCALE_TOKENS, tra
                             held_out_parts: int = 500, seed: int = 0) -> dict[str, Any]:
     """Index files of a SlimPajama-size dataset (no shard bytes): one shard per part, as tokenize writes
     for SlimPajama's ~10.6M-token files."""
-    from slimpack.shards import schema
-
     rng = np.random.default_rng(seed)
     num_samples = total_tokens // SCALE_SAMPLE_TOKENS
     # Samples are whole documents of at least 65,536 tokens: the target plus an overshoot.
@@ -166,11 +168,6 @@ def _scale_child(path: str, resume_step: int, trace: bool, queue: Any) -> None:
     tracemalloc slows every Python allocation (JSON parsing makes millions), so the timed run and
     the traced run are separate processes.
     """
-    import tracemalloc
-
-    from slimpack.pipeline import LoaderConfig, PackedLoader
-    from slimpack.pipeline.index import load_index
-
     base_rss = _rss_kib()
     peak_rss = [base_rss]
     stop = threading.Event()
@@ -250,8 +247,6 @@ def _rank_loop(path: str, rank: int, world_size: int, num_workers: int, steps: i
     # A spawned child inherits "spawn" as its default start method; torchrun starts ranks as fresh
     # interpreters, whose default on Linux is fork. Match torchrun so DataLoader workers fork.
     mp.set_start_method("fork", force=True)
-    from slimpack.pipeline import LoaderConfig, PackedLoader
-
     cfg = LoaderConfig(path, seq_len=2048, global_batch_tokens=2048 * 4 * world_size * 2, micro_batch_size=4,
                        rank=rank, world_size=world_size, num_workers=num_workers,
                        max_tokens=2048 * 4 * world_size * 2 * steps)
@@ -301,17 +296,7 @@ def bench_training_loop(path: str, *, tokens_per_s: float = 80_000, steps: int =
 # ----------------------------------------------------------------------------- cli
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("loader", help="packed loader: throughput, 627B-token index scale, training-loop wait")
-    p.add_argument("--data", help="a merged dataset (default: the demo corpus, tokenized)")
-    p.add_argument("--min-tokens", type=int, default=200_000_000, help="tokens packed for throughput")
-    p.add_argument("--sim-steps", type=int, default=24, help="steps of the training-loop simulation")
-    p.add_argument("--skip", action="append", default=[], choices=["throughput", "scale", "train"])
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {"load_average_at_start": os.getloadavg(), "cpus": os.cpu_count()}
     print(f"load average {res['load_average_at_start'][0]:.1f} on {res['cpus']} CPUs (other work slows "
           "every figure)")

@@ -23,11 +23,20 @@ import argparse
 import gc
 import itertools
 import json
+import random
 import statistics
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slimpack.model.attention import CUDNN_INSTALLED, attention
+from slimpack.model.transformer import Transformer, model_config
+from slimpack.train.export import export_hf
+from slimpack.train.loss import cross_entropy_sum
 
 H100_BF16_FLOPS = 989e12
 
@@ -36,8 +45,6 @@ def _timed_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, que
     """Median wall time of fn in ms, measured with CUDA events around each call from an idle GPU;
     `queued`: the mean over `iters` calls queued back to back, so the host's launch overhead hides
     behind GPU work as it does in training (small kernels with Python around them)."""
-    import torch
-
     for _ in range(warmup):
         fn()
     if queued:
@@ -62,8 +69,6 @@ def _timed_ms(fn: Callable[[], object], *, warmup: int = 3, iters: int = 10, que
 
 def _peak_gb(fn: Callable[[], object]) -> float:
     """Peak CUDA memory fn allocates above what was allocated before it, in GB."""
-    import torch
-
     torch.cuda.synchronize()
     gc.collect()
     torch.cuda.empty_cache()
@@ -78,8 +83,6 @@ def synthetic_cu_seqlens(micro_batch_size: int, seq_len: int, *, mean_doc_tokens
                          seed: int) -> list[int]:
     """Document boundaries of `micro_batch_size` windows of `seq_len` tokens, documents of geometric
     length (mean `mean_doc_tokens`) cut at window edges, as the packed loader produces them."""
-    import random
-
     rng = random.Random(seed)
     bounds = [0]
     for w in range(micro_batch_size):
@@ -91,11 +94,6 @@ def synthetic_cu_seqlens(micro_batch_size: int, seq_len: int, *, mean_doc_tokens
 
 
 def bench_loss(*, tokens: int, hidden: int, vocab: int, chunk_sizes: tuple[int, ...]) -> dict[str, Any]:
-    import torch
-    import torch.nn.functional as F
-
-    from slimpack.train.loss import cross_entropy_sum
-
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(vocab, hidden, device="cuda") * 0.02).bfloat16().requires_grad_()
@@ -119,10 +117,6 @@ def bench_loss(*, tokens: int, hidden: int, vocab: int, chunk_sizes: tuple[int, 
 
 def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads: int, head_dim: int,
                     mean_doc_tokens: int) -> dict[str, Any]:
-    import torch
-
-    from slimpack.model.attention import CUDNN_INSTALLED, attention
-
     bounds = synthetic_cu_seqlens(micro_batch_size, seq_len, mean_doc_tokens=mean_doc_tokens, seed=0)
     lengths = [b - a for a, b in itertools.pairwise(bounds)]
     T = bounds[-1]
@@ -149,11 +143,6 @@ def bench_attention(*, micro_batch_size: int, seq_len: int, heads: int, kv_heads
 
 def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tokens: int,
                chunk_tokens: int, hf_baseline: bool, compile_blocks: bool) -> dict[str, Any]:
-    import torch
-
-    from slimpack.model.transformer import Transformer, model_config
-    from slimpack.train.loss import cross_entropy_sum
-
     cfg = model_config(preset)
     T = micro_batch_size * seq_len
     bounds = synthetic_cu_seqlens(micro_batch_size, seq_len, mean_doc_tokens=mean_doc_tokens, seed=0)
@@ -189,9 +178,7 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
                            "gpu": torch.cuda.get_device_name()}
     out[f"ours_{mode}_varlen"] = report(_timed_ms(ours, iters=5), _peak_gb(ours))
     if hf_baseline:
-        import transformers
-
-        from slimpack.train.export import export_hf
+        import transformers  # the hf extra: only for this baseline (--no-hf runs without it)
 
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(model.state_dict(), cfg, tmp)
@@ -213,29 +200,9 @@ def bench_step(*, preset: str, micro_batch_size: int, seq_len: int, mean_doc_tok
     return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("model", help="GPU: chunked loss, attention backends, 1.3B step vs HF")
-    p.add_argument("--preset", default="tinyllama-1.3b")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--mean-doc-tokens", type=int, default=700, help="mean synthetic document length")
-    p.add_argument("--chunk-tokens", type=int, default=2048)
-    p.add_argument("--only", choices=("loss", "attention", "step"), action="append",
-                   help="run only these parts (repeatable)")
-    p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline of the step")
-    p.add_argument("--compile", action="store_true",
-                   help="step: torch.compile each decoder layer of both models")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    import torch
-
+def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available():
         raise RuntimeError("slimpack bench model needs a CUDA GPU; run it on a GPU machine")
-    from slimpack.model.transformer import model_config
-
     cfg = model_config(args.preset)
     parts = args.only or ["loss", "attention", "step"]
     res: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}

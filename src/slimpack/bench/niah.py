@@ -32,11 +32,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from slimpack.demo import iter_corpus
+from slimpack.eval.engines import hf_engine
+from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah, string_label
+from slimpack.model.inference import KVCache, decode_step, forward_packed, greedy_generate, prefill, query_rope
+from slimpack.model.string_attention import StringConfig, string_attention, string_attention_dense
+from slimpack.model.transformer import Transformer, apply_rope, model_config, rope_cos_sin
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
+from slimpack.train.export import export_hf
 
 
 def _sync(device: Any) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -44,8 +52,6 @@ def _sync(device: Any) -> None:
 def _haystack(encode: Any, tokens: int, protocol: str) -> str | np.ndarray:
     """The demo corpus's documents, joined by a paragraph break, up to `tokens` tokens: text for the
     paper protocol, tokens for keyed."""
-    from slimpack.demo import iter_corpus
-
     texts, total = [], 0
     for _, _, text in iter_corpus():
         texts.append(text)
@@ -67,10 +73,6 @@ class _TimedGenerate:
         self.prefill_tokens_done = self.decode_tokens_done = 0
 
     def __call__(self, prompts: list[np.ndarray], new: int, string: Any) -> list[list[int]]:
-        import torch
-
-        from slimpack.model.inference import greedy_generate
-
         batch = [torch.as_tensor(p, device=self.device) for p in prompts]
         marks = []
 
@@ -101,10 +103,6 @@ class _TimedGenerate:
 
 def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str, Any]:
     """Cached greedy == full recomputation: fp32 exactly (tokens), the model's dtype within 5%."""
-    import torch
-
-    from slimpack.model.inference import KVCache, decode_step, forward_packed, prefill
-
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 32_000, (4, length), generator=g).to(device)
     seq, want_logits = prompts, []
@@ -136,12 +134,6 @@ def _check_cache(model: Any, fp32: Any, device: Any, *, length: int) -> dict[str
 
 def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: int, kv_heads: int,
                   head_dim: int, lengths: list[int]) -> dict[str, Any]:
-    import torch
-
-    from slimpack.model.inference import query_rope
-    from slimpack.model.string_attention import string_attention, string_attention_dense
-    from slimpack.model.transformer import apply_rope, rope_cos_sin
-
     g = torch.Generator().manual_seed(1)
     T = sum(lengths)
     q = torch.randn(T, heads, head_dim, generator=g).to(device)
@@ -165,15 +157,6 @@ def _check_string(device: Any, dtype: Any, string: Any, theta: float, *, heads: 
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from slimpack.eval.engines import hf_engine
-    from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah
-    from slimpack.model.string_attention import StringConfig
-    from slimpack.model.transformer import Transformer, model_config
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-    from slimpack.train.export import export_hf
-
     if args.quick:
         args.preset, args.samples, args.hf_samples, args.string_samples = "tiny", 4, 2, 4
         args.lengths = args.lengths or "128,256"
@@ -261,8 +244,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summary(res: dict[str, Any]) -> str:
-    from slimpack.eval.niah import string_label
-
     s, hf = res["sweep"], res["hf"]
     return "\n".join([
         f"niah bench on {res['device']} ({res['preset']}, {res['dtype']}, {res['protocol']} protocol): checks "
@@ -277,28 +258,10 @@ def _summary(res: dict[str, Any]) -> str:
     ])
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     res = run_bench(args)
     print(_summary(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
         print(f"figures: {args.json}", file=sys.stdout)
     return 0 if res["ok"] else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("niah", help="GPU: needle sweep throughput vs HF generate, STRING's cost, checks")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 lengths, 4 samples")
-    p.add_argument("--preset", default="tinyllama-1.3b")
-    p.add_argument("--lengths", help="comma-separated (default 128..2048 in 128-token steps)")
-    p.add_argument("--samples", type=int, default=500)
-    p.add_argument("--hf-samples", type=int, default=25, help="samples per length for the HF baseline")
-    p.add_argument("--string-samples", type=int, default=100, help="samples per length for STRING's cost")
-    p.add_argument("--protocol", choices=("paper", "keyed"), default="paper")
-    p.add_argument("--max-new-tokens", type=int, default=0, help="0: the protocol's (paper 128; --quick 16)")
-    p.add_argument("--string-shift", type=int, default=0, help="default 0: auto, int(ratio x each prompt budget)")
-    p.add_argument("--string-ratio", type=float, default=0.5)
-    p.add_argument("--string-window", type=int, default=128)
-    p.add_argument("--prefill-tokens", type=int, default=131_072, help="tokens per prefill chunk")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llama_models.llama3.tokenizer import Tokenizer
+
+from slimpack.demo import build_corpus
+from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 from slimpack.tokenize.readers import Record, discover, read_records
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
 
 
 def _texts(inputs: list[str]) -> list[list[str]]:
@@ -27,8 +32,6 @@ def _texts(inputs: list[str]) -> list[list[str]]:
 
 
 def _raw_worker(texts: list[str]) -> tuple[int, float]:
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
     enc = Llama3Tokenizer().encoding
     t0 = time.perf_counter()
     n = sum(len(ids) for ids in enc.encode_ordinary_batch(texts, num_threads=1))
@@ -46,8 +49,6 @@ def _raw(per_file: list[list[str]], processes: int) -> dict[str, float]:
 
 
 def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, float]:
-    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
-
     out = scratch / f"out-{workers}"
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -59,8 +60,6 @@ def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, flo
 
 def run_bench(input_dir: str | None, repeat: int, scratch: Path) -> dict[str, Any]:
     if input_dir is None:
-        from slimpack.demo import build_corpus
-
         src = scratch / "demo-corpus"
         build_corpus(src)
     else:
@@ -92,10 +91,6 @@ def pathological() -> dict[str, dict[str, float]]:
 
     Near-linear means the 2 MB time is about twice the 1 MB time.
     """
-    from llama_models.llama3.tokenizer import Tokenizer
-
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
     ours, meta = Llama3Tokenizer(), Tokenizer.get_instance()
     out = {}
     for name, unit in (("one_char", "a"), ("spaces", " "), ("one_line_of_words", "lorem ipsum ")):
@@ -112,17 +107,7 @@ def pathological() -> dict[str, dict[str, float]]:
     return out
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenize", help="end-to-end tokenize vs raw tiktoken, 1 and 2 processes")
-    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
-    p.add_argument("--repeat", type=int, default=16, help="copies of the input to process")
-    p.add_argument("--json", help="write the figures here")
-    p.add_argument("--pathological-only", action="store_true",
-                   help="only time the 1 MB / 2 MB single-character and all-space inputs")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     if args.input is not None and not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     res: dict[str, Any] = {"pathological": pathological()}

@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 4 -m slimpack bench train --no-checks --only ours-2k-compile --json OUT.json
     slimpack bench train --quick --json OUT.json    # CPU smoke run: tiny model, seconds
 
-First the correctness checks, then the timings:
+First the correctness checks (`bench.train_checks`), then the timings:
 1. attention: the fused backends (varlen, PyTorch's FlashAttention-2, and cudnn where the cuDNN
    frontend is installed) vs the per-document SDPA reference on a packed bf16 batch, forward output
    and the q/k/v gradients, both against an fp32 reference; each fused backend's error must be
@@ -45,24 +45,36 @@ import argparse
 import contextlib
 import functools
 import gc
+import gzip
 import itertools
 import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
 from slimpack import exitcodes
+from slimpack.demo import build_corpus
+from slimpack.model.attention import resolve_backend
+from slimpack.model.transformer import Transformer, model_config
+from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+from slimpack.train.config import OptimSection, ParallelSection
+from slimpack.train.ledger import PositionLedger, step_segment_counts
+from slimpack.train.loop import train_step
 from slimpack.train.metrics import model_flops_per_token, peak_flops_for
+from slimpack.train.optim import build_optimizer
+from slimpack.train.parallel import all_reduce_max, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
 
 # ----------------------------------------------------------------------------- data
 
@@ -71,8 +83,6 @@ def synthetic_micro_batches(*, seq_len: int, micro_batch_size: int, vocab_size: 
                             seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless packed micro-batches with log-normal document lengths (median 600, sigma 1.2),
     documents cut at window edges the way the loader cuts them."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     while True:
         T = micro_batch_size * seq_len
@@ -97,9 +107,6 @@ class _DemoData:
     """The real loader over the demo corpus, tokenized into a temporary directory."""
 
     def __init__(self, scratch: Path) -> None:
-        from slimpack.demo import build_corpus
-        from slimpack.tokenize.job import TokenizeConfig, run_tokenize
-
         t0 = time.perf_counter()
         build_corpus(scratch / "corpus")
         # One node of one: under torchrun, RANK/WORLD_SIZE would otherwise split the job over ranks.
@@ -130,143 +137,10 @@ def _loader_available() -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- correctness
-
-
-def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.float() - ref.float()).abs().max().item()
-
-
-def _dense_causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """fp32 attention with an explicit block-diagonal causal mask over the whole packed batch."""
-    import torch
-
-    T, H, D = q.shape
-    doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=q.device),
-                                  (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-    pos = torch.arange(T, device=q.device)
-    mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])  # (T, T) allowed
-    groups = H // k.shape[1]
-    qf, kf, vf = q.float(), k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
-    scores = torch.einsum("thd,shd->hts", qf, kf) / math.sqrt(D)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), vf)
-
-
-def check_attention(device: torch.device) -> dict[str, Any]:
-    """Fast path vs reference on a packed batch, forward and backward."""
-    import torch
-
-    from slimpack.model.attention import CUDNN_INSTALLED, attention
-
-    g = torch.Generator().manual_seed(0)
-    lengths = [1, 7, 300, 1024, 513, 2] if device.type == "cuda" else [1, 7, 60, 33, 2]
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
-    T, H, Hkv, D = sum(lengths), 32, 4, 64
-    # CPU (--quick) walks the same path in bf16 with the reference as its "fast" backend.
-    fast = ["varlen", *(["cudnn"] if CUDNN_INSTALLED else [])] if device.type == "cuda" else ["sdpa_ref"]
-    dtype = torch.bfloat16
-    base = [torch.randn(T, h, D, generator=g).to(device) for h in (H, Hkv, Hkv)]
-    grad_out = torch.randn(T, H, D, generator=g).to(device)
-
-    def run(backend: str | None, dt: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        q, k, v = (x.detach().to(dt).clone().requires_grad_() for x in base)  # fresh leaves every run
-        if backend is None:
-            out = _dense_causal_reference(q, k, v, cu)
-        else:
-            out = attention(q, k, v, cu, max(lengths), backend=backend)
-        out.backward(grad_out.to(out.dtype))
-        return out.detach(), [x.grad for x in (q, k, v)]
-
-    ref_out, ref_grads = run(None, torch.float64 if device.type == "cpu" else torch.float32)
-    refs = {"out": ref_out, "dq": ref_grads[0], "dk": ref_grads[1], "dv": ref_grads[2]}
-    result: dict[str, Any] = {"lengths": lengths, "heads": H, "kv_heads": Hkv, "head_dim": D,
-                              "dtype": str(dtype), "backends": {},
-                              "ref_abs_max": {k: v.abs().max().item() for k, v in refs.items()}}
-    for backend in dict.fromkeys([*fast, "sdpa_ref"]):
-        out, grads = run(backend, dtype)
-        got = {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
-        result["backends"][backend] = {f"{k}_max_err": _err(got[k], refs[k]) for k in refs}
-    ref = result["backends"]["sdpa_ref"]
-    # Pass: within 2x the reference path's own error in the same dtype, or within the dtype's
-    # resolution of the largest value (bf16 keeps ~3 significant digits: 1% of the max).
-    rel = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    result["fast_backends"] = fast
-    result["ok"] = all(result["backends"][b][f"{k}_max_err"] <= max(2 * ref[f"{k}_max_err"],
-                                                                    rel * result["ref_abs_max"][k])
-                       for b in fast for k in refs)
-    return result
-
-
-def _hf_model(cfg: Any, device: torch.device, dtype: torch.dtype, attn: str = "sdpa") -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from slimpack.train.export import hf_config
-
-    config = LlamaConfig.from_dict(hf_config(cfg, dtype=dtype))
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-
-
-def check_logits(cfg: Any, device: torch.device) -> dict[str, Any]:
-    """Our logits on two packed documents vs HF LlamaForCausalLM on each document alone."""
-    import torch
-
-    from slimpack.model.attention import resolve_backend
-    from slimpack.model.transformer import Transformer
-    from slimpack.train.export import to_hf_state_dict
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        ours = Transformer(cfg, attention_backend="sdpa_ref").float()
-    hf = _hf_model(cfg, device, torch.float32)
-    missing, unexpected = hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
-    missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
-    ours.eval()
-    hf.eval()
-    lengths = [300, 212] if device.type == "cuda" else [40, 24]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (sum(lengths),), generator=g).to(device)
-    cu = torch.tensor([0, lengths[0], sum(lengths)], dtype=torch.int32, device=device)
-    pos = torch.cat([torch.arange(n) for n in lengths]).to(device)
-
-    def hf_logits(model: Any) -> torch.Tensor:
-        docs = ((0, lengths[0]), (lengths[0], sum(lengths)))
-        return torch.cat([model(input_ids=ids[a:b][None]).logits[0] for a, b in docs])
-
-    result: dict[str, Any] = {"lengths": lengths}
-    with torch.no_grad():
-        ref_ours = ours.logits(ids, pos, cu, max(lengths))
-        ref_hf = hf_logits(hf)
-        fp32_err = _err(ref_ours, ref_hf)
-        scale = ref_hf.abs().max().item()
-        result["fp32"] = {"max_abs_err": fp32_err, "logit_abs_max": scale}
-        ok = fp32_err <= 1e-3 * max(1.0, scale)
-        # bf16 with the default backend (a fused kernel on CUDA; on CPU the reference).
-        fast = resolve_backend("auto", torch.empty(0, device=device, dtype=torch.bfloat16))
-        ours_bf = ours.to(torch.bfloat16)
-        for layer in ours_bf.layers:
-            layer.attention.backend = fast
-        hf_bf = hf.to(torch.bfloat16)
-        bf_ours = _err(ours_bf.logits(ids, pos, cu, max(lengths)), ref_hf)
-        bf_hf = _err(hf_logits(hf_bf), ref_hf)
-        result["bf16"] = {f"ours_{fast}_vs_fp32": bf_ours, "hf_sdpa_vs_fp32": bf_hf}
-        ok = ok and bf_ours <= max(2 * bf_hf, 1e-2 * scale)
-    result["ok"] = ok
-    del ours, hf
-    return result
-
-
 # ----------------------------------------------------------------------------- throughput
 
 
 def _cleanup(device: torch.device) -> None:
-    import torch
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -278,17 +152,14 @@ def _cleanup(device: torch.device) -> None:
 def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, attention: str) -> Any:
     """Our Transformer or a Hugging Face LlamaForCausalLM of the same shape, both wrapped by
     `parallelize` (compile, FSDP2 units, mixed precision, reshard mode), so only the model differs."""
-    import torch
-
-    from slimpack.model.transformer import Transformer
-    from slimpack.train.parallel import parallelize
-
     torch.manual_seed(0)
     if kind == "ours":
         with torch.device(device):
             model = Transformer(cfg, attention_backend=attention)
         return parallelize(model, mesh, parallel, device)
-    model = _hf_model(cfg, device, torch.float32)
+    from slimpack.bench.train_checks import hf_model  # needs transformers: see run_bench
+
+    model = hf_model(cfg, device, torch.float32)
     model.config.use_cache = False
     return parallelize(model, mesh, parallel, device, blocks=model.model.layers)
 
@@ -296,10 +167,6 @@ def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, 
 def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
              device: torch.device, seq_len: int, reshard: str) -> torch.Tensor:
     """The usual Hugging Face step: unpacked causal windows, its own mean loss per micro-batch."""
-    import torch
-
-    from slimpack.train.parallel import begin_micro_batch
-
     total = torch.zeros((), device=device)
     for i, mb in enumerate(micro_batches):
         begin_micro_batch(model, last=i == len(micro_batches) - 1, reshard=reshard)
@@ -314,8 +181,6 @@ def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[d
 
 
 def _sync(device: torch.device) -> None:
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -324,8 +189,6 @@ def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
     """A timing event recorded on the current stream (None off CUDA). Between one recorded before a
     host-side wait and one after, the GPU's clock runs only for the part of the wait it had nothing
     queued: a busy GPU reaches the first event late and passes straight on to the second."""
-    import torch
-
     if device.type != "cuda":
         return None
     event = torch.cuda.Event(enable_timing=True)
@@ -334,10 +197,6 @@ def _recorded_event(device: torch.device) -> torch.cuda.Event | None:
 
 
 def _max_over_ranks(value: float, device: torch.device) -> float:
-    import torch
-
-    from slimpack.train.parallel import all_reduce_max
-
     return all_reduce_max(torch.tensor(value, dtype=torch.float64, device=device)).item()
 
 
@@ -355,12 +214,6 @@ _KERNEL_FAMILIES = (
 
 def profile_step(step: Any, device: torch.device, out_dir: Path, name: str) -> dict[str, Any]:
     """One step under torch.profiler: a Chrome trace (gzip) and the GPU time per kernel family."""
-    import gzip
-    import shutil
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     t0 = time.perf_counter()
@@ -399,15 +252,6 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                timed_steps: int, peak_flops: float | None, reshard: str, attention: str = "auto",
                profile_dir: Path | None = None) -> dict[str, Any]:
     """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
-    import torch
-
-    from slimpack.model.attention import resolve_backend
-    from slimpack.train.config import OptimSection, ParallelSection
-    from slimpack.train.ledger import PositionLedger, step_segment_counts
-    from slimpack.train.loop import train_step
-    from slimpack.train.optim import build_optimizer
-    from slimpack.train.parallel import all_reduce_sum
-
     device = d.device
     parallel = ParallelSection(mixed_precision=device.type == "cuda", compile=compile_blocks, reshard=reshard)
     compute_dtype = torch.bfloat16 if parallel.mixed_precision else torch.float32
@@ -560,8 +404,6 @@ def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: i
                   result: dict[str, Any]) -> Any:
     """The micro-batch source: the demo corpus through the real loader (tokenized once, by rank 0,
     into `scratch`, which every rank of this host reads), else synthetic documents."""
-    import torch.distributed as dist
-
     source = args.data
     if source == "demo" and not _loader_available():
         print("slimpack.pipeline.PackedLoader is not available; using synthetic documents", flush=True)
@@ -598,12 +440,6 @@ def _prepare_data(args: argparse.Namespace, d: Any, scratch: Path, vocab_size: i
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-    import torch.distributed as dist
-
-    from slimpack.model.transformer import model_config
-    from slimpack.train.parallel import init_distributed
-
     started = time.perf_counter()
     quick = args.quick
     d = init_distributed("cpu" if quick else "auto")
@@ -613,7 +449,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 logits check compares true fp32
     cfg = model_config("tiny" if quick else "tinyllama-1.3b")
+    # transformers, and the checks that need it, load here rather than with this module: `bench
+    # checkpoint` imports this module's harness and runs without the hf extra.
     import transformers
+
+    from slimpack.bench.train_checks import check_attention, check_logits
 
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
@@ -744,48 +584,12 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="training throughput per GPU (ours vs Hugging Face; torchrun for "
-                                     "several GPUs) and GPU correctness checks")
-    p.add_argument("--json", help="write the results here")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, a few steps")
-    p.add_argument("--data", choices=("demo", "synthetic"), default=None,
-                   help="packed batches from the demo corpus through the real loader (GPU default) or "
-                        "synthetic documents (--quick default)")
-    p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps (compile happens here)")
-    p.add_argument("--timed-steps", type=int, default=None, help="timed optimiser steps per configuration")
-    p.add_argument("--grad-accum", type=int, default=None,
-                   help="micro-batches per optimiser step (default: --tokens-per-gpu-step worth)")
-    p.add_argument("--tokens-per-gpu-step", type=int, default=4_194_304 // 16,
-                   help="tokens per GPU per optimiser step when --grad-accum is not given (default 262144: "
-                        "the paper's 4M-token batch over 16 GPUs)")
-    p.add_argument("--reshard", choices=("step", "backward", "forward"), default="step",
-                   help="FSDP2 gather/reduce cadence (parallel.reshard), the same for both models")
-    p.add_argument("--profile", metavar="DIR",
-                   help="after timing, profile one 2-micro-batch step per configuration: Chrome trace "
-                        "and kernel table in DIR, GPU time per kernel family in the JSON")
-    p.add_argument("--num-workers", type=int, default=4,
-                   help="loader worker processes for the demo data (the paper configs use 4)")
-    p.add_argument("--attention", default="auto", help="our model's attention backend (train.attention)")
-    p.add_argument("--no-checks", action="store_true", help="skip the correctness checks (scaling runs)")
-    p.add_argument("--only", help="comma-separated configuration names to run")
-    p.add_argument("--time-budget-s", type=float, default=330,
-                   help="start no configuration after this many seconds (default 330: the whole run then "
-                        "ends within ~7 minutes; checks and six compiled configurations took 213 s on an H200)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak per GPU for MFU (default: by the GPU's name, train.metrics."
-                        "PEAK_BF16_TFLOPS, e.g. 989 for H100/H200 SXM; MFU null for a GPU not listed)")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     defaults = {"data": ("synthetic", "demo"), "warmup_steps": (1, 2), "timed_steps": (2, 3),
                 "grad_accum": (2, None)}
     for key, (quick, gpu) in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else gpu)
-    import torch.distributed as dist
-
     result = run_bench(args)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if dist.is_initialized():

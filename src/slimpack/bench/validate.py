@@ -18,6 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import zstandard
+
+from slimpack.demo import build_corpus
+from slimpack.shards import mds, schema
+from slimpack.shards.validate import ShardResult, _Collector, _per_sample_checks, _vectorised_checks, validate_dataset
+from slimpack.tokenize.job import TokenizeConfig, run_tokenize
+from slimpack.tokenize.readers import Record, discover, read_records
+
 
 def _shift(text: str, r: int) -> str:
     """Copy r of a text: ASCII letters rotated by r (26 distinct copies of the same shape)."""
@@ -33,10 +41,6 @@ def _replicate(src: Path, dst: Path, repeat: int) -> int:
     shards that decompress unrealistically fast); rotated letters keep each copy's statistics and
     compressibility close to the original's while no two copies share bytes.
     """
-    import zstandard
-
-    from slimpack.tokenize.readers import Record, discover, read_records
-
     items = discover([str(src)])[0]
     for item in items:
         texts = [(r.text, r.source) for r in read_records(item) if isinstance(r, Record)]
@@ -49,8 +53,6 @@ def _replicate(src: Path, dst: Path, repeat: int) -> int:
 
 
 def _decompress_only(root: Path) -> dict[str, float]:
-    from slimpack.shards import mds, schema
-
     entries = mds.read_json(root / schema.INDEX_FILENAME)["shards"]
     t0 = time.perf_counter()
     raw = 0
@@ -64,9 +66,6 @@ def _decompress_only(root: Path) -> dict[str, float]:
 def _check_paths(root: Path, runs: int) -> dict[str, float]:
     """The two equivalent sample-check paths on decompressed shards (decompression and hashing
     excluded, one shard in memory at a time): MB/s of raw shard data, best of `runs`."""
-    from slimpack.shards import mds, schema
-    from slimpack.shards.validate import ShardResult, _Collector, _per_sample_checks, _vectorised_checks
-
     manifest = mds.read_json(root / schema.MANIFEST_FILENAME)
     ids = {"bos_id": manifest["bos_id"], "eos_id": manifest["eos_id"], "vocab_size": manifest["vocab_size"]}
     paths = {
@@ -91,8 +90,6 @@ def _check_paths(root: Path, runs: int) -> dict[str, float]:
 
 
 def _validate(root: Path, **kwargs: Any) -> dict[str, Any]:
-    from slimpack.shards.validate import validate_dataset
-
     t0 = time.perf_counter()
     report = validate_dataset(root, **kwargs)
     wall = time.perf_counter() - t0
@@ -108,12 +105,8 @@ def _validate(root: Path, **kwargs: Any) -> dict[str, Any]:
 
 def run_bench(input_dir: Path | None, repeat: int, scratch: Path, runs: int = 5,
               block_tokens: int = 65_536) -> dict[str, Any]:
-    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
-
     src = input_dir
     if src is None:
-        from slimpack.demo import build_corpus
-
         src = scratch / "demo-corpus"
         build_corpus(src)
     files = _replicate(src, scratch / "input", repeat)
@@ -146,18 +139,7 @@ def run_bench(input_dir: Path | None, repeat: int, scratch: Path, runs: int = 5,
     return result
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="shards validate throughput (MB/s per process) vs decompress-only")
-    p.add_argument("input", nargs="?", help="directory of *.jsonl[.zst|.gz] files (default: the demo corpus)")
-    p.add_argument("--repeat", type=int, default=26, help="distinct copies of each input (default 26)")
-    p.add_argument("--block-tokens", type=int, default=65_536,
-                   help="tokens per sample of the built dataset (default 65,536, the shard default)")
-    p.add_argument("--runs", type=int, default=5, help="timed runs; the best is reported")
-    p.add_argument("--json", help="write the figures here")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     if args.input is not None and not Path(args.input).exists():
         raise FileNotFoundError(f"{args.input}: no such input; pass a directory of *.jsonl[.zst] files")
     with tempfile.TemporaryDirectory(prefix="slimpack-bench-validate-") as tmp:
