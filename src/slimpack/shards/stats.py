@@ -47,7 +47,7 @@ import numpy as np
 from slimpack.extras import require
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
-from slimpack.shards.validate import UnusableInputError, read_dataset_json
+from slimpack.shards.dataset import UnusableInputError, read_dataset_json
 from slimpack.storage import member_path
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
