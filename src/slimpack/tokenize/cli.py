@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_tokenize_config(args: argparse.Namespace):
     """Defaults, then `--config`'s `[tokenize]` table, then `--set tokenize.KEY=VALUE`, then the flags."""
     from slimpack.config import load_config, parse_overrides
-    from slimpack.tokenize.job import TokenizeSettings
+    from slimpack.tokenize.config import TokenizeSettings
 
     overrides = parse_overrides(args.set, TokenizeSettings)
     flags = overrides.setdefault("tokenize", {})
