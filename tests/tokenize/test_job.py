@@ -401,7 +401,7 @@ def test_merge_after_a_failed_part_records_the_input_and_validate_reports_it(tmp
 
 def _small_inputs(inp: Path, files: int = 8, docs: int = 150) -> Path:
     """`files` JSONL inputs of varied real-looking text, a few hundred KB in all."""
-    from slimpack.demo import iter_corpus
+    from slimpack.demo.corpus import iter_corpus
 
     texts = [text[:3000] for _, _, text in itertools.islice(iter_corpus(), files * docs)]
     inp.mkdir()

@@ -42,7 +42,7 @@ SCALE_SAMPLE_TOKENS = 65_536
 def _prepare_data(data: str | None, scratch: Path) -> tuple[str, str]:
     if data:
         return data, data
-    from slimpack.demo import build_corpus
+    from slimpack.demo.corpus import build_corpus
     from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 
     source = scratch / "corpus"

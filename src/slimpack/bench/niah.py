@@ -44,7 +44,7 @@ def _sync(device: Any) -> None:
 def _haystack(encode: Any, tokens: int, protocol: str) -> str | np.ndarray:
     """The demo corpus's documents, joined by a paragraph break, up to `tokens` tokens: text for the
     paper protocol, tokens for keyed."""
-    from slimpack.demo import iter_corpus
+    from slimpack.demo.corpus import iter_corpus
 
     texts, total = [], 0
     for _, _, text in iter_corpus():

@@ -59,7 +59,7 @@ def _end_to_end(inputs: list[str], workers: int, scratch: Path) -> dict[str, flo
 
 def run_bench(input_dir: str | None, repeat: int, scratch: Path) -> dict[str, Any]:
     if input_dir is None:
-        from slimpack.demo import build_corpus
+        from slimpack.demo.corpus import build_corpus
 
         src = scratch / "demo-corpus"
         build_corpus(src)

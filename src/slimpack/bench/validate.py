@@ -113,7 +113,7 @@ def run_bench(input_dir: Path | None, repeat: int, scratch: Path, runs: int = 5,
 
     src = input_dir
     if src is None:
-        from slimpack.demo import build_corpus
+        from slimpack.demo.corpus import build_corpus
 
         src = scratch / "demo-corpus"
         build_corpus(src)

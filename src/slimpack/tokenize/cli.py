@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from slimpack import exitcodes
 from slimpack.cli import positive_int
@@ -53,8 +54,6 @@ def load_tokenize_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from slimpack.tokenize.job import run_tokenize
 
     cfg = load_tokenize_config(args)
