@@ -39,7 +39,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from slimpack.demo import build_corpus
+    from slimpack.demo.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("demo-corpus")
     build_corpus(out)

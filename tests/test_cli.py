@@ -69,7 +69,7 @@ def test_cpu_tools_run_without_the_extras(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from slimpack.demo import iter_corpus
+    from slimpack.demo.corpus import iter_corpus
 
     corpus = tmp_path / "corpus"
     docs = list(itertools.islice(iter_corpus(), 120))

@@ -19,7 +19,7 @@ from slimpack.log import configure_logging
 
 # (module with a `register(subparsers)` function) in the order `--help` lists them.
 COMMAND_MODULES = (
-    "slimpack.demo",
+    "slimpack.demo.cli",
     "slimpack.tokenize.cli",
     "slimpack.shards.cli",
     "slimpack.pipeline.cli",

@@ -10,8 +10,9 @@ program that imports slimpack configures logging its own way (nothing is set up 
 from __future__ import annotations
 
 import logging
-import os
 import sys
+
+from slimpack.ranks import rank_from_env
 
 
 def process_rank() -> int:
@@ -20,7 +21,7 @@ def process_rank() -> int:
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     try:
-        return int(os.environ.get("RANK", "0"))
+        return rank_from_env()[0] or 0
     except ValueError:
         return 0
 

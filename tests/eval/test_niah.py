@@ -36,7 +36,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog while the river keeps flowi
 
 def _demo_text(sentences: int = 600) -> str:
     """Real English with varied sentences: Python's own documentation, as the demo corpus uses."""
-    from slimpack.demo import iter_corpus
+    from slimpack.demo.corpus import iter_corpus
 
     parts, count = [], 0
     for _, _, text in iter_corpus():

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from pipeline_data import PARTS, make_dataset, split_stream
 
 from slimpack.pipeline import LoaderConfig, PackedLoader, step_digest
-from slimpack.pipeline.index import DatasetError
 from slimpack.pipeline.order import epoch_order
 from slimpack.shards import schema
+from slimpack.shards.dataset import UnusableInputError as DatasetError
 from slimpack.shards.mds import ShardFormatError
 
 L, G_SEQS = 16, 8  # small windows so documents (2..200 tokens) cross them often

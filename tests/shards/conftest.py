@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from slimpack.demo import iter_corpus
+from slimpack.demo.corpus import iter_corpus
 
 # One bad record in the first file: the validator's --retokenize must skip it as tokenize did.
 BAD_LINE = b"{not json\n"

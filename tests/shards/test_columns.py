@@ -11,7 +11,7 @@ import pytest
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
 from slimpack.shards.invariants import sample_problems
-from slimpack.shards.validate import _vectorised_checks
+from slimpack.shards.shard_checks import vectorised_checks as _vectorised_checks
 
 BOS, EOS, VOCAB = 128_000, 128_001, 128_256
 

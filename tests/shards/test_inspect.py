@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from slimpack.cli import main
-from slimpack.demo import iter_corpus
+from slimpack.demo.corpus import iter_corpus
 from slimpack.shards import schema
 from slimpack.shards.inspection import render_sample
 

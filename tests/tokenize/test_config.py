@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from slimpack.tokenize.cli import load_tokenize_config
-from slimpack.tokenize.job import TokenizeConfig
+from slimpack.tokenize.config import TokenizeConfig
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tokenize" / "slimpajama.toml"
 

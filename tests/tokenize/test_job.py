@@ -20,8 +20,10 @@ import zstandard
 from slimpack.shards import schema
 from slimpack.shards.invariants import sample_problems
 from slimpack.shards.mds import MDSDataset
-from slimpack.tokenize.job import TokenizeConfig, node_from_env, run_tokenize
+from slimpack.tokenize.config import TokenizeConfig
+from slimpack.tokenize.job import run_tokenize
 from slimpack.tokenize.merge import MergeError, fingerprint, merge_dataset
+from slimpack.tokenize.nodes import node_from_env
 
 SMALL = TokenizeConfig(block_tokens=4096, shard_size_limit=1 << 17)
 
@@ -399,7 +401,7 @@ def test_merge_after_a_failed_part_records_the_input_and_validate_reports_it(tmp
 
 def _small_inputs(inp: Path, files: int = 8, docs: int = 150) -> Path:
     """`files` JSONL inputs of varied real-looking text, a few hundred KB in all."""
-    from slimpack.demo import iter_corpus
+    from slimpack.demo.corpus import iter_corpus
 
     texts = [text[:3000] for _, _, text in itertools.islice(iter_corpus(), files * docs)]
     inp.mkdir()
@@ -417,7 +419,7 @@ def _tokenize_cmd(inputs: list[Path], out: Path, *extra: str) -> list[str]:
 
 def test_a_part_completed_by_another_run_is_never_removed(tmp_path: Path, tree_digest):
     from slimpack.shards.validate import validate_dataset
-    from slimpack.tokenize import job
+    from slimpack.tokenize import pool as job
     from slimpack.tokenize.readers import discover
 
     inp = _small_inputs(tmp_path / "in", files=2, docs=40)
@@ -460,7 +462,7 @@ def test_a_run_waits_for_a_part_another_live_run_holds_but_not_for_a_killed_one(
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom slimpack.storage import Root\n"
-         "from slimpack.tokenize.job import _part_lock\n"
+         "from slimpack.tokenize.lock import part_lock as _part_lock\n"
          "with _part_lock(Root(sys.argv[1]), 'part00.jsonl'):\n    print('locked', flush=True)\n    time.sleep(300)",
          str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -485,7 +487,7 @@ def test_the_part_lock_excludes_across_processes_though_its_file_is_removed_on_r
     # Read-modify-write of a counter under the lock from 4 processes: a lost update would mean two
     # holders at once (the race the retry on a removed lock file closes).
     script = ("import sys\nfrom pathlib import Path\nfrom slimpack.storage import Root\n"
-              "from slimpack.tokenize.job import _part_lock\n"
+              "from slimpack.tokenize.lock import part_lock as _part_lock\n"
               "counter = Path(sys.argv[1]) / 'counter'\n"
               "for _ in range(200):\n"
               "    with _part_lock(Root(sys.argv[1]), 'p.jsonl'):\n"

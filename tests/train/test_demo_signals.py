@@ -44,7 +44,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 # The real CLI with the demo's steps cut to "train" (the earlier ones build what the fixture built).
-_ONLY_TRAIN = ("import sys, slimpack.demo as d, slimpack.cli as c; d.STEPS = [s for s in d.STEPS if s[0] == 'train']; "
+_ONLY_TRAIN = ("import sys, slimpack.demo.steps as d, slimpack.cli as c; "
+               "d.STEPS = [s for s in d.STEPS if s[0] == 'train']; "
                "sys.exit(c.main(['demo', '--out', sys.argv[1]]))")
 
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from slimpack.demo import build_corpus
+from slimpack.demo.corpus import build_corpus
 from slimpack.model.transformer import Transformer, model_config
 from slimpack.tokenize import job
 from slimpack.tokenize.job import TokenizeConfig, discover

@@ -50,7 +50,7 @@ def _prepare_data(data: str | None, scratch: Path) -> tuple[str, str]:
         return data, data
     # Local: the spawned scale children import this module, and their RSS after imports is a
     # reported baseline; the tokenizer stack stays out of it.
-    from slimpack.demo import build_corpus
+    from slimpack.demo.corpus import build_corpus
     from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 
     source = scratch / "corpus"

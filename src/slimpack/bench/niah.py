@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from slimpack.demo import iter_corpus
+from slimpack.demo.corpus import iter_corpus
 from slimpack.eval.engines import hf_engine
 from slimpack.eval.niah import NiahConfig, StringChoice, default_lengths, run_niah, string_label
 from slimpack.model.inference import KVCache, decode_step, forward_packed, greedy_generate, prefill, query_rope

@@ -20,7 +20,7 @@ from typing import Any
 
 from llama_models.llama3.tokenizer import Tokenizer
 
-from slimpack.demo import build_corpus
+from slimpack.demo.corpus import build_corpus
 from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 from slimpack.tokenize.readers import Record, discover, read_records
 from slimpack.tokenize.tokenizer import Llama3Tokenizer

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from slimpack import exitcodes
-from slimpack.demo import build_corpus
+from slimpack.demo.corpus import build_corpus
 from slimpack.model.attention import resolve_backend
 from slimpack.model.transformer import Transformer, model_config
 from slimpack.tokenize.job import TokenizeConfig, run_tokenize

@@ -20,9 +20,11 @@ from typing import Any
 
 import zstandard
 
-from slimpack.demo import build_corpus
+from slimpack.demo.corpus import build_corpus
 from slimpack.shards import mds, schema
-from slimpack.shards.validate import ShardResult, _Collector, _per_sample_checks, _vectorised_checks, validate_dataset
+from slimpack.shards.findings import Collector, ShardResult
+from slimpack.shards.shard_checks import per_sample_checks, vectorised_checks
+from slimpack.shards.validate import validate_dataset
 from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 from slimpack.tokenize.readers import Record, discover, read_records
 
@@ -69,8 +71,8 @@ def _check_paths(root: Path, runs: int) -> dict[str, float]:
     manifest = mds.read_json(root / schema.MANIFEST_FILENAME)
     ids = {"bos_id": manifest["bos_id"], "eos_id": manifest["eos_id"], "vocab_size": manifest["vocab_size"]}
     paths = {
-        "per_sample": lambda s: _per_sample_checks(s, ShardResult(0, "", None), _Collector(), **ids),
-        "vectorised": lambda s: _vectorised_checks(s, **ids),
+        "per_sample": lambda s: per_sample_checks(s, ShardResult(0, "", None), Collector(), **ids),
+        "vectorised": lambda s: vectorised_checks(s, **ids),
     }
     best = dict.fromkeys(paths, float("inf"))
     raw = 0

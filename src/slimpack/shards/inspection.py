@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from slimpack.shards import mds, schema
+from slimpack.shards import mds
+from slimpack.shards.dataset import source_names
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
 
 
 def render_sample(path: str | os.PathLike, sample: int, *, max_chars: int = 2000) -> str:
@@ -22,16 +24,13 @@ def render_sample(path: str | os.PathLike, sample: int, *, max_chars: int = 2000
     (0 for no limit) shortens each document's text to its start and end, saying how much was left
     out.
     """
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
     root = Path(path)
     ds = mds.MDSDataset(root)
     if not 0 <= sample < len(ds):
         raise ValueError(f"{root}: sample {sample} is out of range; the dataset has samples 0..{len(ds) - 1}")
     shard_i, k = ds.locate(sample)
     data = ds[sample]
-    manifest_path = root / schema.MANIFEST_FILENAME
-    names = mds.read_json(manifest_path).get("sources", {}) if manifest_path.exists() else {}
+    names = source_names(root)
     tokens, cu = data["tokens"], np.asarray(data["cu_seqlens"], np.int64)
     sources = data.get("doc_sources")
     tok = Llama3Tokenizer()

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from slimpack.shards import mds, schema
-
-if TYPE_CHECKING:
-    from slimpack.shards.validate import ShardResult, _Collector
+from slimpack.shards.findings import Collector, ShardResult
+from slimpack.tokenize.readers import BadRecord, InputFile, read_records
+from slimpack.tokenize.tokenizer import Llama3Tokenizer
 
 
 def _sha256(path: Path) -> str:
@@ -32,11 +32,8 @@ def _sha256(path: Path) -> str:
 
 def check_retokenize(root: Path, manifest: dict[str, Any], entries: list[dict[str, Any]],
                      results: list[ShardResult], n: int, *,
-                     seed: int, out: _Collector, notes: list[str]) -> int:
+                     seed: int, out: Collector, notes: list[str]) -> int:
     """Adds a `retokenize` finding per mismatch; returns the number of documents compared."""
-    from slimpack.tokenize.readers import BadRecord, InputFile, read_records
-    from slimpack.tokenize.tokenizer import Llama3Tokenizer
-
     usable = [r for r in results if r.decoded and r.part is not None]
     if len(usable) != len(results):
         notes.append("retokenize: only shards that decoded and belong to a part are sampled")
@@ -106,7 +103,7 @@ def check_retokenize(root: Path, manifest: dict[str, Any], entries: list[dict[st
 
 
 def _compare(root: Path, entries: list[dict[str, Any]], r: ShardResult, k: int, d: int, j: int,
-             rec: Any, path: Path, tokenizer: Any, shards: dict[int, mds.Shard], out: _Collector) -> None:
+             rec: Any, path: Path, tokenizer: Any, shards: dict[int, mds.Shard], out: Collector) -> None:
     if r.index not in shards:
         info = mds.parse_index({"version": schema.MDS_VERSION, "shards": [entries[r.index]]})[0]
         shards.clear()  # one decoded shard at a time

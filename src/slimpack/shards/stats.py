@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from slimpack.extras import require
 from slimpack.shards import mds, schema
 from slimpack.shards.columns import concat_columns, global_cu_seqlens
-from slimpack.shards.validate import UnusableInputError, read_dataset_json
+from slimpack.shards.dataset import UnusableInputError, read_dataset_json
 from slimpack.storage import member_path
 
 PERCENTILES = (0, 1, 5, 10, 25, 50, 75, 90, 95, 99, 99.9, 100)
@@ -230,6 +231,8 @@ def _stream_starts(root: Path, entries: list[dict[str, Any]], manifest: dict[str
 def _epoch_sample_starts(root: Path, split: str, seed: int) -> tuple[np.ndarray, int]:
     """Stream offset of every global sample in epoch 0 of `split` as the loader orders it (-1: not in
     the split), and the split's token count. The loader's own order and fingerprint functions."""
+    # Here, not at the top: the loader imports torch where it is installed, and every worker
+    # process of compute_stats imports this module.
     from slimpack.pipeline.index import load_index
     from slimpack.pipeline.loader import loader_fingerprint
     from slimpack.pipeline.order import epoch_order
@@ -256,8 +259,6 @@ def compute_stats(path: str | os.PathLike, *, seq_lens: Sequence[int] = (2048, 4
 
     Raises `UnusableInputError` when `path` is not a merged dataset or holds no documents.
     """
-    from tqdm import tqdm
-
     start = time.monotonic()
     root = Path(path)
     if not root.is_dir():

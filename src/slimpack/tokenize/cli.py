@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from slimpack import exitcodes
 from slimpack.cli import positive_int
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def load_tokenize_config(args: argparse.Namespace):
     """Defaults, then `--config`'s `[tokenize]` table, then `--set tokenize.KEY=VALUE`, then the flags."""
     from slimpack.config import load_config, parse_overrides
-    from slimpack.tokenize.job import TokenizeSettings
+    from slimpack.tokenize.config import TokenizeSettings
 
     overrides = parse_overrides(args.set, TokenizeSettings)
     flags = overrides.setdefault("tokenize", {})
@@ -53,8 +54,6 @@ def load_tokenize_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from slimpack.tokenize.job import run_tokenize
 
     cfg = load_tokenize_config(args)

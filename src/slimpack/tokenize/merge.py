@@ -24,8 +24,9 @@ from slimpack import __version__
 from slimpack.exitcodes import UnusableDatasetError
 from slimpack.provenance import git_sha
 from slimpack.shards import schema
+from slimpack.shards.dataset import check_mds_index
 from slimpack.storage import Root, check_member
-from slimpack.tokenize.job import dumps_json, part_dir_name, part_stats_name
+from slimpack.tokenize.layout import dumps_json, part_dir_name, part_stats_name
 
 
 class MergeError(RuntimeError):
@@ -159,7 +160,8 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
     all_stats: dict[str, dict[str, Any]] = {}
     for part in complete:
         stats = all_stats[part] = json.loads(root.read_bytes(part_stats_name(part)))
-        index = json.loads(root.read_bytes(f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"))
+        index_name = f"{part_dir_name(part)}/{schema.INDEX_FILENAME}"
+        part_shards = check_mds_index(json.loads(root.read_bytes(index_name)), f"{root.url}/{index_name}")
         first = first or stats
         for key in ("tokenizer", "config", "schema_version"):
             mine, theirs = stats[key], first[key]
@@ -173,10 +175,10 @@ def merge_dataset(url: str, *, expected_parts: Sequence[str] | None = None) -> d
                         for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)) + ")"
                 raise MergeError(f"part {part} has a different {key} from part {first['part']}{what}: "
                                  "re-tokenize it with the same tokenizer and config")
-        if sum(s["samples"] for s in index["shards"]) != len(stats["sample_tokens"]):
+        if sum(s["samples"] for s in part_shards) != len(stats["sample_tokens"]):
             raise MergeError(f"part {part}: index.json and stats.json disagree on the sample "
                              "count; delete the part and re-run tokenize")
-        for s in index["shards"]:
+        for s in part_shards:
             entry = json.loads(json.dumps(s))
             for key in ("raw_data", "zip_data"):
                 if entry[key]:

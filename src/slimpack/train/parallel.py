@@ -10,7 +10,6 @@ micro-batch, when FSDP2 communicates (`parallel.reshard`).
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from slimpack.ranks import TORCHRUN_LOCAL, rank_from_env
 from slimpack.train.config import ParallelSection
 
 # The process groups' timeout at start-up: model build, checkpoint load, compile and the first
@@ -41,13 +41,13 @@ def init_distributed(device: str = "auto", *, dp_replicate: int = 1) -> Dist:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device=cuda but CUDA is not available; use --set device=cpu")
     backend = "nccl" if use_cuda else "gloo"
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = rank_from_env((TORCHRUN_LOCAL,))[0] or 0
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
-        if "RANK" in os.environ:
+        if rank_from_env()[0] is not None:  # torchrun's RANK
             dist.init_process_group(backend, timeout=timeout,
                                     device_id=dev if use_cuda else None)
         else:
