@@ -42,6 +42,7 @@ bins) per length is the heatmap (the paper's figure 4).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import re
@@ -52,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from slimpack.pipeline.index import load_index
+from slimpack.pipeline.store import ShardStore
 
 PROTOCOLS = ("paper", "keyed")
 
@@ -332,8 +337,6 @@ def run_niah(generate: Generate, decode: Callable[[Sequence[int]], str], encode:
     `generate(prompts, max_new_tokens, string_config)` returns each prompt's new token ids (cut
     here at the first of `eos_ids`). `string`: None, or a `StringChoice` (`string_for(prompt
     budget)` gives each length's STRING configuration)."""
-    from tqdm import tqdm
-
     new = cfg.answer_tokens
     report = NiahReport(model=model, config={**asdict(cfg), "max_new_tokens": new, "seed": cfg.rng_seed},
                         string=string.describe() if string is not None else None)
@@ -422,8 +425,6 @@ def results_dir(protocol: str, string: Any) -> str:
 def text_haystack(path: str | Path) -> str:
     """A haystack text file: plain UTF-8 text (undecodable bytes replaced), or a JSON object with a
     "text" field (the paper's `PaulGrahamEssays.json` layout)."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--haystack {path}: no such file; give a UTF-8 text file or a JSON file "
@@ -446,9 +447,6 @@ def dataset_documents(path: str, *, split: str = "validation", tokens: int,
                       cache_dir: str | None = None) -> list[np.ndarray]:
     """Text-token documents of a shard dataset's split in index order (special tokens dropped) until
     about `tokens` tokens. Shards are hash-checked."""
-    from slimpack.pipeline.index import load_index
-    from slimpack.pipeline.store import ShardStore
-
     index = load_index(path)
     store = ShardStore(index, cache_dir=cache_dir, cache_limit_bytes=1 << 34, decoded_cache_bytes=1 << 28)
     docs, total = [], 0

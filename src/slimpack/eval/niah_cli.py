@@ -20,9 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from slimpack.eval.niah import (
     PROTOCOLS,
     NiahConfig,
+    dataset_haystack,
     default_lengths,
     haystack_tokens,
     results_dir,
@@ -149,10 +152,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _haystack(args: argparse.Namespace, tok: Any, cfg: NiahConfig) -> Any:
-    import numpy as np
-
-    from slimpack.eval.niah import dataset_haystack
-
     if args.haystack:
         text = text_haystack(args.haystack)
         return text if cfg.protocol == "paper" else np.asarray(tok.encoding.encode_ordinary(text), dtype=np.int64)
