@@ -14,15 +14,14 @@ Each slimpack checkpoint's report goes to RUN_DIR/eval/niah/step_NNNNNNNN.json (
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slimpack.eval.niah import (
+    PAPER_MAX_NEW_TOKENS,
     PROTOCOLS,
     NiahConfig,
     dataset_haystack,
@@ -34,6 +33,7 @@ from slimpack.eval.niah import (
     write_heatmap,
 )
 from slimpack.eval.options import add_device_arguments, add_string_arguments, string_choice
+from slimpack.storage import write_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -107,29 +107,30 @@ def run_command(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, device)
     tok = Llama3Tokenizer()
     encode = tok.encoding.encode_ordinary
-    haystack: Any = None
+    haystacks: dict[int, Any] = {}
     for path in _models(args.models, args.every):
         if string is not None and not is_slimpack_path(path):
             raise ValueError(f"{path} is not a slimpack checkpoint: STRING runs on slimpack checkpoints only "
                              f"(drop --string-shift, or evaluate the slimpack checkpoint it was exported from)")
         engine = open_engine(path, device=device, dtype=dtype, eos_ids=(tok.eos_id,), backend=args.attention_backend,
                              batch_samples=args.batch_samples)
-        cfg = NiahConfig(lengths=(1,), protocol=args.protocol, samples=args.samples, needles=args.needles,
-                         min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
-                         seed=args.seed, max_new_tokens=args.max_new_tokens)
         if args.lengths:
             lengths = tuple(int(x) for x in args.lengths.split(","))
-        else:  # the paper's prompts hold L - max_new_tokens: lengths up to that have none
+        else:  # the paper's prompts hold L - max_new_tokens: lengths up to that hold none
+            reserve = (args.max_new_tokens or PAPER_MAX_NEW_TOKENS) if args.protocol == "paper" else 0
             lengths = default_lengths(args.max_length or engine.train_length or engine.max_length, args.length_step,
-                                      above=cfg.answer_tokens if cfg.protocol == "paper" else 0)
+                                      above=reserve)
         too_long = [n for n in lengths if n > engine.max_length]
         if too_long:
             raise ValueError(f"length {max(too_long)} exceeds {path}'s maximum of {engine.max_length} tokens "
                              f"(max_seq_len); pass --lengths up to {engine.max_length}")
-        cfg = dataclasses.replace(cfg, lengths=lengths)
-        if haystack is None:
-            haystack = _haystack(args, tok, cfg)
-        report = run_niah(engine.generate, tok.decode, encode, haystack, cfg, bos_id=tok.bos_id,
+        cfg = NiahConfig(lengths=lengths, protocol=args.protocol, samples=args.samples, needles=args.needles,
+                         min_retrieved=args.min_retrieved, digits=args.digits, threshold=args.threshold,
+                         seed=args.seed, max_new_tokens=args.max_new_tokens)
+        need = haystack_tokens(lengths)
+        if need not in haystacks:  # one per distinct need: a run's checkpoints share it
+            haystacks[need] = _haystack(args, tok, cfg.protocol, need)
+        report = run_niah(engine.generate, tok.decode, encode, haystacks[need], cfg, bos_id=tok.bos_id,
                           eos_ids=(tok.eos_id,), model=engine.name, string=string, progress=not args.no_progress)
         record = report.to_dict()
         if engine.meta is not None:
@@ -141,19 +142,20 @@ def run_command(args: argparse.Namespace) -> int:
         else:
             out, name = Path(args.out or "niah"), "niah.json"
         out.mkdir(parents=True, exist_ok=True)
-        (out / name).write_text(json.dumps(record, indent=1) + "\n")
+        write_atomic(out / name, (json.dumps(record, indent=1) + "\n").encode())
         png = write_heatmap(report, (out / name).with_suffix(".png"))
         print(report.summary())
-        print(f"report {out / name}; heatmap {png}", file=sys.stdout)
+        print(f"report {out / name}; heatmap {png}")
         del engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
 
 
-def _haystack(args: argparse.Namespace, tok: Any, cfg: NiahConfig) -> Any:
+def _haystack(args: argparse.Namespace, tok: Any, protocol: str, tokens: int) -> Any:
+    """--haystack's text (tokens for keyed), or about `tokens` of --data's --split."""
     if args.haystack:
         text = text_haystack(args.haystack)
-        return text if cfg.protocol == "paper" else np.asarray(tok.encoding.encode_ordinary(text), dtype=np.int64)
-    return dataset_haystack(args.data, tok.encoding.encode_ordinary, tok.decode, protocol=cfg.protocol,
-                            split=args.split, tokens=haystack_tokens(cfg.lengths))
+        return text if protocol == "paper" else np.asarray(tok.encoding.encode_ordinary(text), dtype=np.int64)
+    return dataset_haystack(args.data, tok.encoding.encode_ordinary, tok.decode, protocol=protocol,
+                            split=args.split, tokens=tokens)
