@@ -353,7 +353,7 @@ def test_digest_with_many_queued_shards_ends_within_the_policy(tmp_path):
     assert proc.returncode == exitcodes.RESUMABLE, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith("slimpack pipeline: error: s3://data/ds/parts/a/shard.")
+    assert len(errors) == 1 and errors[0].startswith("slimpack pipeline digest: error: s3://data/ds/parts/a/shard.")
     assert "read failed" in errors[0] and "fetch_attempts" in errors[0]
     assert sum("reads failing for" in line for line in lines) == 1
     # The span, one timeout, and 5 s for the loaders' start and the interpreter's exit on a busy
