@@ -144,3 +144,28 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, train_data: Path) -> Path
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return run
+
+
+@pytest.fixture(scope="session")
+def sentence_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small tokenized dataset (train and validation) of sentences over a 16-word vocabulary: what
+    the trainer's needle sweep needs (the paper protocol grows its haystack a sentence, split on ".",
+    at a time)."""
+    from slimpack.tokenize.config import TokenizeConfig
+    from slimpack.tokenize.job import run_tokenize
+
+    words = ["the", "river", "carries", "stones", "past", "old", "walls", "and", "quiet", "fields", "while",
+             "birds", "sing", "over", "green", "hills"]
+    root = tmp_path_factory.mktemp("sentences")
+    rng = random.Random(0)
+    for split, n_docs in (("train", 40), ("validation", 12)):
+        path = root / "corpus" / split / "chunk1" / f"example_{split}_0.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = [" ".join(rng.choice(words) + ("." if rng.random() < 0.1 else "") for _ in range(rng.randrange(40, 200)))
+                for _ in range(n_docs)]
+        path.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "Synthetic"}}) + "\n"
+                                for t in docs))
+    report = run_tokenize([str(root / "corpus")], str(root / "shards"), TokenizeConfig(block_tokens=512),
+                          workers=1, progress=False)
+    assert report.ok, report.summary()
+    return root / "shards"

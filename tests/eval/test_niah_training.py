@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,30 +12,14 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-WORDS = ["the", "river", "carries", "stones", "past", "old", "walls", "and", "quiet", "fields", "while",
-         "birds", "sing", "over", "green", "hills"]
 
 
 @pytest.mark.slow  # about a minute on 2 cores: tokenize, a trainer process, two sweeps
-def test_training_writes_a_niah_sweep_every_n_tokens(tmp_path):
-    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
-
-    rng = random.Random(0)
-    for split, n_docs in (("train", 40), ("validation", 12)):
-        path = tmp_path / "corpus" / split / "chunk1" / f"example_{split}_0.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Sentences (the paper protocol grows its haystack a sentence, split on ".", at a time).
-        docs = [" ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(rng.randrange(40, 200)))
-                for _ in range(n_docs)]
-        path.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "Synthetic"}}) + "\n"
-                                for t in docs))
-    report = run_tokenize([str(tmp_path / "corpus")], str(tmp_path / "shards"), TokenizeConfig(block_tokens=512),
-                          workers=1, progress=False)
-    assert report.ok, report.summary()
+def test_training_writes_a_niah_sweep_every_n_tokens(tmp_path, sentence_shards):
     run = tmp_path / "run"
     settings = {"run_dir": f'"{run}"', "device": '"cpu"', "max_steps": 4, "model.preset": '"tiny"',
                 "model.attention_backend": '"sdpa_ref"', "parallel.mixed_precision": "false",
-                "data.path": f'"{tmp_path / "shards"}"', "data.seq_len": 256, "data.global_batch_tokens": 512,
+                "data.path": f'"{sentence_shards}"', "data.seq_len": 256, "data.global_batch_tokens": 512,
                 "data.micro_batch_size": 2, "optim.warmup_steps": 1, "checkpoint.every_steps": 0,
                 "eval.every_steps": 0, "log.wandb": "false", "eval.niah_every_tokens": 1024,
                 "eval.niah_samples": 2, "eval.niah_length_step": 128}
@@ -64,7 +47,7 @@ def test_training_writes_a_niah_sweep_every_n_tokens(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the trainer ran (OMP_NUM_THREADS=1): the same float sums, bit for bit
     try:
-        assert main(["eval", "niah", str(run), "--data", str(tmp_path / "shards"), "--samples", "2",
+        assert main(["eval", "niah", str(run), "--data", str(sentence_shards), "--samples", "2",
                      "--device", "cpu", "--no-progress", "--out", str(tmp_path / "cli")]) == 0
     finally:
         torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,14 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
-WORDS = ["the", "river", "carries", "stones", "past", "old", "walls", "and", "quiet", "fields", "while",
-         "birds", "sing", "over", "green", "hills"]
 
 
 @pytest.mark.slow
-def test_training_niah_sweep_runs_on_two_ranks(tmp_path):
-    from slimpack.tokenize.job import TokenizeConfig, run_tokenize
-
-    rng = random.Random(0)
-    for split, n_docs in (("train", 40), ("validation", 12)):
-        path = tmp_path / "corpus" / split / "chunk1" / f"example_{split}_0.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Sentences: the paper protocol grows its haystack a sentence (split on ".") at a time.
-        docs = [" ".join(rng.choice(WORDS) + ("." if rng.random() < 0.1 else "") for _ in range(rng.randrange(40, 200)))
-                for _ in range(n_docs)]
-        path.write_text("".join(json.dumps({"text": t, "meta": {"redpajama_set_name": "Synthetic"}}) + "\n"
-                                for t in docs))
-    report = run_tokenize([str(tmp_path / "corpus")], str(tmp_path / "shards"), TokenizeConfig(block_tokens=512),
-                          workers=1, progress=False)
-    assert report.ok, report.summary()
+def test_training_niah_sweep_runs_on_two_ranks(tmp_path, sentence_shards):
     run = tmp_path / "run"
     settings = {"run_dir": f'"{run}"', "device": '"cpu"', "max_steps": 2, "model.preset": '"tiny"',
                 "model.attention_backend": '"sdpa_ref"', "parallel.mixed_precision": "false",
-                "data.path": f'"{tmp_path / "shards"}"', "data.seq_len": 256, "data.global_batch_tokens": 512,
+                "data.path": f'"{sentence_shards}"', "data.seq_len": 256, "data.global_batch_tokens": 512,
                 "data.micro_batch_size": 1, "optim.warmup_steps": 1, "checkpoint.every_steps": 0,
                 "eval.every_steps": 0, "log.wandb": "false", "eval.niah_every_tokens": 1024,
                 "eval.niah_samples": 2, "eval.niah_length_step": 128}
