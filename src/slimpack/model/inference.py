@@ -67,7 +67,7 @@ def _qkv(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def query_rope(position_ids: torch.Tensor, head_dim: int, theta: float,
-                string: StringConfig | None) -> tuple[torch.Tensor, ...]:
+               string: StringConfig | None) -> tuple[torch.Tensor, ...]:
     """cos/sin for the queries: at i (and, with STRING, at i - S + W), carrying STRING's logit scale."""
     cos, sin = rope_cos_sin(position_ids, head_dim, theta)
     if string is None:
@@ -84,7 +84,7 @@ def forward_packed(model: Transformer, input_ids: torch.Tensor, position_ids: to
     STRING when given. `kv_out`, if a list, receives each layer's rotated (k, v) (T, Hkv, Dh)."""
     cfg = model.cfg
     cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)  # (T, 1, Dh): keys (and plain queries)
-    q_rope = query_rope(position_ids, cfg.head_dim, cfg.rope_theta, string)
+    q_rope = query_rope(position_ids, cfg.head_dim, cfg.rope_theta, string) if string is not None else ()
     h = model.tok_embeddings(input_ids)  # (T, D)
     for layer in model.layers:
         attn = layer.attention
