@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from slimpack.eval.niah import StringChoice
 
@@ -29,7 +28,7 @@ def add_string_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--string-ratio", type=float, default=0.5, metavar="R",
                    help="R for --string-shift auto (0.5, the needle script's default; its README suggests 0.33)")
     g.add_argument("--string-window", type=int, default=128, metavar="W", help="STRING's local window W (128)")
-    g.add_argument("--string-scale", type=float, default=0.1 * math.log(2) + 1, metavar="F",
+    g.add_argument("--string-scale", type=float, default=StringChoice.scale, metavar="F",
                    help="factor on RoPE's cos and sin while STRING is on, so logits scale by F^2 (the paper "
                         "code's attention_factor 0.1 ln 2 + 1 = 1.0693; 1 turns it off)")
     g.add_argument("--string-diagonal", choices=("paper", "exclusive"), default="paper",

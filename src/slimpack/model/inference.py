@@ -42,7 +42,8 @@ _VARLEN_SEQUSED = _varlen_takes_seqused()
 
 class KVCache:
     """Per-layer rotated keys and values (B, capacity, Hkv, Dh); sample b is filled to `lengths[b]`
-    positions (a device tensor for the kernels, `filled` the same on the host)."""
+    positions (a device tensor for the kernels); `longest` is the largest fill, on the host (every
+    sample advances one position per decode step, so it needs no device read)."""
 
     def __init__(self, model: Transformer, batch: int, capacity: int) -> None:
         cfg = model.cfg
@@ -54,7 +55,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.num_layers)]
         self.capacity = capacity
         self.lengths = torch.zeros(batch, dtype=torch.int64, device=like.device)
-        self.filled: list[int] = [0] * batch
+        self.longest = 0
 
 
 def _qkv(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,12 +121,12 @@ def prefill(model: Transformer, prompts: torch.Tensor | Sequence[torch.Tensor], 
     batch of documents (cu_seqlens at the prompts' ends), so the fused kernels do the attention.
     """
     prompts = _as_prompts(prompts)
-    if any(cache.filled):
+    if cache.longest:
         raise ValueError("prefill needs an empty KVCache")
     lengths = [len(p) for p in prompts]
-    if len(prompts) != len(cache.filled) or max(lengths) > cache.capacity:
+    if len(prompts) != len(cache.lengths) or max(lengths) > cache.capacity:
         raise ValueError(f"{len(prompts)} prompts of up to {max(lengths)} tokens do not fit a cache of "
-                         f"{len(cache.filled)} x {cache.capacity}")
+                         f"{len(cache.lengths)} x {cache.capacity}")
     device = cache.lengths.device
     chunks, b0 = [], 0
     while b0 < len(prompts):
@@ -150,7 +151,7 @@ def prefill(model: Transformer, prompts: torch.Tensor | Sequence[torch.Tensor], 
             cache.v[layer][rows, positions] = v
         last.append(model.output(hidden[cu[1:].long() - 1]).float())
     cache.lengths.copy_(torch.tensor(lengths))
-    cache.filled = lengths
+    cache.longest = max(lengths)
     return torch.cat(last)
 
 
@@ -207,7 +208,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, *,
                 string: StringConfig | None = None) -> torch.Tensor:
     """Append one token per sample (B,), sample b at position `cache.lengths[b]`; returns its logits
     (B, V) in fp32."""
-    longest = max(cache.filled)
+    longest = cache.longest
     if longest >= cache.capacity:
         raise ValueError(f"KVCache full ({cache.capacity} positions)")
     cfg = model.cfg
@@ -227,7 +228,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, cache: KVCache, *,
         h = h + attn.wo(out.reshape(out.shape[0], -1))
         h = h + layer.feed_forward(layer.ffn_norm(h))
     cache.lengths += 1
-    cache.filled = [n + 1 for n in cache.filled]
+    cache.longest += 1
     return model.output(model.norm(h)).float()
 
 
