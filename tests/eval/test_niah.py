@@ -21,6 +21,7 @@ from slimpack.eval.niah import (
     NEEDLE,
     NiahConfig,
     build_samples,
+    default_lengths,
     effective_length,
     keyed_found,
     paper_found,
@@ -312,3 +313,15 @@ def test_bad_inputs_get_one_line_errors(run_dir, haystack_file, tmp_path, capsys
     (other / "meta.json").write_text(json.dumps(meta))
     assert "do not fit the model" in _error(["eval", "niah", str(other), "--haystack", str(haystack_file),
                                              "--lengths", "256", "--no-progress"], capsys)
+
+
+def test_default_lengths_keep_only_those_that_hold_a_paper_prompt():
+    """The paper's prompts hold L - max_new_tokens: a sweep's default lengths start above that reserve
+    (`bench niah` once asked for 128 and stopped with an error on its first length)."""
+    assert default_lengths(2048, protocol="paper") == tuple(range(256, 2049, 128))
+    assert default_lengths(2048, protocol="paper", max_new_tokens=200) == tuple(range(256, 2049, 128))
+    assert default_lengths(2048, protocol="paper", max_new_tokens=16) == tuple(range(128, 2049, 128))
+    assert default_lengths(2048, protocol="keyed") == tuple(range(128, 2049, 128))
+    assert default_lengths(128, protocol="paper") == (128,)  # none holds a prompt: the error names it
+    for length in default_lengths(4096, 256, protocol="paper"):
+        NiahConfig(lengths=(length,)).budget(length)  # raises where no budget is left

@@ -10,7 +10,8 @@ text (as `slimpack demo` builds it). In order:
   exactly, logits to 1e-3; and the bf16 fused path's logits within 5% of that), and STRING through
   the fused kernel ("varlen") equals the dense fp32 reference that builds the remapped positions;
 - sweep: the paper's protocol (`--protocol paper`: its prompts, up to 128 new tokens), lengths
-  128..2048 in 128-token steps x 500 samples (4 needles, greedy, KV cache), prefill batched per
+  256..2048 in 128-token steps (128 leaves no prompt after 128 answer tokens; keyed adds it) x 500
+  samples (4 needles, greedy, KV cache), prefill batched per
   length (chunks of --prefill-tokens) and decode batched over all samples of a length; prefill and
   decode timed apart (tokens/s each). Random weights never emit EOS, so every sample decodes all
   128 tokens: the worst case of the early stop;
@@ -167,7 +168,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("slimpack bench niah needs a CUDA GPU (or --quick for the CPU smoke run)")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     cfg = model_config(args.preset)
-    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else default_lengths(2048)
+    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else default_lengths(
+        2048, protocol=args.protocol, max_new_tokens=args.max_new_tokens or 0)
     string = StringChoice(args.string_shift or None, args.string_ratio, args.string_window)  # per length
     check_string = StringConfig(max(lengths) // 3, args.string_window)  # the fused-vs-dense check's
     torch.manual_seed(0)

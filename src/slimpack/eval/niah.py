@@ -402,10 +402,11 @@ class StringChoice:
                 "overlap": self.overlap, "shift_by_length": {}}
 
 
-def default_lengths(max_length: int, step: int = 128, *, above: int = 0) -> tuple[int, ...]:
-    """Multiples of `step` up to `max_length` that exceed `above` (the paper protocol's answer
-    reserve: its prompts hold L - max_new_tokens); `max_length` alone if none."""
-    return tuple(n for n in range(step, max_length + 1, step) if n > above) or (max_length,)
+def default_lengths(max_length: int, step: int = 128, *, protocol: str, max_new_tokens: int = 0) -> tuple[int, ...]:
+    """Multiples of `step` up to `max_length`, less those that hold no prompt: the paper protocol's
+    prompts hold L - max_new_tokens (128 unless set). `max_length` alone if none is left."""
+    reserve = (max_new_tokens or PAPER_MAX_NEW_TOKENS) if protocol == "paper" else 0
+    return tuple(n for n in range(step, max_length + 1, step) if n > reserve) or (max_length,)
 
 
 def haystack_tokens(lengths: Sequence[int]) -> int:

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from slimpack.eval.niah import (
-    PAPER_MAX_NEW_TOKENS,
     PROTOCOLS,
     NiahConfig,
     dataset_haystack,
@@ -116,10 +115,9 @@ def run_command(args: argparse.Namespace) -> int:
                              batch_samples=args.batch_samples)
         if args.lengths:
             lengths = tuple(int(x) for x in args.lengths.split(","))
-        else:  # the paper's prompts hold L - max_new_tokens: lengths up to that hold none
-            reserve = (args.max_new_tokens or PAPER_MAX_NEW_TOKENS) if args.protocol == "paper" else 0
+        else:
             lengths = default_lengths(args.max_length or engine.train_length or engine.max_length, args.length_step,
-                                      above=reserve)
+                                      protocol=args.protocol, max_new_tokens=args.max_new_tokens or 0)
         too_long = [n for n in lengths if n > engine.max_length]
         if too_long:
             raise ValueError(f"length {max(too_long)} exceeds {path}'s maximum of {engine.max_length} tokens "

@@ -38,9 +38,8 @@ from slimpack.train.export import _strip_wrappers
 def sweep_config(cfg: Any) -> NiahConfig:
     """The NIAH configuration a training config asks for."""
     niah = NiahConfig(lengths=(cfg.data.seq_len,), protocol=cfg.eval.niah_protocol, samples=cfg.eval.niah_samples)
-    above = niah.answer_tokens if niah.protocol == "paper" else 0
     return dataclasses.replace(niah, lengths=default_lengths(cfg.data.seq_len, cfg.eval.niah_length_step,
-                                                             above=above))
+                                                             protocol=niah.protocol))
 
 
 class TrainingSweep:
