@@ -7,7 +7,10 @@ merged (parts only), and an index that is not JSON.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,19 @@ def test_an_unusable_dataset_exits_3_with_one_line_naming_the_command(
     assert (status, len(errors)) == (exitcodes.UNUSABLE, 1), err[-2000:]
     assert errors[0].startswith(f"slimpack {command}: error: "), errors
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("where", ["handler", "exec"])
+def test_ctrl_c_exits_130_wherever_the_keyboard_interrupt_was_raised(tmp_path, where):
+    """Ctrl-C is status 130 with one line. CPython marks a KeyboardInterrupt raised inside exec() of
+    a string (dataclasses and torch build code that way) as unhandled even once caught, and
+    `python -m` (torchrun's way in) then ends by SIGINT instead: `slimpack train` did so at random
+    when Ctrl-C landed during start-up."""
+    raise_it = "exec('raise KeyboardInterrupt')" if where == "exec" else "(_ for _ in ()).throw(KeyboardInterrupt)"
+    (tmp_path / "interrupted.py").write_text(
+        "import sys\nfrom slimpack.cli import run_handler\n"
+        f"sys.exit(run_handler('slimpack x', lambda args: {raise_it}, None))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "interrupted"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (exitcodes.INTERRUPTED, "slimpack x: interrupted\n")

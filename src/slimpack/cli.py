@@ -86,6 +86,10 @@ def run_handler(prog: str, func: Callable[[argparse.Namespace], int | None], arg
         return _fail(prog, err, exitcodes.USAGE)
     except KeyboardInterrupt:  # Ctrl-C where nothing catches it (train saves first: see train/loop.py)
         print(f"{prog}: interrupted", file=sys.stderr)
+        # CPython flags a KeyboardInterrupt that left an exec() of a string as unhandled even once it
+        # is caught, and `python -m` then ends by SIGINT, not with this status. Each exec() of a
+        # string clears that flag first: this one leaves it clear.
+        exec("None")
         return exitcodes.INTERRUPTED
 
 
