@@ -444,6 +444,42 @@ def test_a_signal_before_the_training_loop_stops_at_once_without_saving(tmp_path
         assert proc.returncode == -signal.SIGTERM
 
 
+def test_a_ctrl_c_that_a_library_swallows_during_start_up_still_stops_the_run(tmp_path, dataset, monkeypatch):
+    """pybind11 turns a KeyboardInterrupt raised while its extension module loads into an ImportError,
+    and torch's optional imports catch that (seen with triton's): the Ctrl-C vanished and the run
+    trained on. It is remembered and raised again before the first step; no step runs, nothing is
+    saved, and the signal handlers are Python's again afterwards."""
+    import torch.distributed as dist
+
+    from slimpack.train import loop
+    from slimpack.train.config import load_train_config
+
+    real_build_model = loop.build_model
+
+    def build_model_swallowing_ctrl_c(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in a library's start-up ...
+            time.sleep(5)
+        except KeyboardInterrupt:  # ... which catches it
+            pass
+        return real_build_model(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_model", build_model_swallowing_ctrl_c)
+    run = tmp_path / "run"
+    cfg = load_train_config(None, _overrides(run, dataset, **{"max_steps": 2, "eval.every_steps": 0,
+                                                              "checkpoint.save_final": "true"})[1::2])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert not (run / "metrics.jsonl").exists() or not _records(run, "train")
+    assert not list_checkpoints(run / "checkpoints")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
 # Stand-ins for Slurm's commands (Slurm does not run here); see the test below.
 SRUN = """#!/bin/bash
 while [[ $1 == --* ]]; do shift; done

@@ -258,21 +258,36 @@ def _peak_memory_gib(device: torch.device) -> float:
 
 
 class _StopFlag:
-    """SIGTERM and SIGINT ask for a save and a stop at the end of the step; a second SIGINT (an
-    impatient Ctrl-C) raises KeyboardInterrupt at once."""
+    """Ctrl-C and SIGTERM, from the start of `train` to its end.
+
+    Start-up (model build, checkpoint load): Ctrl-C raises KeyboardInterrupt at once, as Python's
+    own handler does, and is remembered, because a library may swallow it: pybind11 turns one raised
+    while its extension module loads into an ImportError, which torch's optional imports catch (seen
+    with triton's). `start_loop` raises it again. SIGTERM keeps its default action until then.
+
+    The loop: SIGTERM and Ctrl-C ask for a save and a stop at the end of the step; a second Ctrl-C
+    (an impatient one) raises KeyboardInterrupt at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None  # the first one received
         self.received = 0
         self.simulated = 0  # SIGTERMs that debug_sigterm_after_step sent
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.in_loop = False
+        self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._handle)}
 
     @property
     def set(self) -> bool:
         return self.signal is not None
 
+    def start_loop(self) -> None:
+        if self.signal == "SIGINT":  # raised during start-up and swallowed on its way out
+            raise KeyboardInterrupt
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        self.in_loop = True
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signal == "SIGINT":
+        if signum == signal.SIGINT and (self.signal == "SIGINT" or not self.in_loop):
+            self.signal = "SIGINT"
             raise KeyboardInterrupt
         self.received += 1
         if self.signal is None:
@@ -302,6 +317,14 @@ def _resolved_backend(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def train(cfg: TrainConfig) -> TrainReport:
+    stop = _StopFlag()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: TrainConfig, stop: _StopFlag) -> TrainReport:
     entered = time.perf_counter()
     d = init_distributed(cfg.device, dp_replicate=cfg.parallel.dp_replicate)
     is_main = d.rank == 0
@@ -410,7 +433,6 @@ def train(cfg: TrainConfig) -> TrainReport:
                 set_collective_timeout(cfg.parallel.step_timeout_s, d.mesh)
             goodput.add(category, time.perf_counter() - t)
 
-    stop = _StopFlag()
     losses: list[float] = []
     last_ckpt: Path | None = resume
     val_loss: float | None = None
@@ -421,6 +443,7 @@ def train(cfg: TrainConfig) -> TrainReport:
     poisoned, consecutive = 0, 0
     gc_every = cfg.train.gc_every_steps
     try:
+        stop.start_loop()
         batches = iter(loader)
         if gc_every:  # start-up's objects (model, loader, caches) live for the run: out of the scans
             gc.collect()
@@ -563,7 +586,6 @@ def train(cfg: TrainConfig) -> TrainReport:
             f"from the last checkpoint, {last_ckpt or 'none yet'} (--resume auto; the Slurm script "
             f"requeues on this exit status)") from err
     finally:
-        stop.restore()
         if gc_every:
             gc.unfreeze()
             gc.enable()
