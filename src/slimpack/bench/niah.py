@@ -11,10 +11,10 @@ text (as `slimpack demo` builds it). In order:
   the fused kernel ("varlen") equals the dense fp32 reference that builds the remapped positions;
 - sweep: the paper's protocol (`--protocol paper`: its prompts, up to 128 new tokens), lengths
   256..2048 in 128-token steps (128 leaves no prompt after 128 answer tokens; keyed adds it) x 500
-  samples (4 needles, greedy, KV cache), prefill batched per
-  length (chunks of --prefill-tokens) and decode batched over all samples of a length; prefill and
-  decode timed apart (tokens/s each). Random weights never emit EOS, so every sample decodes all
-  128 tokens: the worst case of the early stop;
+  samples (4 needles, greedy, KV cache), prefill batched per length (chunks of --prefill-tokens)
+  and decode batched over all samples of a length; prefill and decode timed apart (tokens/s each).
+  Random weights never emit EOS, so every sample decodes all 128 tokens: the worst case of the
+  early stop;
 - hf: Hugging Face `generate` (greedy, its KV cache, SDPA) on the exported model, --hf-samples per
   length batched left-padded under an attention mask, tokens/s against ours on the same samples;
   its full sweep time is scaled from them;
