@@ -75,7 +75,7 @@ class DatasetIndex:
         """Global sample ids (ascending) of one split, vectorised over shards."""
         if split not in self.split_names:
             raise UnusableInputError(f"{self.url}: no split {split!r}; this dataset has "
-                               f"{list(self.split_names)}")
+                                     f"{list(self.split_names)}")
         code = self.split_names.index(split)
         mask = np.repeat(self.shard_splits == code, np.diff(self.shard_starts))
         dtype = np.int32 if self.num_samples < 2**31 else np.int64
@@ -91,7 +91,7 @@ def part_of(basename: str) -> str:
     part = schema.part_of(basename)
     if part is None:
         raise UnusableInputError(f"shard {basename!r} is not under {schema.PARTS_DIRNAME}/<part>/: not a "
-                           "slimpack dataset (merge writes one; re-run `slimpack shards merge`)")
+                                 "slimpack dataset (merge writes one; re-run `slimpack shards merge`)")
     return part
 
 
@@ -110,7 +110,7 @@ class _ShardEntries:
             check_member(stored["basename"], where=self.where)  # before anything reads or writes it
             if d["format"] != "mds":
                 raise UnusableInputError(f"{self.where}: shard {stored['basename']} has format "
-                                   f"{d['format']!r}, not 'mds'")
+                                         f"{d['format']!r}, not 'mds'")
             key = (tuple(d["column_names"]), tuple(d["column_encodings"]), tuple(d["column_sizes"]),
                    d.get("compression") or None)
             layout = self.layouts.get(key)
@@ -135,7 +135,7 @@ class _ShardEntries:
                     "tokenize the data with `slimpack tokenize`")
         if not all(schema.is_safe_encoding(e) for e in layout.encodings):
             raise UnusableInputError(f"{self.where}: shard {basename} uses an unsafe encoding "
-                               f"({layout.encodings}); slimpack never unpickles")
+                                     f"({layout.encodings}); slimpack never unpickles")
         return layout
 
 
@@ -157,7 +157,7 @@ def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
     np.cumsum(np.fromiter((e[3] for e in entries), np.int64, len(entries)), out=shard_starts[1:])
     if sample_tokens.ndim != 1 or sample_tokens.dtype.kind not in "iu":
         raise UnusableInputError(f"{url}/{schema.SAMPLE_TOKENS_FILENAME}: expected a 1-D integer array, "
-                           f"got {sample_tokens.dtype} {sample_tokens.shape}; re-run the merge")
+                                 f"got {sample_tokens.dtype} {sample_tokens.shape}; re-run the merge")
     if len(sample_tokens) != shard_starts[-1]:
         raise UnusableInputError(
             f"{url}: {schema.SAMPLE_TOKENS_FILENAME} has {len(sample_tokens)} counts but "
@@ -165,11 +165,11 @@ def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
             "different merges; re-run `slimpack shards merge`")
     if manifest.get("samples", len(sample_tokens)) != len(sample_tokens):
         raise UnusableInputError(f"{url}: manifest says {manifest['samples']} samples, the index "
-                           f"{len(sample_tokens)}; re-run `slimpack shards merge`")
+                                 f"{len(sample_tokens)}; re-run `slimpack shards merge`")
     if len(sample_tokens) and (int(sample_tokens.min()) <= 0 or int(sample_tokens.max()) >= 2**31):
         k = int(np.argmin(sample_tokens)) if int(sample_tokens.min()) <= 0 else int(np.argmax(sample_tokens))
         raise UnusableInputError(f"{url}: sample {k} has {int(sample_tokens[k])} tokens; "
-                           f"{schema.SAMPLE_TOKENS_FILENAME} is corrupt; re-run the merge")
+                                 f"{schema.SAMPLE_TOKENS_FILENAME} is corrupt; re-run the merge")
     parts = manifest.pop("parts")
     split_of_part = {p: info["split"] for p, info in parts.items()}
     split_names = tuple(sorted(set(split_of_part.values())))
@@ -179,7 +179,7 @@ def build_index(url: str, manifest_bytes: bytes, index_bytes: bytes,
         part = part_of(name)
         if part not in split_of_part:
             raise UnusableInputError(f"{url}: shard {name} belongs to part {part!r}, which the manifest "
-                               "does not list; re-run `slimpack shards merge`")
+                                     "does not list; re-run `slimpack shards merge`")
         shard_splits[i] = codes[split_of_part[part]]
     return DatasetIndex(url=url, manifest=manifest, shard_names=names,
                         shard_bytes=np.fromiter((e[1] for e in entries), np.int64, len(entries)),
@@ -198,10 +198,10 @@ def load_index(url: str, *, retry: RetryPolicy | None = None) -> DatasetIndex:
             files[name] = root.read_bytes(name)
         except FileNotFoundError as err:
             raise UnusableInputError(f"{root.url}/{name}: missing; point at a merged slimpack dataset "
-                               "(`slimpack tokenize ... --out DIR` writes one)") from err
+                                     "(`slimpack tokenize ... --out DIR` writes one)") from err
     try:
         tokens = np.load(io.BytesIO(files.pop(schema.SAMPLE_TOKENS_FILENAME)), allow_pickle=False)
     except (ValueError, EOFError, OSError) as err:
         raise UnusableInputError(f"{root.url}/{schema.SAMPLE_TOKENS_FILENAME}: unreadable ({err}); "
-                           "re-run `slimpack shards merge`") from err
+                                 "re-run `slimpack shards merge`") from err
     return build_index(root.url, files[schema.MANIFEST_FILENAME], files[schema.INDEX_FILENAME], tokens)
