@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,17 @@ def test_inspect_shows_documents_and_sources(dataset: Path, capsys: pytest.Captu
     assert f"sample {last} = parts/" in capsys.readouterr().out
     assert main(["shards", "inspect", str(dataset), "--sample", str(last + 1)]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_inspect_names_a_corrupt_manifest_and_exits_3(dataset: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """The sources' names come from slimpack.json: a corrupt one is an unusable dataset (status 3),
+    named with its fix, not a bare JSON parser message."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    for corrupt in ("{", "[]"):
+        (copy / schema.MANIFEST_FILENAME).write_text(corrupt)
+        assert main(["shards", "inspect", str(copy), "--sample", "0"]) == 3
+        err = capsys.readouterr().err
+        assert err.startswith("slimpack shards inspect: error: ") and schema.MANIFEST_FILENAME in err
+        assert "slimpack shards merge" in err and err.count("\n") == 1

@@ -54,5 +54,8 @@ def source_names(root: Path) -> dict[str, str]:
     path = root / schema.MANIFEST_FILENAME
     if not path.exists():
         return {}
-    with open(path, "rb") as f:
-        return json.loads(f.read()).get("sources", {})
+    fix = "the dataset's manifest; re-run `slimpack shards merge`"
+    manifest = read_dataset_json(path, fix)
+    if not isinstance(manifest, dict):
+        raise UnusableInputError(f"{path} is not a JSON object: {fix}")
+    return manifest.get("sources", {})
