@@ -125,7 +125,7 @@ def _add_niah(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("niah", help="GPU: needle sweep throughput vs HF generate, STRING's cost, checks")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, 2 lengths, 4 samples")
     p.add_argument("--preset", default="tinyllama-1.3b")
-    p.add_argument("--lengths", help="comma-separated (default: 128..2048 by 128, those that hold a prompt)")
+    p.add_argument("--lengths", help="comma-separated (default: 256..2048 by 128; 128 leaves no prompt room)")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--hf-samples", type=int, default=25, help="samples per length for the HF baseline")
     p.add_argument("--string-samples", type=int, default=100, help="samples per length for STRING's cost")
