@@ -65,6 +65,7 @@ import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
 from slimpack import exitcodes
+from slimpack.bench import titan
 from slimpack.demo.corpus import build_corpus
 from slimpack.model.attention import resolve_backend
 from slimpack.model.transformer import Transformer, model_config
@@ -76,13 +77,21 @@ from slimpack.train.metrics import model_flops_per_token, peak_flops_for
 from slimpack.train.optim import build_optimizer
 from slimpack.train.parallel import all_reduce_max, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
 
+LLAMA3_EOS = 128_001  # <|end_of_text|>: every tokenized document ends with it
+
 # ----------------------------------------------------------------------------- data
+
+
+def eos_id_for(vocab_size: int) -> int:
+    """The id that ends a document: Llama 3's <|end_of_text|>, or the last id of a smaller vocabulary."""
+    return LLAMA3_EOS if vocab_size > LLAMA3_EOS else vocab_size - 1
 
 
 def synthetic_micro_batches(*, seq_len: int, micro_batch_size: int, vocab_size: int,
                             seed: int = 0) -> Iterator[dict[str, Any]]:
     """Endless packed micro-batches with log-normal document lengths (median 600, sigma 1.2),
-    documents cut at window edges the way the loader cuts them."""
+    documents cut at window edges the way the loader cuts them, each ending in `eos_id_for`'s id
+    (as tokenized documents do: torchtitan's mask finds documents by it)."""
     g = torch.Generator().manual_seed(seed)
     while True:
         T = micro_batch_size * seq_len
@@ -97,6 +106,7 @@ def synthetic_micro_batches(*, seq_len: int, micro_batch_size: int, vocab_size: 
         lengths = cu[1:] - cu[:-1]
         position_ids = torch.arange(T) - torch.repeat_interleave(cu[:-1].long(), lengths.long())
         input_ids = torch.randint(0, vocab_size, (T,), generator=g)
+        input_ids[(cu[1:] - 1).long()] = eos_id_for(vocab_size)
         labels = torch.roll(input_ids, -1).clone()
         labels[(cu[1:] - 1).long()] = -100  # no label across a document end
         yield {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "cu_seqlens": cu,
@@ -162,6 +172,16 @@ def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, 
     model = hf_model(cfg, device, torch.float32)
     model.config.use_cache = False
     return parallelize(model, mesh, parallel, device, blocks=model.model.layers)
+
+
+def _attention_label(kind: str, attention: str, titan_attention: str, device: torch.device,
+                     dtype: torch.dtype) -> str:
+    if kind == "ours":
+        return resolve_backend(attention, torch.empty(0, device=device, dtype=dtype))
+    if kind == "titan":
+        return (f"torchtitan {titan.version()}: " + ("flex, block_causal (documents end at EOS)"
+                                                      if titan_attention == "flex" else "sdpa, causal over the window"))
+    return "sdpa (HF, causal over the window)"
 
 
 def _hf_step(model: Any, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
@@ -255,23 +275,30 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
     device = d.device
     parallel = ParallelSection(mixed_precision=device.type == "cuda", compile=compile_blocks, reshard=reshard)
     compute_dtype = torch.bfloat16 if parallel.mixed_precision else torch.float32
+    # torchtitan's document masking is flex attention, whose backward has no CPU kernel: causal SDPA there.
+    titan_attention = "flex" if device.type == "cuda" else "sdpa"
     attempts: list[dict[str, Any]] = []
     mbs = micro_batch_size
     while mbs >= 1:
         _cleanup(device)
-        model = optimizer = batches = step = None
+        model = optimizer = batches = step = loss_fn = None
         accum = grad_accum or max(1, tokens_per_gpu_step // (mbs * seq_len))
         data_wait = [0.0]
         ledger, ledger_host = PositionLedger(seq_len), [0.0]  # host time of train/ledger.py's work
         stalls: list[tuple[Any, Any]] = []  # CUDA events recorded just before and after each take
         try:
-            model = _build(kind, cfg, device, d.mesh, parallel, attention)
+            if kind == "titan":
+                model, loss_fn = titan.build(cfg, device, d.mesh, seq_len=seq_len, compile_blocks=compile_blocks,
+                                             mixed_precision=parallel.mixed_precision, attention=titan_attention)
+                optimizer = titan.optimizer(model)
+            else:
+                model, loss_fn = _build(kind, cfg, device, d.mesh, parallel, attention), None
+                optimizer = build_optimizer(model, OptimSection(), device)
             n_params = sum(p.numel() for p in model.parameters())
-            optimizer = build_optimizer(model, OptimSection(), device)
             batches = data(seq_len=seq_len, micro_batch_size=mbs, grad_accum=accum, rank=d.rank,
                            world_size=d.world_size)
 
-            def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches,
+            def step(model: Any = model, optimizer: Any = optimizer, batches: Any = batches, loss_fn: Any = loss_fn,
                      accum: int = accum, data_wait: list[float] = data_wait,
                      stalls: list[tuple[Any, Any]] = stalls, ledger: Any = ledger,
                      ledger_host: list[float] = ledger_host) -> torch.Tensor:
@@ -292,6 +319,10 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                     ledger.add_segments(step_segment_counts(micro, seq_len))
                     ledger_host[0] += time.perf_counter() - t
                     return all_reduce_sum(loss_sum) / n_valid  # the global mean token loss
+                if kind == "titan":
+                    return all_reduce_sum(titan.step(model, optimizer, loss_fn, micro, device=device,
+                                                     seq_len=seq_len, eos_id=eos_id_for(cfg.vocab_size),
+                                                     attention=titan_attention))
                 mean = _hf_step(model, optimizer, micro, device=device, seq_len=seq_len, reshard=reshard)
                 return all_reduce_sum(mean) / d.world_size
 
@@ -319,9 +350,9 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
             flops_tok = model_flops_per_token(cfg, n_params, seq_len)
             result = {
                 "name": name, "kind": kind, "seq_len": seq_len, "micro_batch_size": mbs, "grad_accum": accum,
-                "world_size": d.world_size, "reshard": reshard,
-                "attention": (resolve_backend(attention, torch.empty(0, device=device, dtype=compute_dtype))
-                              if kind == "ours" else "sdpa (HF, causal over the window)"),
+                "world_size": d.world_size,
+                "reshard": reshard if kind != "titan" else "torchtitan's (forward; reduce every micro-batch)",
+                "attention": _attention_label(kind, attention, titan_attention, device, compute_dtype),
                 "compile": compile_blocks, "params": n_params, "warmup_steps": warmup_steps,
                 "warmup_seconds": warm, "first_step_seconds": first, "timed_steps": timed_steps,
                 "timed_seconds": elapsed, "step_seconds": elapsed / timed_steps,
@@ -345,7 +376,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 "peak_reserved_gib": (torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda"
                                       else None),
                 "last_loss": float(last.item()) if last is not None else None, "oom_retries": attempts,
-                "document_masking": kind == "ours"}
+                "document_masking": kind == "ours" or (kind == "titan" and titan_attention == "flex")}
             if profile_dir is not None:
                 # Two micro-batches (one accumulating, one reducing) show both kinds of backward.
                 def short_step(step: Any = step) -> torch.Tensor:
@@ -363,7 +394,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
         finally:
             # Drop every reference (the step closure holds the model too) before freeing memory, so
             # an out-of-memory retry starts from an empty card.
-            model = optimizer = batches = step = None
+            model = optimizer = batches = step = loss_fn = None
             _cleanup(device)
     return {"name": name, "kind": kind, "seq_len": seq_len, "error": "out of memory at micro_batch_size 1",
             "oom_retries": attempts}
@@ -376,15 +407,22 @@ _QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile, options over 
     ("ours-128", "ours", 128, 2, False, {}),
     ("ours-256", "ours", 256, 1, False, {}),
     ("hf-128-eager", "hf", 128, 2, False, {}),
+    ("titan-128-eager", "titan", 128, 2, False, {}),
 )
 # In order of importance: when the time budget runs out the rest is skipped (and recorded so).
+# torchtitan (the peer: its model, compile, FSDP2 cadence and flex document masking) beside each of ours.
 _GPU_PLAN = (
     ("ours-2k-compile", "ours", 2048, 4, True, {}),
+    ("titan-2k-compile", "titan", 2048, 4, True, {}),
     ("hf-2k-compile", "hf", 2048, 4, True, {}),
     ("ours-4k-compile", "ours", 4096, 4, True, {}),
+    ("titan-4k-compile", "titan", 4096, 4, True, {}),
     ("hf-4k-compile", "hf", 4096, 4, True, {}),
     ("ours-2k-compile-mb8", "ours", 2048, 8, True, {}),
+    ("titan-2k-compile-mb8", "titan", 2048, 8, True, {}),
     ("hf-2k-compile-mb8", "hf", 2048, 8, True, {}),
+    ("titan-4k-compile-mb8", "titan", 4096, 8, True, {}),
+    ("ours-4k-compile-mb8", "ours", 4096, 8, True, {}),
     # Our model on PyTorch's FlashAttention-2, for the attention kernel's share.
     ("ours-2k-compile-mb8-varlen", "ours", 2048, 8, True, {"attention": "varlen"}),
     ("ours-4k-compile-varlen", "ours", 4096, 4, True, {"attention": "varlen"}),
@@ -496,7 +534,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         plan = _plan(quick)
         if args.only:
             plan = [p for p in plan if p["name"] in args.only.split(",")]
+        titan_missing = titan.unavailable() if any(p["kind"] == "titan" for p in plan) else None
         for item in plan:
+            if item["kind"] == "titan" and titan_missing:
+                if d.rank == 0:
+                    print(f"skip {item['name']}: {titan_missing}", flush=True)
+                result["runs"].append({"name": item["name"], "skipped": titan_missing})
+                continue
             # Rank 0's clock decides for everyone, so all ranks run the same configurations.
             spent = _max_over_ranks(time.perf_counter() - started, device)
             if spent > args.time_budget_s:
@@ -530,6 +574,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if d.world_size > 1:
             dist.barrier()  # rank 0's scratch directory (the demo shards) outlives every reader
     by_name = {r["name"]: r for r in result["runs"] if "tokens_per_s" in r}
+    for ours, peer in (("ours-2k-compile", "titan-2k-compile"), ("ours-4k-compile", "titan-4k-compile"),
+                       ("ours-2k-compile-mb8", "titan-2k-compile-mb8"),
+                       ("ours-4k-compile-mb8", "titan-4k-compile-mb8"), ("ours-128", "titan-128-eager")):
+        if ours in by_name and peer in by_name:
+            result.setdefault("speedup_vs_titan", {})[f"{ours}/{peer}"] = (
+                by_name[ours]["tokens_per_s"] / by_name[peer]["tokens_per_s"])
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
                      ("ours-2k-compile", "hf-2k-compile-fsdp-default"),
                      ("ours-2k-compile-mb8-varlen", "hf-2k-compile-mb8"), ("ours-4k-compile-varlen", "hf-4k-compile"),
@@ -577,7 +627,7 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['tokens_per_s']:10,.0f} {_percent(r['mfu'], 1):>6s} {mem:>8s} "
                      f"{100 * r['data_wait_fraction']:5.2f}% {_percent(r['data_stall_fraction']):>6s} "
                      f"{_percent(r.get('ledger_fraction')):>6s} {r['first_step_seconds']:10.1f}")
-    for k, v in result.get("speedup_vs_hf", {}).items():
+    for k, v in {**result.get("speedup_vs_titan", {}), **result.get("speedup_vs_hf", {})}.items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     checks = ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in result["checks"].items())
     lines.append(f"checks: {checks or 'not run'}; total {result['seconds']:.0f} s")
