@@ -36,7 +36,7 @@ def test_bench_train_quick(tmp_path):
     assert result["checks"]["attention"]["dtype"] == "torch.bfloat16"
     assert set(result["checks"]["logits_vs_hf"]["bf16"]) == {"ours_sdpa_ref_vs_fp32", "hf_sdpa_vs_fp32"}
     names = [r["name"] for r in result["runs"]]
-    assert names == ["ours-128", "ours-256", "hf-128-eager", "titan-128-eager"]
+    assert names == ["ours-128", "ours-256", "hf-128-eager", "titan-128-eager", "ours-128-chunk64"]
     for r in result["runs"]:
         assert r["tokens_per_s"] > 0 and r["timed_steps"] == 2 and r["mfu"] is None  # no MFU on a CPU
         # ln(128256) at init: a real loss (torchtitan initialises its output layer wider: about 12.25).
@@ -61,6 +61,11 @@ def test_bench_train_quick(tmp_path):
         assert (prof / r["profile"]["trace"]).stat().st_size > 0
         assert (prof / f"{r['name']}-w1.kernels.txt").read_text().strip()
     assert set(result["speedup_vs_titan"]) == {"ours-128/titan-128-eager"}
+    # The loss kernel's chunk size is a speed candidate only: the same data trains to the same loss.
+    runs = {r["name"]: r for r in result["runs"]}
+    assert runs["ours-128-chunk64"]["loss_chunk_tokens"] == 64 and runs["ours-128"]["loss_chunk_tokens"] == 2048
+    assert runs["ours-128-chunk64"]["last_loss"] == pytest.approx(runs["ours-128"]["last_loss"], rel=1e-5)
+    assert set(result["speedup_vs_default"]) == {"ours-128-chunk64/ours-128"}
     assert proc.stdout.splitlines()[-1].startswith("checks: attention ok, logits_vs_hf ok")
 
 

@@ -124,3 +124,22 @@ def test_bad_inputs_are_refused():
         cross_entropy_sum(hidden, weight, labels.int())
     with pytest.raises(ValueError, match="chunk_tokens=0"):
         cross_entropy_sum(hidden, weight, labels, chunk_tokens=0)
+
+
+def test_the_trainers_chunk_size_reaches_the_loss_kernel():
+    """`micro_step_loss(..., loss_chunk_tokens=N)` (what bench train's candidates set) chunks by N: the
+    value is the same for any N, and a bad N is refused by the kernel itself."""
+    from slimpack.model.transformer import Transformer, model_config
+    from slimpack.train.loop import micro_step_loss
+
+    torch.manual_seed(0)
+    model = Transformer(model_config("tiny"))
+    T = 96
+    ids = torch.randint(0, 1000, (T,))
+    mb = {"input_ids": ids, "labels": torch.roll(ids, -1), "position_ids": torch.arange(T),
+          "cu_seqlens": torch.tensor([0, T], dtype=torch.int32), "max_seqlen": T}
+    with torch.no_grad():
+        default = micro_step_loss(model, mb)
+        torch.testing.assert_close(micro_step_loss(model, mb, loss_chunk_tokens=7), default)
+        with pytest.raises(ValueError, match="chunk_tokens=0"):
+            micro_step_loss(model, mb, loss_chunk_tokens=0)

@@ -73,6 +73,7 @@ from slimpack.tokenize.job import TokenizeConfig, run_tokenize
 from slimpack.train.config import OptimSection, ParallelSection
 from slimpack.train.ledger import PositionLedger, step_segment_counts
 from slimpack.train.loop import train_step
+from slimpack.train.loss import CHUNK_TOKENS
 from slimpack.train.metrics import model_flops_per_token, peak_flops_for
 from slimpack.train.optim import build_optimizer
 from slimpack.train.parallel import all_reduce_max, all_reduce_sum, begin_micro_batch, init_distributed, parallelize
@@ -159,19 +160,20 @@ def _cleanup(device: torch.device) -> None:
         torch._dynamo.reset()
 
 
-def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, attention: str) -> Any:
+def _build(kind: str, cfg: Any, device: torch.device, mesh: Any, parallel: Any, attention: str,
+           compile_mode: str | None) -> Any:
     """Our Transformer or a Hugging Face LlamaForCausalLM of the same shape, both wrapped by
     `parallelize` (compile, FSDP2 units, mixed precision, reshard mode), so only the model differs."""
     torch.manual_seed(0)
     if kind == "ours":
         with torch.device(device):
             model = Transformer(cfg, attention_backend=attention)
-        return parallelize(model, mesh, parallel, device)
+        return parallelize(model, mesh, parallel, device, compile_mode=compile_mode)
     from slimpack.bench.train_checks import hf_model  # needs transformers: see run_bench
 
     model = hf_model(cfg, device, torch.float32)
     model.config.use_cache = False
-    return parallelize(model, mesh, parallel, device, blocks=model.model.layers)
+    return parallelize(model, mesh, parallel, device, blocks=model.model.layers, compile_mode=compile_mode)
 
 
 def _attention_label(kind: str, attention: str, titan_attention: str, device: torch.device,
@@ -270,8 +272,11 @@ def profile_step(step: Any, device: torch.device, out_dir: Path, name: str) -> d
 def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size: int, compile_blocks: bool,
                data: Any, d: Any, grad_accum: int | None, tokens_per_gpu_step: int, warmup_steps: int,
                timed_steps: int, peak_flops: float | None, reshard: str, attention: str = "auto",
-               profile_dir: Path | None = None) -> dict[str, Any]:
-    """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world."""
+               profile_dir: Path | None = None, compile_mode: str | None = None,
+               loss_chunk_tokens: int = CHUNK_TOKENS) -> dict[str, Any]:
+    """Build, warm up (compile), time `timed_steps` optimiser steps; per GPU and for the world.
+    `compile_mode` (torch.compile's) and `loss_chunk_tokens` (our loss kernel's) are candidates
+    measured against their defaults."""
     device = d.device
     parallel = ParallelSection(mixed_precision=device.type == "cuda", compile=compile_blocks, reshard=reshard)
     compute_dtype = torch.bfloat16 if parallel.mixed_precision else torch.float32
@@ -292,7 +297,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                                              mixed_precision=parallel.mixed_precision, attention=titan_attention)
                 optimizer = titan.optimizer(model)
             else:
-                model, loss_fn = _build(kind, cfg, device, d.mesh, parallel, attention), None
+                model, loss_fn = _build(kind, cfg, device, d.mesh, parallel, attention, compile_mode), None
                 optimizer = build_optimizer(model, OptimSection(), device)
             n_params = sum(p.numel() for p in model.parameters())
             batches = data(seq_len=seq_len, micro_batch_size=mbs, grad_accum=accum, rank=d.rank,
@@ -312,7 +317,7 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                     loss_sum, n_valid, _ = train_step(model, optimizer, micro, device=device,
                                                       world_size=d.world_size, grad_clip_norm=1.0,
                                                       max_seqlen=seq_len if compile_blocks else None,
-                                                      reshard=reshard)
+                                                      reshard=reshard, loss_chunk_tokens=loss_chunk_tokens)
                     # The ledger's work as the loop does it, after the step is queued: count on the
                     # host, then fold a step's (here this rank's) counts into f.
                     t = time.perf_counter()
@@ -353,7 +358,9 @@ def run_config(name: str, *, kind: str, cfg: Any, seq_len: int, micro_batch_size
                 "world_size": d.world_size,
                 "reshard": reshard if kind != "titan" else "torchtitan's (forward; reduce every micro-batch)",
                 "attention": _attention_label(kind, attention, titan_attention, device, compute_dtype),
-                "compile": compile_blocks, "params": n_params, "warmup_steps": warmup_steps,
+                "compile": compile_blocks, "compile_mode": compile_mode or "default",
+                "loss_chunk_tokens": loss_chunk_tokens if kind == "ours" else None, "params": n_params,
+                "warmup_steps": warmup_steps,
                 "warmup_seconds": warm, "first_step_seconds": first, "timed_steps": timed_steps,
                 "timed_seconds": elapsed, "step_seconds": elapsed / timed_steps,
                 # Compile and autotuning: the first step's time beyond a steady step's.
@@ -408,6 +415,7 @@ _QUICK_PLAN = (  # name, kind, seq_len, micro_batch_size, compile, options over 
     ("ours-256", "ours", 256, 1, False, {}),
     ("hf-128-eager", "hf", 128, 2, False, {}),
     ("titan-128-eager", "titan", 128, 2, False, {}),
+    ("ours-128-chunk64", "ours", 128, 2, False, {"loss_chunk_tokens": 64}),
 )
 # In order of importance: when the time budget runs out the rest is skipped (and recorded so).
 # torchtitan (the peer: its model, compile, FSDP2 cadence and flex document masking) beside each of ours.
@@ -423,6 +431,10 @@ _GPU_PLAN = (
     ("hf-2k-compile-mb8", "hf", 2048, 8, True, {}),
     ("titan-4k-compile-mb8", "titan", 4096, 8, True, {}),
     ("ours-4k-compile-mb8", "ours", 4096, 8, True, {}),
+    # Candidates for the last 10% (issue 17), each against ours-2k-compile-mb8 of the same run.
+    ("ours-2k-compile-mb8-chunk8k", "ours", 2048, 8, True, {"loss_chunk_tokens": 8192}),
+    ("ours-2k-compile-mb8-chunk1k", "ours", 2048, 8, True, {"loss_chunk_tokens": 1024}),
+    ("ours-2k-compile-mb8-autotune", "ours", 2048, 8, True, {"compile_mode": "max-autotune-no-cudagraphs"}),
     # Our model on PyTorch's FlashAttention-2, for the attention kernel's share.
     ("ours-2k-compile-mb8-varlen", "ours", 2048, 8, True, {"attention": "varlen"}),
     ("ours-4k-compile-varlen", "ours", 4096, 4, True, {"attention": "varlen"}),
@@ -580,6 +592,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         if ours in by_name and peer in by_name:
             result.setdefault("speedup_vs_titan", {})[f"{ours}/{peer}"] = (
                 by_name[ours]["tokens_per_s"] / by_name[peer]["tokens_per_s"])
+    for base in ("ours-2k-compile-mb8", "ours-128"):  # each candidate against our default of the same run
+        for name in by_name:
+            if name.startswith(f"{base}-") and base in by_name:
+                result.setdefault("speedup_vs_default", {})[f"{name}/{base}"] = (
+                    by_name[name]["tokens_per_s"] / by_name[base]["tokens_per_s"])
     for ours, hf in (("ours-2k-compile", "hf-2k-compile"), ("ours-4k-compile", "hf-4k-compile"),
                      ("ours-2k-compile", "hf-2k-compile-fsdp-default"),
                      ("ours-2k-compile-mb8-varlen", "hf-2k-compile-mb8"), ("ours-4k-compile-varlen", "hf-4k-compile"),
@@ -627,7 +644,8 @@ def table(result: dict[str, Any]) -> str:
                      f"{r['tokens_per_s']:10,.0f} {_percent(r['mfu'], 1):>6s} {mem:>8s} "
                      f"{100 * r['data_wait_fraction']:5.2f}% {_percent(r['data_stall_fraction']):>6s} "
                      f"{_percent(r.get('ledger_fraction')):>6s} {r['first_step_seconds']:10.1f}")
-    for k, v in {**result.get("speedup_vs_titan", {}), **result.get("speedup_vs_hf", {})}.items():
+    for k, v in {**result.get("speedup_vs_titan", {}), **result.get("speedup_vs_hf", {}),
+                 **result.get("speedup_vs_default", {})}.items():
         lines.append(f"speed-up {k}: {v:.2f}x")
     checks = ", ".join(f"{k} {'ok' if v.get('ok') else 'FAILED'}" for k, v in result["checks"].items())
     lines.append(f"checks: {checks or 'not run'}; total {result['seconds']:.0f} s")

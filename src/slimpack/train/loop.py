@@ -49,6 +49,7 @@ from slimpack.train.ledger import (
     step_segment_counts,
     write_position_frequency,
 )
+from slimpack.train.loss import CHUNK_TOKENS, count_valid, cross_entropy_sum
 from slimpack.train.metrics import (
     Goodput,
     LossSpikes,
@@ -104,32 +105,31 @@ def to_device(mb: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
 
-def micro_step_loss(model: nn.Module, mb: dict[str, Any], *, max_seqlen: int | None = None) -> torch.Tensor:
-    """fp32 SUM of token losses of one (device) micro-batch."""
-    from slimpack.train.loss import cross_entropy_sum
-
+def micro_step_loss(model: nn.Module, mb: dict[str, Any], *, max_seqlen: int | None = None,
+                    loss_chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """fp32 SUM of token losses of one (device) micro-batch (the loss kernel `loss_chunk_tokens` at a time)."""
     hidden = model(mb["input_ids"], mb["position_ids"], mb["cu_seqlens"],
                    max_seqlen if max_seqlen is not None else mb["max_seqlen"])
     # After the root's forward FSDP2 leaves the root unsharded: `output.weight` is the full bf16 weight.
-    return cross_entropy_sum(hidden, model.output.weight, mb["labels"])
+    return cross_entropy_sum(hidden, model.output.weight, mb["labels"], chunk_tokens=loss_chunk_tokens)
 
 
 def forward_backward(model: nn.Module, micro_batches: list[dict[str, Any]], *, device: torch.device,
                      world_size: int, grad_clip_norm: float, max_seqlen: int | None = None,
-                     reshard: str = "step", poison: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     reshard: str = "step", poison: bool = False,
+                     loss_chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward/backward over this rank's micro-batches, then clip: the gradients wait in `.grad`
     for the optimiser step. Returns device tensors (this rank's loss sum, the global valid-label
     count, the global gradient norm before clipping); no host sync. `reshard` is the model's
     `parallel.reshard` (see `parallel.begin_micro_batch`). `poison` makes the loss NaN (a test hook)."""
-    from slimpack.train.loss import count_valid
-
     local_valid = sum(count_valid(mb["labels"]) for mb in micro_batches)
     n_valid = all_reduce_sum(torch.tensor(float(local_valid), device=device))
     scale = world_size / n_valid.clamp(min=1.0)
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     for i, mb in enumerate(micro_batches):
         begin_micro_batch(model, last=i == len(micro_batches) - 1, reshard=reshard)
-        loss = micro_step_loss(model, to_device(mb, device), max_seqlen=max_seqlen)
+        loss = micro_step_loss(model, to_device(mb, device), max_seqlen=max_seqlen,
+                               loss_chunk_tokens=loss_chunk_tokens)
         if poison and i == 0:
             loss = loss * float("nan")
         (loss * scale).backward()
@@ -142,13 +142,13 @@ def forward_backward(model: nn.Module, micro_batches: list[dict[str, Any]], *, d
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[dict[str, Any]], *,
                device: torch.device, world_size: int, grad_clip_norm: float,
-               max_seqlen: int | None = None,
-               reshard: str = "step") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               max_seqlen: int | None = None, reshard: str = "step",
+               loss_chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`forward_backward` then the optimiser step, unconditionally (the benchmark's and the tests'
     step; the training loop checks the step for non-finite values first). No host sync."""
     loss_sum, n_valid, grad_norm = forward_backward(model, micro_batches, device=device, world_size=world_size,
                                                     grad_clip_norm=grad_clip_norm, max_seqlen=max_seqlen,
-                                                    reshard=reshard)
+                                                    reshard=reshard, loss_chunk_tokens=loss_chunk_tokens)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, n_valid, grad_norm
@@ -158,8 +158,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 def evaluate(model: nn.Module, micro_batches: list[dict[str, Any]], device: torch.device,
              max_seqlen: int | None = None) -> tuple[float, int]:
     """Mean loss over a fixed held-out set (this rank's share; summed over ranks)."""
-    from slimpack.train.loss import count_valid
-
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for mb in micro_batches:

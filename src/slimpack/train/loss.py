@@ -31,6 +31,7 @@ import functools
 import torch
 
 IGNORE_INDEX = -100
+CHUNK_TOKENS = 2048  # tokens per chunk (`slimpack bench train` measures others beside it)
 
 
 def count_valid(labels: torch.Tensor) -> int:
@@ -39,7 +40,7 @@ def count_valid(labels: torch.Tensor) -> int:
 
 
 def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                      chunk_tokens: int = 2048) -> torch.Tensor:
+                      chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """fp32 sum of token cross-entropies of `hidden @ weight.T` against `labels`, chunked over tokens.
 
     hidden (T, D) and weight (V, D) in the same dtype (the matmul dtype), labels (T,) int64 with

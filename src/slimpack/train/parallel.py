@@ -70,10 +70,11 @@ def init_distributed(device: str = "auto", *, dp_replicate: int = 1) -> Dist:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device: torch.device, *,
-                blocks: nn.ModuleList | None = None) -> nn.Module:
+                blocks: nn.ModuleList | None = None, compile_mode: str | None = None) -> nn.Module:
     """Wrap `model` in place and return it. `blocks` are its repeated decoder blocks (default
     `model.layers`; the benchmark passes Hugging Face's `model.model.layers` to wrap its Llama the
-    same way)."""
+    same way). `compile_mode` is torch.compile's `mode` (None: its default; `bench train` measures
+    others)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     blocks = model.layers if blocks is None else blocks
@@ -87,7 +88,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, cfg: ParallelSection, device
             # Per block, not the whole model: the 22 blocks share one graph (compiled once), graph
             # breaks at FSDP's hooks between blocks are harmless, and compile time stays short.
             # nn.Module.compile() keeps parameter names unchanged (no `_orig_mod.` prefix).
-            block.compile()
+            block.compile(mode=compile_mode)
         blocks[i] = block
 
     # bf16 parameters for compute (all-gathered in bf16: half the bytes), gradients reduced in fp32
