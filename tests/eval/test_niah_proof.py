@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ HAYSTACK = ("The quick brown fox jumps over the lazy dog while the river keeps f
 TRAIN_LENGTHS = (48, 80)    # prompt lengths drawn uniformly from this range (41 is the shortest possible)
 BEYOND = (512, 1024, 2048)  # evaluated far past training
 STEPS, PROMPTS_PER_STEP, LR, WARMUP_STEPS = 300, 64, 3e-3, 20
+EVAL_SAMPLES = 120  # per length: a standard error of at most 0.046 on an accuracy
 
 
 def _forward_batched(model: Transformer, local_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -130,11 +132,22 @@ def test_a_trained_model_retrieves_inside_its_training_length_and_fails_beyond(l
     lengths = (*TRAIN_LENGTHS, *BEYOND)
     assert main(["eval", "niah", str(tmp_path / "run"), "--protocol", "keyed", "--haystack", str(haystack_file),
                  "--needles", "1", "--digits", "1", "--min-retrieved", "1", "--lengths", ",".join(map(str, lengths)),
-                 "--samples", "60", "--device", "cpu", "--out", str(tmp_path / "niah"), "--no-progress"]) == 0
+                 "--samples", str(EVAL_SAMPLES), "--device", "cpu", "--out", str(tmp_path / "niah"),
+                 "--no-progress"]) == 0
     report = json.loads((tmp_path / "niah" / f"step_{STEPS:08d}.json").read_text())
     accuracy = {int(k): v for k, v in report["accuracy"].items()}
-    # Chance is 1/9 (numbers 1..9). Seen here (2-core CPU): 1.0 at 48 and 80, then 0.90 at 512,
-    # 0.50 at 1024 and 0.38 at 2048: the retrieval holds a while past training and then decays.
-    trained = min(accuracy[n] for n in TRAIN_LENGTHS)
-    assert trained >= 0.8, accuracy
-    assert accuracy[1024] <= trained - 0.3 and accuracy[2048] <= trained - 0.4, accuracy
+    # Chance is 1/9 (numbers 1..9). The trained model depends on the CPU's float kernels: at 60 samples
+    # one 2-core box gave 1.0 at 48 and 80, then 0.90 at 512, 0.50 at 1024 and 0.38 at 2048; an AMD
+    # EPYC without AVX-512 gave 0.83, 0.80, 0.63, 0.60, 0.47 (at 120 samples 0.74, 0.84, 0.66, 0.55,
+    # 0.47: falls of 4.6 and 6.1 standard errors at 1024 and 2048). Either way retrieval holds a while
+    # past training and then decays, so the test asks for that, in standard errors, not fixed gaps.
+    trained = sum(accuracy[n] for n in TRAIN_LENGTHS) / len(TRAIN_LENGTHS)
+    assert trained >= 0.6, accuracy
+
+    def fall_in_standard_errors(length: int) -> float:
+        far = accuracy[length]
+        se = math.sqrt(trained * (1 - trained) / (EVAL_SAMPLES * len(TRAIN_LENGTHS))
+                       + far * (1 - far) / EVAL_SAMPLES)
+        return (trained - far) / max(se, 1e-9)
+
+    assert fall_in_standard_errors(1024) >= 2 and fall_in_standard_errors(2048) >= 3, accuracy
