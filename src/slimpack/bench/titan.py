@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from slimpack.train.loss import count_valid
+
 TESTED = "0.2.2"
 
 
@@ -115,7 +117,7 @@ def step(model: Any, opt: torch.optim.Optimizer, loss_fn: Any, micro_batches: li
     device tensor, no host sync)."""
     from torchtitan.distributed.utils import clip_grad_norm_
 
-    labelled = torch.tensor(float(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)), device=device)
+    labelled = torch.tensor(float(sum(count_valid(mb["labels"]) for mb in micro_batches)), device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(labelled)  # the global count, as its trainer divides by
     total = torch.zeros((), device=device)
