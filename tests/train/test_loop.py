@@ -143,6 +143,13 @@ def _wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen]) -> N
     raise AssertionError(f"the trainer never reached step {step}")
 
 
+def _long_run(run_dir: Path, dataset: Path) -> subprocess.Popen:
+    """`slimpack train` started on a run far longer than any test waits for (its output piped)."""
+    args = _overrides(run_dir, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
+    return subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def _records(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
@@ -380,9 +387,7 @@ def test_goodput_gc_and_what_ran_are_recorded_across_a_restart(tmp_path, dataset
 @pytest.mark.slow
 def test_ctrl_c_during_train_saves_and_exits_130_in_one_line(tmp_path, dataset):
     run = tmp_path / "ctrl-c"
-    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _long_run(run, dataset)
     try:
         _wait_for_step(run, 1, [proc])
         proc.send_signal(signal.SIGINT)
@@ -403,9 +408,7 @@ def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, dataset):
     # such an attempt is not the case under test and is run again.
     for attempt in range(3):
         run = tmp_path / f"ctrl-c-twice-{attempt}"
-        args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
-        proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = _long_run(run, dataset)
         try:
             _wait_for_step(run, 1, [proc])
             proc.send_signal(signal.SIGINT)
@@ -436,9 +439,7 @@ def test_a_signal_before_the_training_loop_stops_at_once_without_saving(tmp_path
     Ctrl-C as one line and status 130, SIGTERM by its default action (the loop's handler is not in
     place yet; under the Slurm script the task shell ignores it)."""
     run = tmp_path / "early"
-    args = _overrides(run, dataset, **{"max_steps": 10_000, "eval.every_steps": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "slimpack", "train", *args], env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = _long_run(run, dataset)
     try:
         deadline = time.monotonic() + 120
         while not (run / "run.json").exists() and time.monotonic() < deadline:  # train() has started
